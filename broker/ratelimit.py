@@ -1,0 +1,663 @@
+"""Rate limiters for Upbit: WebSocket windows, REST groups, backoff and persisted bans.
+
+Upbit answers an over-limit request with 429 and keeps answering 418 (a ban that grows
+with every repeat) if the client insists, so the broker must never be the one that
+overshoots. Everything here is pure: callers pass ``now`` (seconds on one clock of their
+choice, normally ``time.monotonic()``) and nothing sleeps or touches a socket. Only
+:meth:`BanStore.load` / :meth:`BanStore.save` touch the file system, and a
+:class:`BanStore` holds wall-clock epoch seconds because it must survive a restart
+(carry a ban over to another clock with :meth:`BanStore.remaining`).
+
+* :class:`WindowLimiter` — several ``(count, seconds)`` sliding windows at once, e.g.
+  WebSocket messages per connection (Upbit: 5/s and 100/min; we use 4/s and 90/min).
+* :class:`RestLimiter` — one window per REST group with a margin, learning from the
+  ``Remaining-Req`` header, backing off on 429 and stopping on 418.
+* :class:`PriorityGate` — which pending REST jobs may go now, orders first.
+* :class:`Backoff` — exponential backoff with full jitter and a cap.
+* :class:`BanStore` — ``{kind: until_epoch_seconds}`` in a 0600 JSON file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+__all__ = [
+    "DEFAULT_BLOCK_SECONDS",
+    "DEFAULT_REST_MARGIN",
+    "EXCHANGE_GROUPS",
+    "QUOTATION_GROUPS",
+    "REST_BAN_PREFIX",
+    "REST_GROUP_LIMITS",
+    "UNKNOWN_GROUP_LIMIT",
+    "WS_CONNECT_WINDOWS",
+    "WS_MESSAGE_WINDOWS",
+    "Backoff",
+    "BanStore",
+    "Priority",
+    "PriorityGate",
+    "RestJob",
+    "RestLimiter",
+    "WindowLimiter",
+    "parse_block_seconds",
+    "parse_remaining_req",
+    "with_margin",
+]
+
+Window = tuple[int, float]
+"""``(count, seconds)``: at most ``count`` events in any ``seconds``-long span."""
+
+WS_MESSAGE_WINDOWS: Final[tuple[Window, ...]] = ((4, 1.0), (90, 60.0))
+"""Requests per WebSocket connection: Upbit allows 5/s and 100/min; we leave margin."""
+WS_CONNECT_WINDOWS: Final[tuple[Window, ...]] = ((4, 1.0),)
+"""WebSocket handshakes: Upbit allows 5/s (per IP, or per pocket with a JWT)."""
+
+REST_GROUP_LIMITS: Final[Mapping[str, Window]] = {
+    "market": (10, 1.0),
+    "candle": (10, 1.0),
+    "trade": (10, 1.0),
+    "ticker": (10, 1.0),
+    "orderbook": (10, 1.0),
+    "default": (30, 1.0),
+    "order": (12, 1.0),
+    "order-test": (8, 1.0),
+    "order-cancel-all": (1, 2.0),
+}
+"""Upbit's documented REST limits per group (PROTOCOL.md §6.1), before margin."""
+QUOTATION_GROUPS: Final = frozenset({"market", "candle", "trade", "ticker", "orderbook"})
+"""Groups measured per IP: a 418 on one of them blocks the IP, so all of them stop."""
+EXCHANGE_GROUPS: Final = frozenset({"default", "order", "order-test", "order-cancel-all"})
+"""Groups measured per pocket: a 418 on one of them blocks the pocket, so all stop."""
+UNKNOWN_GROUP_LIMIT: Final[Window] = (10, 1.0)
+"""Limit assumed for a group Upbit names that we do not know (before margin)."""
+DEFAULT_REST_MARGIN: Final = 0.8
+"""Fraction of Upbit's REST budget we use: 10/s becomes 8/s, 1 per 2 s becomes 1 per 2.5 s."""
+DEFAULT_BLOCK_SECONDS: Final = 60.0
+"""Ban assumed after a 418 whose block time we cannot read: long, since guessing short
+and retrying into the ban makes Upbit lengthen it."""
+REST_BAN_PREFIX: Final = "rest:"
+"""BanStore kind prefix of REST group bans (``rest:ticker``)."""
+REMAINING_ZERO_HOLD: Final = 1.0
+"""After ``sec=0`` or a 429, wait this long: we cannot see Upbit's second boundary, and
+a full second from now is always past it."""
+
+
+def with_margin(window: Window, margin: float) -> Window:
+    """Scale ``(count, seconds)`` down to ``margin`` of its rate.
+
+    The count is floored; when that leaves less than one event, the period is stretched
+    instead (``(1, 2.0)`` at 0.8 becomes ``(1, 2.5)``).
+    """
+    count, seconds = window
+    if not 0.0 < margin <= 1.0:
+        raise ValueError(f"margin must be in (0, 1], got {margin!r}")
+    scaled = count * margin
+    if scaled >= 1.0:
+        return (math.floor(scaled + 1e-9), seconds)
+    return (1, seconds / scaled)
+
+
+# ------------------------------------------------------------------------------ windows
+
+
+class WindowLimiter:
+    """Several sliding windows at once; an event goes only if every window has room.
+
+    It keeps the timestamps of the last ``max(count)`` events (a bounded deque), so
+    "at most ``count`` in any ``seconds``-long span" holds exactly, not on average.
+    ``reserve`` keeps that many slots free in every window (for higher-priority users).
+    ``block_until`` adds an outside stop (a ban), honoured by :meth:`delay`.
+    """
+
+    __slots__ = ("_blocked_until", "_stamps", "_windows")
+
+    def __init__(self, windows: Iterable[Window]) -> None:
+        self._windows = tuple((int(c), float(s)) for c, s in windows)
+        if not self._windows:
+            raise ValueError("a WindowLimiter needs at least one (count, seconds) window")
+        for count, seconds in self._windows:
+            if count < 1 or not seconds > 0:
+                raise ValueError(f"bad window ({count}, {seconds}): need count >= 1, seconds > 0")
+        self._stamps: deque[float] = deque(maxlen=max(c for c, _ in self._windows))
+        self._blocked_until = -math.inf
+
+    @classmethod
+    def ws_messages(cls) -> WindowLimiter:
+        """A limiter for the requests sent on one WebSocket connection."""
+        return cls(WS_MESSAGE_WINDOWS)
+
+    @classmethod
+    def ws_connects(cls) -> WindowLimiter:
+        """A limiter for WebSocket handshakes."""
+        return cls(WS_CONNECT_WINDOWS)
+
+    @property
+    def windows(self) -> tuple[Window, ...]:
+        """The ``(count, seconds)`` windows enforced."""
+        return self._windows
+
+    def delay(self, now: float, *, reserve: int = 0) -> float:
+        """Seconds until one more event fits every window (0.0: it fits now)."""
+        wait = self._blocked_until - now
+        stamps = self._stamps
+        n = len(stamps)
+        for count, seconds in self._windows:
+            allowed = max(1, count - reserve)
+            if n >= allowed:
+                # The allowed-th most recent event must have left the window.
+                wait = max(wait, stamps[n - allowed] + seconds - now)
+        return wait if wait > 0.0 else 0.0
+
+    def try_acquire(self, now: float, *, reserve: int = 0) -> bool:
+        """Take a slot at ``now`` if every window has one; False (and no change) if not."""
+        if self.delay(now, reserve=reserve) > 0.0:
+            return False
+        self._stamps.append(now)
+        return True
+
+    def record(self, now: float) -> None:
+        """Count an event that happened anyway (so later ones stay within the windows)."""
+        self._stamps.append(now)
+
+    def block_until(self, until: float) -> None:
+        """Refuse every event before ``until`` (a ban); a shorter block never shortens one."""
+        self._blocked_until = max(self._blocked_until, until)
+
+    def blocked_until(self, now: float) -> float:
+        """The end of the current block, or 0.0 when not blocked."""
+        return self._blocked_until if self._blocked_until > now else 0.0
+
+    def reset(self) -> None:
+        """Forget past events and blocks (e.g. a new connection has a fresh budget)."""
+        self._stamps.clear()
+        self._blocked_until = -math.inf
+
+
+# ------------------------------------------------------------------------------ backoff
+
+
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, first*2^n)).
+
+    Full jitter spreads retries of many clients apart; with the default ``first=1.0``
+    the first retry comes within a second. ``rng`` returns floats in [0, 1) and is
+    injectable for tests.
+    """
+
+    __slots__ = ("_attempts", "_cap", "_first", "_rng")
+
+    def __init__(
+        self, first: float = 1.0, cap: float = 30.0, rng: Callable[[], float] = random.random
+    ) -> None:
+        if not 0.0 < first <= cap:
+            raise ValueError(f"need 0 < first <= cap, got first={first!r}, cap={cap!r}")
+        self._first = first
+        self._cap = cap
+        self._rng = rng
+        self._attempts = 0
+
+    @property
+    def attempts(self) -> int:
+        """Delays handed out since the last reset."""
+        return self._attempts
+
+    def ceiling(self) -> float:
+        """Upper bound of the next delay."""
+        return min(self._cap, self._first * 2.0 ** min(self._attempts, 64))
+
+    def next_delay(self) -> float:
+        """The next delay in seconds; each call doubles the ceiling up to the cap."""
+        delay = self._rng() * self.ceiling()
+        self._attempts += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start over after a success."""
+        self._attempts = 0
+
+
+# ------------------------------------------------------------------- response parsing
+
+_GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_NUMBER: Final = r"(\d+(?:\.\d+)?)"
+_DURATION_RE: Final = re.compile(
+    _NUMBER + r"\s*(milliseconds?|msecs?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h"
+    r"|시간|초|분)(?![a-z])",
+    re.IGNORECASE,
+)
+_KEYWORD_RE: Final = re.compile(r"(?:block|ban|retry|wait)[^0-9]{0,30}?" + _NUMBER, re.IGNORECASE)
+_KEYWORD_KEY_RE: Final = re.compile(r"block|ban|retry|wait|second", re.IGNORECASE)
+_UNIT_SECONDS: Final[Mapping[str, float]] = {
+    "ms": 0.001,
+    "msec": 0.001,
+    "msecs": 0.001,
+    "millisecond": 0.001,
+    "milliseconds": 0.001,
+    "m": 60.0,
+    "min": 60.0,
+    "mins": 60.0,
+    "minute": 60.0,
+    "minutes": 60.0,
+    "분": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hrs": 3600.0,
+    "hour": 3600.0,
+    "hours": 3600.0,
+    "시간": 3600.0,
+}
+
+
+def parse_remaining_req(value: str | None) -> tuple[str, int] | None:
+    """``(group, sec)`` from ``Remaining-Req: group=default; min=1800; sec=29``.
+
+    Tolerates a missing (deprecated) ``min``, extra spaces, any field order and case;
+    anything without a readable group and ``sec`` gives None.
+    """
+    if not value:
+        return None
+    fields: dict[str, str] = {}
+    for part in value.split(";"):
+        key, sep, val = part.partition("=")
+        if sep:
+            fields[key.strip().lower()] = val.strip()
+    group = fields.get("group", "").lower()
+    sec = fields.get("sec", "")
+    if not _GROUP_RE.fullmatch(group) or not sec.isascii() or not sec.isdigit():
+        return None
+    return group, int(sec)
+
+
+def _text_seconds(text: str) -> float | None:
+    """Seconds named in free text: the sum of every ``<number> <unit>`` ("1분 30초" = 90),
+    else a bare number after block/ban/retry/wait ("block time: 30")."""
+    total = 0.0
+    found = False
+    for match in _DURATION_RE.finditer(text):
+        total += float(match.group(1)) * _UNIT_SECONDS.get(match.group(2).lower(), 1.0)
+        found = True
+    if found:
+        return total
+    keyword = _KEYWORD_RE.search(text)
+    return float(keyword.group(1)) if keyword else None
+
+
+def _json_seconds(node: object, key: str = "") -> Iterator[float]:
+    """Every block time found in a decoded JSON document (strings and named numbers)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _json_seconds(v, str(k))
+    elif isinstance(node, list):
+        for item in node:
+            yield from _json_seconds(item, key)
+    elif isinstance(node, str):
+        seconds = _text_seconds(node)
+        if seconds is not None:
+            yield seconds
+    elif (
+        isinstance(node, int | float)
+        and not isinstance(node, bool)
+        and _KEYWORD_KEY_RE.search(key)
+        and math.isfinite(node)
+        and node >= 0
+    ):
+        yield float(node)
+
+
+def parse_block_seconds(body: str) -> float | None:
+    """The block time a 418 response states, in seconds; None when it states none.
+
+    Upbit documents that the 418 body carries the block time but not its format, so
+    this accepts "... 30 seconds", "block time: 30s", "1분 30초", "Retry-After: 30" and a
+    JSON body holding such text or a numeric ``block``/``retry``/``wait`` field. When
+    several candidates appear the longest wins. Callers fall back to
+    :data:`DEFAULT_BLOCK_SECONDS` on None (``RestLimiter.on_418`` does).
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return _text_seconds(body)
+    candidates = list(_json_seconds(document))
+    return max(candidates) if candidates else _text_seconds(body)
+
+
+# ---------------------------------------------------------------------------- REST groups
+
+
+@dataclass(slots=True)
+class _GroupState:
+    limiter: WindowLimiter
+    backoff: Backoff
+    hold_until: float = -math.inf
+    """Set by ``sec=0`` and 429: a short stop of this group only."""
+
+
+class RestLimiter:
+    """Per-group REST limiter: windows with margin, ``Remaining-Req``, 429 backoff, 418 bans.
+
+    Before a request: wait until ``delay(group, now) == 0``, then :meth:`on_request`
+    (or use :meth:`try_acquire`, which checks and counts). After it: feed the
+    ``Remaining-Req`` header to :meth:`on_remaining_req` (or its parsed form to
+    :meth:`on_remaining`) and the outcome to :meth:`on_success`, :meth:`on_429` or
+    :meth:`on_418`. A 418 stops every group of the same measurement unit (all quotation
+    groups share the IP, all exchange groups the pocket): Upbit blocks "the same IP /
+    pocket", and a request sent into a ban lengthens it. Unknown groups get
+    :data:`UNKNOWN_GROUP_LIMIT` and stop alone.
+
+    With ``bans``, 418s are recorded there as ``rest:<group>`` and bans found there at
+    construction are honoured; ``now`` must then be wall-clock time (``time.time()``).
+    """
+
+    def __init__(
+        self,
+        *,
+        bans: BanStore | None = None,
+        limits: Mapping[str, Window] = REST_GROUP_LIMITS,
+        margin: float = DEFAULT_REST_MARGIN,
+        backoff_first: float = 1.0,
+        backoff_cap: float = 30.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        with_margin(UNKNOWN_GROUP_LIMIT, margin)  # validate the margin now, not later
+        self._limits = dict(limits)
+        self._margin = margin
+        self._backoff_first = backoff_first
+        self._backoff_cap = backoff_cap
+        self._rng = rng
+        self._groups: dict[str, _GroupState] = {}
+        self._bans = bans
+        if bans is not None:
+            for kind, until in bans.entries().items():
+                if kind.startswith(REST_BAN_PREFIX):
+                    self.block(kind.removeprefix(REST_BAN_PREFIX), until)
+
+    def _state(self, group: str) -> _GroupState:
+        state = self._groups.get(group)
+        if state is None:
+            window = with_margin(self._limits.get(group, UNKNOWN_GROUP_LIMIT), self._margin)
+            state = _GroupState(
+                WindowLimiter((window,)),
+                Backoff(self._backoff_first, self._backoff_cap, self._rng),
+            )
+            self._groups[group] = state
+        return state
+
+    def window(self, group: str) -> Window:
+        """The ``(count, seconds)`` window enforced for ``group`` (margin applied)."""
+        return self._state(group).limiter.windows[0]
+
+    def delay(self, group: str, now: float, *, reserve: int = 0) -> float:
+        """Seconds until a request of ``group`` may be sent (0.0: now)."""
+        state = self._state(group)
+        return max(state.limiter.delay(now, reserve=reserve), state.hold_until - now, 0.0)
+
+    def try_acquire(self, group: str, now: float, *, reserve: int = 0) -> bool:
+        """Count a request of ``group`` at ``now`` if allowed; False (no change) if not."""
+        state = self._state(group)
+        if state.hold_until > now:
+            return False
+        return state.limiter.try_acquire(now, reserve=reserve)
+
+    def on_request(self, group: str, now: float) -> None:
+        """Count a request of ``group`` sent at ``now`` (after waiting out :meth:`delay`)."""
+        self._state(group).limiter.record(now)
+
+    def on_remaining(self, group: str, sec: int, now: float) -> None:
+        """Learn from ``Remaining-Req``'s ``sec``: 0 holds ``group`` for a second.
+
+        Upbit's count covers every client of the IP or pocket, so it can run out before
+        our own window does.
+        """
+        if sec <= 0:
+            state = self._state(group)
+            state.hold_until = max(state.hold_until, now + REMAINING_ZERO_HOLD)
+
+    def on_remaining_req(self, value: str | None, now: float) -> tuple[str, int] | None:
+        """Parse a ``Remaining-Req`` header and apply :meth:`on_remaining`.
+
+        Returns the parsed ``(group, sec)``; an unreadable header is ignored (None).
+        """
+        parsed = parse_remaining_req(value)
+        if parsed is not None:
+            self.on_remaining(parsed[0], parsed[1], now)
+        return parsed
+
+    def on_success(self, group: str, now: float) -> None:
+        """A request of ``group`` succeeded: the next 429 starts backing off from scratch."""
+        del now  # part of the uniform signature; success needs no time
+        self._state(group).backoff.reset()
+
+    def on_429(self, group: str, now: float) -> float:
+        """Back off ``group`` after a 429; returns the wait (1 s + jittered exponential).
+
+        The second is Upbit's advice (wait for the next second); the growing jitter keeps
+        repeated 429s from turning into a 418.
+        """
+        state = self._state(group)
+        wait = REMAINING_ZERO_HOLD + state.backoff.next_delay()
+        state.hold_until = max(state.hold_until, now + wait)
+        return wait
+
+    def on_418(self, group: str, now: float, block_seconds: float | None) -> float:
+        """Stop ``group`` and its unit peers for the stated block; returns when it ends.
+
+        ``block_seconds`` None (unreadable body) means :data:`DEFAULT_BLOCK_SECONDS`; at
+        least one second is always waited. The ban is recorded in ``bans`` if given.
+        """
+        seconds = DEFAULT_BLOCK_SECONDS if block_seconds is None else max(block_seconds, 1.0)
+        until = now + seconds
+        self.block(group, until)
+        if self._bans is not None:
+            self._bans.block(REST_BAN_PREFIX + group, until)
+        return until
+
+    def block(self, group: str, until: float) -> None:
+        """Stop ``group`` and its unit peers until ``until`` (also used to restore a ban)."""
+        for peer in self.unit_of(group):
+            self._state(peer).limiter.block_until(until)
+
+    def blocked_until(self, group: str, now: float) -> float:
+        """End of the 418 ban on ``group``, or 0.0 when it is not banned."""
+        return self._state(group).limiter.blocked_until(now)
+
+    @staticmethod
+    def unit_of(group: str) -> frozenset[str]:
+        """The groups a ban on ``group`` stops: its IP's or pocket's groups, or itself."""
+        if group in QUOTATION_GROUPS:
+            return QUOTATION_GROUPS
+        if group in EXCHANGE_GROUPS:
+            return EXCHANGE_GROUPS
+        return frozenset({group})
+
+
+# ------------------------------------------------------------------------------ priority
+
+
+class Priority(IntEnum):
+    """REST job priority, most urgent first: orders, then account, then polling."""
+
+    ORDER = 0
+    ACCOUNT = 1
+    QUOTATION = 2
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RestJob(Generic[T]):
+    """A REST request waiting for its group's budget; ``payload`` is the caller's."""
+
+    group: str
+    priority: int
+    payload: T
+
+
+@dataclass(order=True, slots=True)
+class _Queued(Generic[T]):
+    priority: int
+    seq: int
+    job: RestJob[T] = field(compare=False)
+
+
+class PriorityGate(Generic[T]):
+    """Releases pending REST jobs within the group limits, most urgent first.
+
+    Within a group, jobs leave by priority, then in submission order. Jobs below
+    :attr:`Priority.ORDER` leave ``reserve`` slots of every window free, so a burst of
+    polling never takes the budget an order needs a moment later.
+    """
+
+    def __init__(self, limiter: RestLimiter, *, reserve: int = 1) -> None:
+        self._limiter = limiter
+        self._reserve = reserve
+        self._queues: dict[str, list[_Queued[T]]] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def submit(self, job: RestJob[T]) -> None:
+        """Queue a job."""
+        heapq.heappush(
+            self._queues.setdefault(job.group, []), _Queued(job.priority, next(self._seq), job)
+        )
+
+    def _reserve_for(self, priority: int) -> int:
+        return 0 if priority <= Priority.ORDER else self._reserve
+
+    def release(self, now: float) -> list[RestJob[T]]:
+        """Jobs that may be sent now (their slots are taken), most urgent first."""
+        released: list[_Queued[T]] = []
+        for group, queue in self._queues.items():
+            while queue:
+                head = queue[0]
+                reserve = self._reserve_for(head.priority)
+                if not self._limiter.try_acquire(group, now, reserve=reserve):
+                    break
+                released.append(heapq.heappop(queue))
+        self._queues = {g: q for g, q in self._queues.items() if q}
+        released.sort()
+        return [item.job for item in released]
+
+    def next_delay(self, now: float) -> float | None:
+        """Seconds until :meth:`release` can hand out another job; None if none is pending."""
+        delays = [
+            self._limiter.delay(group, now, reserve=self._reserve_for(queue[0].priority))
+            for group, queue in self._queues.items()
+            if queue
+        ]
+        return min(delays) if delays else None
+
+
+# ----------------------------------------------------------------------------- ban store
+
+
+class BanStore:
+    """Bans that must outlive the broker: ``{kind: until_epoch_seconds}`` in a JSON file.
+
+    Kinds name what is banned: ``"ws-connect"``, ``"rest:ticker"``... Times are
+    wall-clock (``time.time()``) so they mean the same after a restart; use
+    :meth:`remaining` to carry a ban to a monotonic clock. A store read with
+    :meth:`load` writes itself back on every :meth:`block` that changes it: a ban is
+    rare, and one forgotten in a crash gets longer when the next broker runs into it.
+    A missing or unreadable file loads as empty (worst case: one more 418, stored again).
+    """
+
+    def __init__(
+        self, bans: Mapping[str, float] | None = None, *, path: str | os.PathLike[str] | None = None
+    ) -> None:
+        self._bans: dict[str, float] = dict(bans or {})
+        self.path = None if path is None else Path(path)
+        """Where :meth:`block` writes through; None for a memory-only store."""
+        self.save_error: OSError | None = None
+        """Why the last write-through failed (the ban still holds in memory); None if it worked."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BanStore:
+        """Read the store at ``path`` (empty when absent or corrupt); it writes back there."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        bans = {
+            str(kind): float(until)
+            for kind, until in (raw.items() if isinstance(raw, dict) else ())
+            if isinstance(until, int | float)
+            and not isinstance(until, bool)
+            and math.isfinite(until)
+        }
+        return cls(bans, path=path)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temp file + rename in the same directory), mode 0600."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self._bans, handle, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def block(self, kind: str, until: float) -> bool:
+        """Record a ban of ``kind`` until ``until``; a shorter one never shortens it.
+
+        Returns True when the store changed. A loaded store then saves itself; a failed
+        save is kept in :attr:`save_error`, not raised, so the ban still works in memory.
+        """
+        if until <= self._bans.get(kind, -math.inf):
+            return False
+        self._bans[kind] = until
+        if self.path is not None:
+            try:
+                self.save(self.path)
+            except OSError as exc:
+                self.save_error = exc
+            else:
+                self.save_error = None
+        return True
+
+    def blocked_until(self, kind: str, now: float) -> float:
+        """End of the ban on ``kind``, or 0.0 when it is not banned at ``now``."""
+        until = self._bans.get(kind, 0.0)
+        return until if until > now else 0.0
+
+    def remaining(self, kind: str, now: float) -> float:
+        """Seconds left on the ban of ``kind`` (0.0 when none)."""
+        return max(0.0, self.blocked_until(kind, now) - now)
+
+    def clear(self, kind: str) -> None:
+        """Forget the ban of ``kind`` (in memory; :meth:`save` to persist)."""
+        self._bans.pop(kind, None)
+
+    def prune(self, now: float) -> bool:
+        """Drop expired bans (in memory); True when anything was dropped."""
+        expired = [kind for kind, until in self._bans.items() if until <= now]
+        for kind in expired:
+            del self._bans[kind]
+        return bool(expired)
+
+    def active(self, now: float) -> dict[str, float]:
+        """Every ban still in force at ``now``."""
+        return {kind: until for kind, until in self._bans.items() if until > now}
+
+    def entries(self) -> dict[str, float]:
+        """Every stored ban, expired or not."""
+        return dict(self._bans)
