@@ -1,0 +1,419 @@
+"""The bus protocol shared by the broker and its clients.
+
+Two planes, both msgpack-encoded with msgspec:
+
+* **data** — the broker's PUB socket sends multipart ``[topic, envelope]``. ``topic`` is
+  ASCII bytes built by :func:`topic_for`; ``envelope`` is an :class:`Envelope` carrying a
+  per-topic sequence number, the broker epoch, the receive time, the source
+  (``websocket`` or ``rest``) and the typed payload (an Upbit struct from
+  :mod:`schemas.upbit`, a :class:`StatusEvent` or a :class:`BrokerHeartbeat`).
+* **control** — a client's DEALER talks to the broker's ROUTER with single-frame
+  messages: a :data:`ClientMessage` up, a :data:`BrokerMessage` down.
+
+Topic layout (the one place it is written down)::
+
+    ticker/KRW-BTC/                 trade/KRW-BTC/            candle.1m/KRW-BTC/
+    orderbook/KRW-BTC/30/0/         (code / depth / grouping level)
+    myOrder/KRW-BTC/                (one topic per market; "myOrder/" = all markets)
+    myAsset/
+    _status/public/  _status/private/                      _heartbeat/
+
+Every topic ends with ``/`` so ``ticker/KRW-ETH/`` never prefix-matches
+``ticker/KRW-ETHW/``. Useful prefixes: ``ticker/`` (all tickers), ``myOrder/``
+(all orders), ``_status/`` (every status event).
+
+Decoders are built once at import and reused. Malformed input raises
+:class:`schemas.errors.DecodeError` with the path of the bad field.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, cast
+
+import msgspec
+
+from schemas.errors import DecodeError, wrap_msgspec_error
+from schemas.upbit import CANDLE_TYPES, UpbitData
+
+__all__ = [
+    "ALL_STREAM_TYPES",
+    "HEARTBEAT_TOPIC",
+    "ORDERBOOK_DEPTHS",
+    "PRIVATE_STREAM_TYPES",
+    "PROTOCOL_VERSION",
+    "PUBLIC_STREAM_TYPES",
+    "STATUS_TOPIC_PREFIX",
+    "BrokerHeartbeat",
+    "BrokerMessage",
+    "Bye",
+    "ClientMessage",
+    "ClientMetrics",
+    "ConnectionHealth",
+    "DecodeError",
+    "Envelope",
+    "ErrorCode",
+    "ErrorReply",
+    "GetSnapshot",
+    "Health",
+    "HealthReply",
+    "HealthRequest",
+    "Heartbeat",
+    "Hello",
+    "Metrics",
+    "MetricsReply",
+    "MetricsRequest",
+    "Payload",
+    "SnapshotReply",
+    "StatusEvent",
+    "StreamSpec",
+    "Subscribe",
+    "SubscribeOk",
+    "Unsubscribe",
+    "UnsubscribeOk",
+    "Welcome",
+    "decode_broker_message",
+    "decode_client_message",
+    "decode_envelope",
+    "encode",
+    "format_level",
+    "status_topic",
+    "topic_for",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Bumped on any incompatible change; a broker refuses a hello with another version."""
+
+PUBLIC_STREAM_TYPES: Final[frozenset[str]] = frozenset(
+    {"ticker", "trade", "orderbook", *CANDLE_TYPES}
+)
+PRIVATE_STREAM_TYPES: Final[frozenset[str]] = frozenset({"myOrder", "myAsset"})
+ALL_STREAM_TYPES: Final[frozenset[str]] = PUBLIC_STREAM_TYPES | PRIVATE_STREAM_TYPES
+ORDERBOOK_DEPTHS: Final[tuple[int, ...]] = (1, 5, 15, 30)
+"""Depths Upbit serves (``CODE.N``); anything else falls back to 30 upstream."""
+
+STATUS_TOPIC_PREFIX: Final = "_status/"
+HEARTBEAT_TOPIC: Final = "_heartbeat/"
+
+Source = Literal["websocket", "rest"]
+ConnectionName = Literal["public", "private"]
+
+
+def format_level(level: float | None) -> str:
+    """Canonical text for an orderbook grouping level: ``10000``, ``0.1``, ``0``."""
+    if not level:
+        return "0"
+    if float(level).is_integer():
+        return str(int(level))
+    return repr(float(level))
+
+
+def topic_for(
+    type_: str, code: str | None = None, depth: int | None = None, level: float | None = None
+) -> str:
+    """The PUB topic of one stream; see the module docstring for the layout."""
+    if type_ == "myAsset":
+        return "myAsset/"
+    if code is None:
+        if type_ == "myOrder":
+            return "myOrder/"
+        raise ValueError(f"stream type {type_!r} needs a market code")
+    if type_ == "orderbook":
+        return f"orderbook/{code}/{depth or 30}/{format_level(level)}/"
+    return f"{type_}/{code}/"
+
+
+def status_topic(connection: ConnectionName) -> str:
+    """Topic of the status events about one upstream connection."""
+    return f"{STATUS_TOPIC_PREFIX}{connection}/"
+
+
+class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One stream a client wants: a type, a market code and orderbook options.
+
+    ``code`` is None for ``myAsset`` and for ``myOrder`` on every market. ``depth`` and
+    ``level`` apply to ``orderbook`` only (None means Upbit's defaults: 30 and 0).
+    """
+
+    type: str
+    code: str | None = None
+    depth: int | None = None
+    level: float | None = None
+
+    @property
+    def topic(self) -> str:
+        """The topic this stream is published on (and the SUB prefix to use)."""
+        return topic_for(self.type, self.code, self.depth, self.level)
+
+    @property
+    def is_private(self) -> bool:
+        """True for streams that need API keys (myOrder, myAsset)."""
+        return self.type in PRIVATE_STREAM_TYPES
+
+
+# ---------------------------------------------------------------------------- data plane
+
+
+class StatusEvent(msgspec.Struct, tag="status", tag_field="type", omit_defaults=True):
+    """A machine-readable event about an upstream connection or a topic.
+
+    ``state`` is one of ``up``, ``down``, ``reconnecting``, ``restored``, ``stale``,
+    ``gap`` (published on a data topic: updates may have been missed), ``source_rest``
+    and ``source_websocket`` (the topic's data now comes from REST polling / the stream
+    again), ``error`` (Upbit rejected a request).
+    """
+
+    connection: ConnectionName
+    state: str
+    detail: str = ""
+    topics: list[str] = []
+    timestamp: int = 0
+
+
+class BrokerHeartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
+    """Published on ``_heartbeat/`` while the bus is idle: a quiet market, not a dead broker."""
+
+    timestamp: int
+
+
+Payload = UpbitData | StatusEvent | BrokerHeartbeat
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """One published message: per-topic sequence, epoch, times, source and payload.
+
+    ``seq`` starts at 1 per topic per epoch and grows by one per message, so a client
+    that sees ``seq`` jump knows it missed messages. ``recv_ns`` is the broker's
+    wall-clock receive time (``time.time_ns()``).
+    """
+
+    topic: str
+    seq: int
+    epoch: str
+    recv_ns: int
+    source: Source
+    data: Payload
+
+
+# ------------------------------------------------------------------------- control plane
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="op"):
+    """First message of a client: who it is and which protocol it speaks."""
+
+    client_id: str
+    name: str = ""
+    pid: int = 0
+    protocol: int = PROTOCOL_VERSION
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op"):
+    """Add streams; the reply carries their last values (the Clone pattern)."""
+
+    req: int
+    streams: list[StreamSpec]
+    snapshot: bool = True
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op"):
+    """Release streams this client subscribed to."""
+
+    req: int
+    streams: list[StreamSpec]
+
+
+class GetSnapshot(msgspec.Struct, tag="get_snapshot", tag_field="op"):
+    """Ask for the current value of streams, subscribed or not."""
+
+    req: int
+    streams: list[StreamSpec]
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="op", omit_defaults=True):
+    """Client liveness, with the client's own counters for per-client metrics."""
+
+    received: int = 0
+    gaps: int = 0
+    lag_ms: float = 0.0
+
+
+class HealthRequest(msgspec.Struct, tag="health", tag_field="op"):
+    """Ask for the broker's health."""
+
+    req: int
+
+
+class MetricsRequest(msgspec.Struct, tag="metrics", tag_field="op"):
+    """Ask for the broker's metrics."""
+
+    req: int
+
+
+class Bye(msgspec.Struct, tag="bye", tag_field="op"):
+    """The client is leaving: release everything now instead of waiting for expiry."""
+
+
+ClientMessage = (
+    Hello | Subscribe | Unsubscribe | GetSnapshot | Heartbeat | HealthRequest | MetricsRequest | Bye
+)
+
+
+class Welcome(msgspec.Struct, tag="welcome", tag_field="op"):
+    """Reply to hello: the broker's epoch and the heartbeat contract."""
+
+    epoch: str
+    protocol: int
+    heartbeat_interval: float
+    liveness: int
+    public_available: bool
+    private_available: bool
+
+
+class SubscribeOk(msgspec.Struct, tag="subscribed", tag_field="op"):
+    """Subscribe accepted: the topics to SUB to and the last values known so far."""
+
+    req: int
+    topics: list[str]
+    snapshot: list[Envelope]
+
+
+class UnsubscribeOk(msgspec.Struct, tag="unsubscribed", tag_field="op"):
+    """Unsubscribe done."""
+
+    req: int
+
+
+class SnapshotReply(msgspec.Struct, tag="snapshot", tag_field="op"):
+    """Current values; ``missing`` lists topics with no value yet."""
+
+    req: int
+    items: list[Envelope]
+    missing: list[str] = []
+
+
+class ConnectionHealth(msgspec.Struct):
+    """State of one upstream connection."""
+
+    state: str
+    source: Source
+    since: float
+    reconnects: int
+    last_message_timestamp: float | None
+
+
+class Health(msgspec.Struct):
+    """The broker's health, as the original design names it."""
+
+    status: Literal["healthy", "degraded", "critical"]
+    uptime_seconds: float
+    last_message_timestamp: float | None
+    connection_quality: Literal["excellent", "good", "poor"]
+    active_subscriptions: int
+    public: ConnectionHealth
+    private: ConnectionHealth | None
+    epoch: str
+
+
+class HealthReply(msgspec.Struct, tag="health", tag_field="op"):
+    """Reply to :class:`HealthRequest`."""
+
+    req: int
+    health: Health
+
+
+class ClientMetrics(msgspec.Struct):
+    """What the broker knows of one client: its streams, lag and losses."""
+
+    client_id: str
+    name: str
+    streams: int
+    received: int
+    gaps: int
+    lag_ms: float
+    last_seen_seconds: float
+
+
+class Metrics(msgspec.Struct):
+    """The broker's metrics, as the original design names them, plus per-client rows."""
+
+    active_connections: int
+    total_subscriptions: int
+    messages_per_second: float
+    average_latency_ms: float
+    error_rate_percent: float
+    memory_usage_mb: float
+    messages_total: int
+    clients: list[ClientMetrics]
+
+
+class MetricsReply(msgspec.Struct, tag="metrics", tag_field="op"):
+    """Reply to :class:`MetricsRequest`."""
+
+    req: int
+    metrics: Metrics
+
+
+ErrorCode = Literal[
+    "bad_message",
+    "protocol_version",
+    "unknown_client",
+    "unknown_type",
+    "invalid_code",
+    "unknown_code",
+    "invalid_option",
+    "private_unavailable",
+    "too_many_streams",
+    "upstream_error",
+    "internal",
+]
+
+
+class ErrorReply(msgspec.Struct, tag="error", tag_field="op"):
+    """A request failed: a machine-readable ``code`` and a human ``message``.
+
+    ``req`` is the failing request's id, or None when the message could not be read.
+    ``unknown_client`` means the broker does not know this client (it restarted or
+    expired it): send hello again and re-subscribe.
+    """
+
+    req: int | None
+    code: ErrorCode
+    message: str
+
+
+BrokerMessage = (
+    Welcome | SubscribeOk | UnsubscribeOk | SnapshotReply | HealthReply | MetricsReply | ErrorReply
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+_broker_decoder = msgspec.msgpack.Decoder(BrokerMessage)
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode(message: ClientMessage | BrokerMessage | Envelope) -> bytes:
+    """Encode any bus message to msgpack bytes."""
+    return _encoder.encode(message)
+
+
+def decode_client_message(data: bytes) -> ClientMessage:
+    """Decode what a client sent to the broker; raises DecodeError on bad input."""
+    try:
+        return cast(ClientMessage, _client_decoder.decode(data))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise wrap_msgspec_error(exc, "client message") from None
+
+
+def decode_broker_message(data: bytes) -> BrokerMessage:
+    """Decode what the broker sent to a client; raises DecodeError on bad input."""
+    try:
+        return cast(BrokerMessage, _broker_decoder.decode(data))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise wrap_msgspec_error(exc, "broker message") from None
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode one published data message; raises DecodeError on bad input."""
+    try:
+        return _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise wrap_msgspec_error(exc, "envelope") from None
