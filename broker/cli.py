@@ -1,0 +1,89 @@
+"""``upbit-broker``: run the broker, or ask a running one for its health or metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from broker.config import ConfigError, Settings
+from broker.instance import AlreadyRunning
+from broker.logs import configure_logging, get_logger
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upbit-broker",
+        description="Share one Upbit connection with every process on this machine. "
+        "Configuration comes from UPBIT_* environment variables (see README).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=("run", "health", "metrics"),
+        help="run the broker (default), or print a running broker's health/metrics as JSON",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=None,
+        help="overrides UPBIT_BROKER_LOG_FORMAT",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="overrides UPBIT_BROKER_LOG_LEVEL",
+    )
+    return parser
+
+
+def _run(settings: Settings) -> int:
+    from broker.app import Broker
+
+    broker = Broker(settings)
+    try:
+        try:
+            import uvloop
+        except ImportError:  # optional: plain asyncio works, just slower
+            asyncio.run(broker.run())
+        else:
+            uvloop.run(broker.run())
+    except AlreadyRunning as exc:
+        get_logger("cli").error(str(exc))
+        print(f"upbit-broker: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _query(command: str) -> int:
+    from clients.sync import SyncBrokerClient
+
+    with SyncBrokerClient(name=f"upbit-broker {command}") as client:
+        value = client.health() if command == "health" else client.metrics()
+    print(msgspec.json.encode(value).decode())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``upbit-broker`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"upbit-broker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_format or settings.log_format, args.log_level or settings.log_level)
+    if args.command == "run":
+        return _run(settings)
+    return _query(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

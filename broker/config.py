@@ -1,0 +1,228 @@
+"""Configuration: every knob in one place, safe defaults, environment overrides.
+
+The same variables configure the broker, the simulator's account keys and the client
+library (which only reads the two bus endpoints, never the keys)::
+
+    UPBIT_WS_URL            wss://api.upbit.com/websocket/v1
+    UPBIT_WS_PRIVATE_URL    wss://api.upbit.com/websocket/v1/private
+    UPBIT_REST_URL          https://api.upbit.com
+    UPBIT_ACCESS_KEY        (absent: public streams only)
+    UPBIT_SECRET_KEY        (absent: public streams only)
+    UPBIT_BROKER_CONTROL    ipc://<runtime dir>/control.sock   ROUTER, clients send requests
+    UPBIT_BROKER_DATA       ipc://<runtime dir>/data.sock      PUB, clients receive data
+    UPBIT_BROKER_HEARTBEAT  1.0      seconds between client heartbeats
+    UPBIT_BROKER_LIVENESS   3        missed heartbeats before a client is expired
+    UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
+    UPBIT_BROKER_LOG_FORMAT console | json
+    UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
+
+The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
+``/tmp/upbit-broker-<uid>``, created with mode 0700 so only this user reaches the
+sockets. A bad value fails at start with :class:`ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+__all__ = [
+    "ConfigError",
+    "Secret",
+    "Settings",
+    "bus_endpoints",
+    "runtime_dir",
+]
+
+DEFAULT_WS_URL: Final = "wss://api.upbit.com/websocket/v1"
+DEFAULT_WS_PRIVATE_URL: Final = "wss://api.upbit.com/websocket/v1/private"
+DEFAULT_REST_URL: Final = "https://api.upbit.com"
+IPC_PATH_MAX: Final = 107
+"""Longest ``ipc://`` path the kernel accepts (sun_path is 108 bytes with the NUL)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str``, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: call only where it is used (signing a JWT)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def runtime_dir(env: Mapping[str, str] | None = None, *, create: bool = True) -> Path:
+    """The per-user directory holding the ipc sockets, created 0700.
+
+    Refuses a directory owned by someone else or open to others: another user could
+    otherwise listen on our endpoints.
+    """
+    env = os.environ if env is None else env
+    base = env.get("XDG_RUNTIME_DIR")
+    path = (
+        Path(base) / "upbit-broker"
+        if base
+        else Path(tempfile.gettempdir()) / f"upbit-broker-{os.getuid()}"
+    )
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+        if info.st_uid != os.getuid():
+            raise ConfigError(f"runtime directory {path} belongs to another user")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(0o700)
+    return path
+
+
+def _endpoint(env: Mapping[str, str], name: str, default_file: str) -> str:
+    value = env.get(name)
+    if not value:
+        return f"ipc://{runtime_dir(env) / default_file}"
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in {"ipc", "tcp", "inproc"} or not rest:
+        raise ConfigError(
+            f"{name}={value!r} is not a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or "
+            "inproc://NAME)"
+        )
+    if scheme == "ipc" and len(rest) > IPC_PATH_MAX:
+        raise ConfigError(f"{name}: ipc path is {len(rest)} characters; the limit is 107")
+    return value
+
+
+def bus_endpoints(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``(control, data)`` endpoints of the local broker: what a client needs to find it."""
+    env = os.environ if env is None else env
+    return (
+        _endpoint(env, "UPBIT_BROKER_CONTROL", "control.sock"),
+        _endpoint(env, "UPBIT_BROKER_DATA", "data.sock"),
+    )
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: set[str]) -> str:
+    value = env.get(name) or default
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(sorted(f"{s}://" for s in schemes))
+        raise ConfigError(f"{name}={value!r} is not a {wanted} URL")
+    return value.rstrip("/")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be a finite number >= {minimum}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _keys(env: Mapping[str, str]) -> tuple[Secret | None, Secret | None]:
+    access = env.get("UPBIT_ACCESS_KEY") or None
+    secret = env.get("UPBIT_SECRET_KEY") or None
+    if (access is None) != (secret is None):
+        missing = "UPBIT_SECRET_KEY" if secret is None else "UPBIT_ACCESS_KEY"
+        raise ConfigError(
+            f"{missing} is not set: private streams need both UPBIT_ACCESS_KEY and "
+            "UPBIT_SECRET_KEY (set both, or neither for public data only)"
+        )
+    if access is None or secret is None:
+        return None, None
+    for name, value in (("UPBIT_ACCESS_KEY", access), ("UPBIT_SECRET_KEY", secret)):
+        if value != value.strip() or any(ord(c) < 0x21 for c in value):
+            # Do not echo the value: it is a secret.
+            raise ConfigError(f"{name} contains whitespace or control characters")
+    return Secret(access), Secret(secret)
+
+
+LogFormat = Literal["console", "json"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker needs to run; build with :meth:`from_env`."""
+
+    ws_url: str = DEFAULT_WS_URL
+    ws_private_url: str = DEFAULT_WS_PRIVATE_URL
+    rest_url: str = DEFAULT_REST_URL
+    access_key: Secret | None = field(default=None, repr=False)
+    secret_key: Secret | None = field(default=None, repr=False)
+    control_endpoint: str = ""
+    data_endpoint: str = ""
+    heartbeat_interval: float = 1.0
+    liveness: int = 3
+    state_dir: Path = Path()
+    log_format: LogFormat = "console"
+    log_level: str = "info"
+    coalesce_window: float = 0.05
+    """Seconds during which subscription changes are merged into one Upbit request."""
+
+    @property
+    def has_keys(self) -> bool:
+        """True when private streams can run."""
+        return self.access_key is not None and self.secret_key is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise ConfigError naming the bad one."""
+        env = os.environ if env is None else env
+        control, data = bus_endpoints(env)
+        if control == data:
+            raise ConfigError("UPBIT_BROKER_CONTROL and UPBIT_BROKER_DATA must differ")
+        access, secret = _keys(env)
+        state = env.get("UPBIT_BROKER_STATE_DIR")
+        liveness = _number(env, "UPBIT_BROKER_LIVENESS", 3, minimum=1)
+        if not liveness.is_integer():
+            raise ConfigError(f"UPBIT_BROKER_LIVENESS={liveness!r} must be a whole number")
+        return cls(
+            ws_url=_url(env, "UPBIT_WS_URL", DEFAULT_WS_URL, {"ws", "wss"}),
+            ws_private_url=_url(env, "UPBIT_WS_PRIVATE_URL", DEFAULT_WS_PRIVATE_URL, {"ws", "wss"}),
+            rest_url=_url(env, "UPBIT_REST_URL", DEFAULT_REST_URL, {"http", "https"}),
+            access_key=access,
+            secret_key=secret,
+            control_endpoint=control,
+            data_endpoint=data,
+            heartbeat_interval=_number(env, "UPBIT_BROKER_HEARTBEAT", 1.0, minimum=0.01),
+            liveness=int(liveness),
+            state_dir=Path(state) if state else runtime_dir(env),
+            log_format=_choice(env, "UPBIT_BROKER_LOG_FORMAT", "console", ("console", "json")),  # type: ignore[arg-type]
+            log_level=_choice(
+                env, "UPBIT_BROKER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ),
+            coalesce_window=_number(env, "UPBIT_BROKER_COALESCE_MS", 50, minimum=0) / 1000,
+        )

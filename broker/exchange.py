@@ -1,0 +1,107 @@
+"""The exchange interface, and Upbit behind it.
+
+Everything that is particular to one exchange lives behind :class:`Exchange`:
+endpoints, connection headers (auth), request building, keepalive, frame parsing,
+market listing and REST polling. The bus, the subscription state and the clients only
+see :class:`schemas.bus.StreamSpec`, topics and the payload structs, so a second
+exchange is a second implementation of this protocol that maps its messages onto the
+same payload model (which is Upbit's, as this broker's first exchange).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from broker.config import Settings
+from broker.subscriptions import UpstreamStream
+from broker.upbit_auth import UpbitSigner
+from broker.upbit_request import build_request
+from schemas.upbit import UpbitMessage, decode_frame
+
+__all__ = ["Exchange", "UpbitExchange"]
+
+
+class Exchange(Protocol):
+    """What the broker needs from an exchange."""
+
+    name: str
+    rest_url: str
+
+    def ws_url(self, private: bool) -> str:
+        """The WebSocket URL of the public or private stream."""
+        ...
+
+    def has_private(self) -> bool:
+        """True when credentials for private streams are configured."""
+        ...
+
+    def connect_headers(self, private: bool) -> dict[str, str]:
+        """HTTP headers for the WebSocket upgrade (fresh auth for each connection)."""
+        ...
+
+    def rest_headers(self, query: str | None) -> dict[str, str]:
+        """Headers for one authenticated REST request over ``query`` (unencoded)."""
+        ...
+
+    def subscription_message(
+        self, streams: Sequence[UpstreamStream], new: Collection[UpstreamStream]
+    ) -> str:
+        """The one message that makes the connection carry exactly ``streams``.
+
+        Snapshots are asked only for ``new`` streams; the others stay realtime-only.
+        """
+        ...
+
+    def decode(self, frame: bytes | str) -> list[UpbitMessage]:
+        """Decode one frame into messages; raises schemas.errors.DecodeError."""
+        ...
+
+
+class UpbitExchange:
+    """Upbit (api.upbit.com by default; the simulator by configuration)."""
+
+    name = "upbit"
+
+    def __init__(self, settings: Settings, *, fmt: str = "DEFAULT") -> None:
+        self._settings = settings
+        self.rest_url = settings.rest_url
+        self._fmt = fmt
+        self._signer = (
+            UpbitSigner(settings.access_key, settings.secret_key)
+            if settings.access_key is not None and settings.secret_key is not None
+            else None
+        )
+
+    def ws_url(self, private: bool) -> str:
+        """Upbit's quotation or exchange WebSocket URL."""
+        return self._settings.ws_private_url if private else self._settings.ws_url
+
+    def has_private(self) -> bool:
+        """True when both keys are configured."""
+        return self._signer is not None
+
+    def connect_headers(self, private: bool) -> dict[str, str]:
+        """A fresh JWT (access_key + nonce) on the private upgrade; nothing on public."""
+        if not private:
+            return {}
+        if self._signer is None:
+            raise RuntimeError("private stream requested without API keys")
+        return {"Authorization": self._signer.authorization()}
+
+    def rest_headers(self, query: str | None) -> dict[str, str]:
+        """Authorization for one exchange REST call."""
+        if self._signer is None:
+            raise RuntimeError("authenticated REST call without API keys")
+        return {"Authorization": self._signer.authorization(query)}
+
+    def subscription_message(
+        self, streams: Sequence[UpstreamStream], new: Collection[UpstreamStream]
+    ) -> str:
+        """Upbit's JSON array request, with a fresh ticket."""
+        return build_request(streams, new=new, ticket=uuid.uuid4().hex, fmt=self._fmt)
+
+    def decode(self, frame: bytes | str) -> list[UpbitMessage]:
+        """Upbit frames: one object, or a JSON array for the *_LIST formats."""
+        return decode_frame(frame)

@@ -1,0 +1,113 @@
+"""The data plane: per-topic sequence numbers, the last-value cache and the PUB socket.
+
+Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and sent as
+``[topic, envelope]`` with ``NOBLOCK``: a PUB socket past its high-water mark drops
+for that subscriber instead of blocking the broker, so a slow client loses messages
+(and sees the gap in its sequence numbers) while everybody else keeps streaming.
+
+Only *active* topics (someone subscribed) are published and cached, so memory is
+bounded by what clients ask for, not by what Upbit sends. Sequence counters survive a
+topic's deactivation so a re-subscriber never sees a number repeat within one epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import msgspec
+import zmq
+
+from schemas.bus import BrokerHeartbeat, Envelope, Payload, Source, StatusEvent
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes payloads on topics with sequence numbers and keeps their last value."""
+
+    def __init__(self, socket: zmq.Socket[bytes], epoch: str) -> None:
+        self.epoch = epoch
+        self.published = 0
+        self.send_errors = 0
+        self.last_publish = time.monotonic()
+        self._socket = socket
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._seq: dict[str, int] = {}
+        self._cache: dict[str, Envelope] = {}
+        self._active: set[str] = set()
+
+    # -------------------------------------------------------------- activity
+
+    def activate(self, topic: str) -> None:
+        """Start publishing ``topic`` (a client subscribed to it)."""
+        self._active.add(topic)
+
+    def deactivate(self, topic: str) -> None:
+        """Stop publishing ``topic`` and forget its last value."""
+        self._active.discard(topic)
+        self._cache.pop(topic, None)
+        if topic.endswith("/") and topic.count("/") == 1:
+            # A prefix topic ("myOrder/") also caches its per-market children.
+            for child in [t for t in self._cache if t.startswith(topic) and t not in self._active]:
+                del self._cache[child]
+
+    def is_active(self, topic: str) -> bool:
+        """True when someone subscribed to ``topic``."""
+        return topic in self._active
+
+    @property
+    def active_topics(self) -> frozenset[str]:
+        """Topics currently published."""
+        return frozenset(self._active)
+
+    # -------------------------------------------------------------- publishing
+
+    def publish(
+        self, topic: str, payload: Payload, recv_ns: int, source: Source = "websocket"
+    ) -> None:
+        """Send one message on ``topic`` and cache it as the topic's last value."""
+        seq = self._seq.get(topic, 0) + 1
+        self._seq[topic] = seq
+        envelope = Envelope(topic, seq, self.epoch, recv_ns, source, payload)
+        if not isinstance(payload, StatusEvent | BrokerHeartbeat):
+            self._cache[topic] = envelope
+        self._send(topic, self._encode(envelope))
+
+    def publish_status(self, topic: str, event: StatusEvent) -> None:
+        """Send a status event (not cached) on a status or data topic."""
+        self.publish(topic, event, time.time_ns())
+
+    def heartbeat(self, topic: str) -> None:
+        """Tell clients the broker is alive although nothing else is flowing."""
+        self.publish(topic, BrokerHeartbeat(timestamp=int(time.time() * 1000)), time.time_ns())
+
+    def _send(self, topic: str, data: bytes) -> None:
+        try:
+            self._socket.send_multipart((topic.encode(), data), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.send_errors += 1
+            return
+        self.published += 1
+        self.last_publish = time.monotonic()
+
+    # -------------------------------------------------------------- cache
+
+    def last_values(self, topics: Iterable[str]) -> list[Envelope]:
+        """Cached last values of ``topics``; a prefix topic (``myOrder/``) matches children."""
+        found: list[Envelope] = []
+        for topic in topics:
+            if topic in self._cache:
+                found.append(self._cache[topic])
+            elif topic.count("/") == 1:
+                found.extend(env for t, env in self._cache.items() if t.startswith(topic))
+        return found
+
+    def cached(self, topic: str) -> Envelope | None:
+        """The last value of one topic, if any."""
+        return self._cache.get(topic)
+
+    @property
+    def cache_size(self) -> int:
+        """Number of topics holding a last value."""
+        return len(self._cache)

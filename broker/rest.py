@@ -1,0 +1,224 @@
+"""Upbit REST, rate-limit safe: market list, snapshots on demand, fallback polling.
+
+Every call goes through the :class:`broker.ratelimit.RestLimiter` of its group: it
+waits when the group's budget (or a ``Remaining-Req: sec=0``) says so, backs off on
+429 and stops the group during a 418 block. Bodies are decoded with the REST structs of
+:mod:`schemas.rest`; a body that does not decode becomes a :class:`RestError` (never a
+crash), and authenticated calls sign a fresh JWT for each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import aiohttp
+
+from broker.exchange import Exchange
+from broker.logs import get_logger
+from broker.ratelimit import BanStore, RestLimiter, parse_block_seconds, parse_remaining_req
+from broker.upbit_auth import QueryValue, query_string
+from schemas.errors import DecodeError
+from schemas.rest import (
+    RestAccount,
+    RestCandle,
+    RestMarket,
+    RestOrder,
+    RestOrderbook,
+    RestTicker,
+    RestTrade,
+    decode_rest,
+    decode_rest_list,
+)
+from schemas.rest import RestError as RestErrorEnvelope
+
+__all__ = ["RestClient", "RestError"]
+
+T = TypeVar("T")
+
+_MINUTE_UNITS = {"1m": 1, "3m": 3, "5m": 5, "10m": 10, "15m": 15, "30m": 30, "60m": 60, "240m": 240}
+
+
+class RestError(Exception):
+    """A REST call failed: HTTP status (0 for transport errors) and a safe message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+
+class RestClient:
+    """Thin aiohttp shell around Upbit's REST API, with limits per group."""
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        *,
+        bans: BanStore | None = None,
+        timeout: float = 10.0,
+        max_wait: float = 30.0,
+    ) -> None:
+        self._exchange = exchange
+        self._limiter = RestLimiter(bans=bans)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_wait = max_wait
+        self._session: aiohttp.ClientSession | None = None
+        self.calls = 0
+        self.failures = 0
+        self._log = get_logger("rest")
+
+    @property
+    def limiter(self) -> RestLimiter:
+        """The limiter, for health and tests."""
+        return self._limiter
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        group: str,
+        params: Mapping[str, QueryValue] | None = None,
+        *,
+        auth: bool = False,
+    ) -> bytes:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        deadline = time.monotonic() + self._max_wait
+        query = query_string(params) if params else ""
+        url = f"{self._exchange.rest_url}{path}" + (f"?{query}" if query else "")
+        while True:
+            wait = self._limiter.delay(group, time.time())
+            if wait > 0:
+                if time.monotonic() + wait > deadline:
+                    raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s")
+                await asyncio.sleep(wait)
+                continue
+            self._limiter.on_request(group, time.time())
+            headers = self._exchange.rest_headers(query or None) if auth else {}
+            self.calls += 1
+            try:
+                async with self._session.request(
+                    method, url, headers=headers, skip_auto_headers=("Origin",)
+                ) as response:
+                    body = await response.read()
+                    remaining = parse_remaining_req(response.headers.get("Remaining-Req", ""))
+                    if remaining is not None:
+                        self._limiter.on_remaining(remaining[0], remaining[1], time.time())
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.failures += 1
+                raise RestError(0, f"{method} {path} failed: {type(exc).__name__}") from None
+            if status == 429:
+                self.failures += 1
+                self._limiter.on_429(group, time.time())
+                continue
+            if status == 418:
+                self.failures += 1
+                seconds = parse_block_seconds(body.decode("utf-8", "replace")) or 60.0
+                self._limiter.on_418(group, time.time(), seconds)
+                raise RestError(418, f"Upbit blocked REST group {group} for {seconds:.0f} s")
+            if status >= 400:
+                self.failures += 1
+                raise RestError(status, _error_text(body))
+            self._limiter.on_success(group, time.time())
+            return body
+
+    async def _get(
+        self,
+        path: str,
+        group: str,
+        kind: type[T],
+        params: Mapping[str, QueryValue] | None = None,
+        *,
+        auth: bool = False,
+    ) -> T:
+        body = await self._request("GET", path, group, params, auth=auth)
+        try:
+            return decode_rest(body, kind)
+        except DecodeError as exc:
+            self.failures += 1
+            raise RestError(200, f"unexpected body from {path}: {exc}") from None
+
+    async def _get_list(
+        self,
+        path: str,
+        group: str,
+        kind: type[T],
+        params: Mapping[str, QueryValue] | None = None,
+        *,
+        auth: bool = False,
+    ) -> list[T]:
+        body = await self._request("GET", path, group, params, auth=auth)
+        try:
+            return decode_rest_list(body, kind)
+        except DecodeError as exc:
+            self.failures += 1
+            raise RestError(200, f"unexpected body from {path}: {exc}") from None
+
+    # ------------------------------------------------------------- quotation
+
+    async def markets(self) -> list[RestMarket]:
+        """Every listed market (``GET /v1/market/all``)."""
+        return await self._get_list("/v1/market/all", "market", RestMarket)
+
+    async def tickers(self, codes: Sequence[str]) -> list[RestTicker]:
+        """Tickers of ``codes`` (chunked: very long lists break HTTP clients)."""
+        result: list[RestTicker] = []
+        for start in range(0, len(codes), 100):
+            chunk = ",".join(codes[start : start + 100])
+            result += await self._get_list("/v1/ticker", "ticker", RestTicker, {"markets": chunk})
+        return result
+
+    async def orderbooks(
+        self, codes: Sequence[str], *, level: float | None = None, count: int = 30
+    ) -> list[RestOrderbook]:
+        """Orderbooks of ``codes`` at one grouping level."""
+        params: dict[str, QueryValue] = {"markets": ",".join(codes), "count": count}
+        if level:
+            params["level"] = str(level)
+        return await self._get_list("/v1/orderbook", "orderbook", RestOrderbook, params)
+
+    async def trades(self, code: str, count: int = 50) -> list[RestTrade]:
+        """Latest trades of one market, newest first."""
+        params: dict[str, QueryValue] = {"market": code, "count": count}
+        return await self._get_list("/v1/trades/ticks", "trade", RestTrade, params)
+
+    async def candles(self, code: str, unit: str, count: int = 1) -> list[RestCandle]:
+        """Latest candles of one market for a WebSocket unit (``1s``, ``1m``, ...)."""
+        params: dict[str, QueryValue] = {"market": code, "count": count}
+        if unit == "1s":
+            return await self._get_list("/v1/candles/seconds", "candle", RestCandle, params)
+        minutes = _MINUTE_UNITS[unit]
+        return await self._get_list(f"/v1/candles/minutes/{minutes}", "candle", RestCandle, params)
+
+    # ------------------------------------------------------------- exchange
+
+    async def accounts(self) -> list[RestAccount]:
+        """Balances (needs keys)."""
+        return await self._get_list("/v1/accounts", "default", RestAccount, auth=True)
+
+    async def open_orders(self, page: int = 1) -> list[RestOrder]:
+        """Open orders, newest first (needs keys)."""
+        params: dict[str, QueryValue] = {"page": page, "limit": 100}
+        return await self._get_list("/v1/orders/open", "default", RestOrder, params, auth=True)
+
+    async def order(self, uuid: str) -> RestOrder:
+        """One order by uuid (needs keys)."""
+        return await self._get("/v1/order", "default", RestOrder, {"uuid": uuid}, auth=True)
+
+
+def _error_text(body: bytes) -> str:
+    """A safe, short message from an error body (JSON envelope or plain text)."""
+    try:
+        error = decode_rest(body, RestErrorEnvelope)
+        return f"{error.error.name}: {error.error.message}"[:300]
+    except DecodeError:
+        return body[:300].decode("utf-8", "replace").strip() or "no body"

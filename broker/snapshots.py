@@ -1,0 +1,91 @@
+"""Current values on demand: from the last-value cache, else fetched over REST.
+
+``get_snapshot`` must not disturb the realtime streams other clients rely on, so a
+value that is not cached is fetched with one REST call per kind (rate limited like any
+other) instead of changing the upstream subscription. Fetched values carry ``seq=0``
+(outside any topic's sequence) and ``source="rest"``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, cast
+
+from schemas.bus import Envelope, Payload, StreamSpec
+from schemas.rest import (
+    rest_accounts_to_my_asset,
+    rest_candle_to_candle,
+    rest_order_to_my_order,
+    rest_orderbook_to_orderbook,
+    rest_ticker_to_ticker,
+    rest_trade_to_trade,
+)
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+__all__ = ["fetch_snapshot"]
+
+
+async def fetch_snapshot(
+    broker: Broker, specs: list[StreamSpec]
+) -> tuple[list[Envelope], list[str]]:
+    """Envelopes for ``specs`` and the topics that have no value at all."""
+    items: list[Envelope] = []
+    missing: list[str] = []
+    for spec in specs:
+        cached = broker.publisher.last_values([spec.topic])
+        if cached:
+            items.extend(cached)
+            continue
+        payloads = await _fetch(broker, spec)
+        if not payloads:
+            missing.append(spec.topic)
+        now_ns = time.time_ns()
+        for topic, payload in payloads:
+            items.append(Envelope(topic, 0, broker.epoch, now_ns, "rest", payload))
+    return items, missing
+
+
+async def _fetch(broker: Broker, spec: StreamSpec) -> list[tuple[str, Payload]]:
+    rest = broker.rest
+    now_ms = int(time.time() * 1000)
+    code = spec.code
+    if spec.type == "ticker" and code:
+        return [
+            (spec.topic, rest_ticker_to_ticker(t, stream_type="SNAPSHOT", now_ms=now_ms))
+            for t in await rest.tickers([code])
+        ]
+    if spec.type == "orderbook" and code:
+        books = await rest.orderbooks([code], level=spec.level, count=spec.depth or 30)
+        return [
+            (spec.topic, rest_orderbook_to_orderbook(b, stream_type="SNAPSHOT", now_ms=now_ms))
+            for b in books
+        ]
+    if spec.type == "trade" and code:
+        return [
+            (spec.topic, rest_trade_to_trade(t, stream_type="SNAPSHOT", now_ms=now_ms))
+            for t in (await rest.trades(code, 1))[:1]
+        ]
+    if spec.type.startswith("candle.") and code:
+        unit = spec.type.removeprefix("candle.")
+        return [
+            (
+                spec.topic,
+                cast(
+                    Payload,
+                    rest_candle_to_candle(c, spec.type, stream_type="SNAPSHOT", now_ms=now_ms),
+                ),
+            )
+            for c in (await rest.candles(code, unit, 1))[:1]
+        ]
+    if spec.type == "myAsset":
+        return [(spec.topic, rest_accounts_to_my_asset(await rest.accounts(), now_ms=now_ms))]
+    if spec.type == "myOrder":
+        orders = await rest.open_orders()
+        return [
+            (f"myOrder/{o.market}/", rest_order_to_my_order(o, now_ms=now_ms))
+            for o in orders
+            if code is None or o.market == code
+        ]
+    return []

@@ -1,0 +1,296 @@
+"""One upstream WebSocket kept connected, alive and subscribed.
+
+An :class:`UpstreamLink` owns the public or the private connection. It connects
+through the shared :class:`ConnectGate` (Upbit allows 5 connects/s and bans repeat
+offenders), keeps the connection honest with WebSocket pings (a silent stall — socket
+open, nothing arriving, pings unanswered — closes it within ``2 x keepalive``), sends
+the ONE subscription message Upbit allows (coalesced, rate limited, resent in full on
+every change because Upbit replaces the previous one, snapshots only for new streams),
+and reconnects with jittered exponential backoff, restoring every stream.
+
+Frames go to ``on_frame`` undecoded, so the data path decides what to do with them;
+state changes go to ``on_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Literal
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from broker.exchange import Exchange
+from broker.logs import get_logger
+from broker.ratelimit import Backoff, BanStore, WindowLimiter, parse_block_seconds
+from broker.subscriptions import UpstreamStream
+
+__all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
+
+LinkState = Literal["idle", "connecting", "up", "down"]
+ConnectionName = Literal["public", "private"]
+BAN_KIND = "ws-connect"
+
+
+class ConnectGate:
+    """Shared by every link: keeps upgrades under Upbit's 5/s and honours a 418 ban.
+
+    The ban is remembered in ``bans`` (a file-backed store) so a broker restarted
+    during a block waits the block out instead of deepening it.
+    """
+
+    def __init__(self, bans: BanStore, *, per_second: int = 4) -> None:
+        self._limiter = WindowLimiter([(per_second, 1.0)])
+        self._bans = bans
+        self._log = get_logger("connect-gate")
+
+    def blocked_for(self, now: float) -> float:
+        """Seconds left of an Upbit block on connects (0 when none)."""
+        return max(0.0, self._bans.blocked_until(BAN_KIND, now) - now)
+
+    async def acquire(self) -> None:
+        """Wait until a connect attempt is allowed."""
+        while True:
+            now = time.time()
+            blocked = self.blocked_for(now)
+            if blocked > 0:
+                self._log.warning(
+                    "waiting out an Upbit block on connects", seconds=round(blocked, 1)
+                )
+                await asyncio.sleep(min(blocked, 5.0))
+                continue
+            if self._limiter.try_acquire(now):
+                return
+            await asyncio.sleep(max(self._limiter.delay(now), 0.01))
+
+    def on_banned(self, seconds: float) -> None:
+        """Upbit answered 418: stop connecting until the block ends, across restarts."""
+        until = time.time() + seconds
+        self._bans.block(BAN_KIND, until)
+        self._log.error("Upbit blocked connects (418)", seconds=seconds)
+
+
+@dataclass
+class LinkStats:
+    """Counters and times of one link, for health and metrics."""
+
+    state: LinkState = "idle"
+    since: float = 0.0
+    reconnects: int = 0
+    connects: int = 0
+    requests_sent: int = 0
+    frames: int = 0
+    decode_errors: int = 0
+    upstream_errors: int = 0
+    last_frame_at: float | None = None
+
+
+class UpstreamLink:
+    """The public or the private upstream connection of the broker."""
+
+    def __init__(
+        self,
+        name: ConnectionName,
+        exchange: Exchange,
+        gate: ConnectGate,
+        *,
+        on_frame: Callable[[bytes | str, int], None],
+        on_status: Callable[[ConnectionName, str, str], None],
+        on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
+        keepalive: float = 5.0,
+        coalesce: float = 0.05,
+        compression: bool = True,
+        message_limits: list[tuple[int, float]] | None = None,
+    ) -> None:
+        self.name: ConnectionName = name
+        self.stats = LinkStats(since=time.time())
+        self._exchange = exchange
+        self._gate = gate
+        self._on_frame = on_frame
+        self._on_status = on_status
+        self._on_rejected = on_rejected
+        self._keepalive = keepalive
+        self._coalesce = coalesce
+        self._compression = compression
+        self._message_limits = message_limits or [(4, 1.0), (90, 60.0)]
+        self._wanted: frozenset[UpstreamStream] = frozenset()
+        self._sent: frozenset[UpstreamStream] | None = None
+        self._last_good: frozenset[UpstreamStream] = frozenset()
+        self._rejected: frozenset[UpstreamStream] | None = None
+        self._sent_at = 0.0
+        self._changed = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._backoff = Backoff(first=0.2, cap=30.0)
+        self._log = get_logger("upstream", link=name)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def wanted(self) -> frozenset[UpstreamStream]:
+        """The streams this link should carry."""
+        return self._wanted
+
+    @property
+    def carried(self) -> frozenset[UpstreamStream]:
+        """The streams the last accepted request asked for (what Upbit sends now)."""
+        return self._sent or frozenset()
+
+    @property
+    def is_up(self) -> bool:
+        """True while connected."""
+        return self.stats.state == "up"
+
+    def set_streams(self, streams: frozenset[UpstreamStream]) -> None:
+        """Make the link carry exactly ``streams`` (sent after the coalescing window)."""
+        if streams != self._wanted:
+            self._wanted = streams
+            self._changed.set()
+
+    async def drop(self) -> None:
+        """Close the connection now; :meth:`run` reconnects (used by tests and checks)."""
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def run(self) -> None:
+        """Connect, subscribe, read; reconnect forever until cancelled."""
+        while True:
+            if not self._wanted:
+                self._set_state("idle", "no streams to carry")
+                await self._changed.wait()
+                continue
+            await self._gate.acquire()
+            self._set_state("connecting", "connecting")
+            ws = await self._connect()
+            if ws is None:
+                await asyncio.sleep(self._backoff.next_delay())
+                continue
+            try:
+                await self._serve(ws)
+            finally:
+                self._ws = None
+                self._sent = None
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            if self._wanted:
+                self.stats.reconnects += 1
+                self._set_state("down", "connection lost")
+                # First retry right away (within 1 s), later ones back off.
+                await asyncio.sleep(self._backoff.next_delay())
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_state(self, state: LinkState, detail: str) -> None:
+        if state != self.stats.state:
+            previous = self.stats.state
+            self.stats.state = state
+            self.stats.since = time.time()
+            self._log.info("link state", state=state, previous=previous, detail=detail)
+            self._on_status(self.name, state, detail)
+
+    async def _connect(self) -> ClientConnection | None:
+        url = self._exchange.ws_url(self.name == "private")
+        try:
+            headers = self._exchange.connect_headers(self.name == "private")
+            ws = await connect(
+                url,
+                additional_headers=headers,
+                open_timeout=10,
+                ping_interval=self._keepalive,
+                ping_timeout=self._keepalive,
+                close_timeout=2,
+                max_size=2**24,
+                max_queue=64,
+                compression="deflate" if self._compression else None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
+            self._log.warning("upgrade refused", status=status)
+            if status == 418:
+                self._gate.on_banned(parse_block_seconds(body) or 60.0)
+            return None
+        except (
+            OSError,
+            TimeoutError,
+            InvalidHandshake,
+            websockets.exceptions.WebSocketException,
+        ) as exc:
+            self._log.warning("connect failed", error=type(exc).__name__, detail=str(exc)[:200])
+            return None
+        self.stats.connects += 1
+        self._ws = ws
+        return ws
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        self._set_state("up", "connected")
+        self._changed.set()  # a new connection carries nothing: send the full request
+        sender = asyncio.create_task(self._sender(ws), name=f"{self.name}-sender")
+        try:
+            await self._reader(ws)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+    async def _reader(self, ws: ClientConnection) -> None:
+        on_frame = self._on_frame
+        stats = self.stats
+        try:
+            async for frame in ws:
+                stats.frames += 1
+                stats.last_frame_at = time.time()
+                if stats.frames > 16:
+                    self._backoff.reset()
+                on_frame(frame, time.time_ns())
+        except ConnectionClosed as exc:
+            self._log.warning("connection closed", code=exc.rcvd.code if exc.rcvd else None)
+
+    async def _sender(self, ws: ClientConnection) -> None:
+        limiter = WindowLimiter(self._message_limits)
+        while True:
+            await self._changed.wait()
+            await asyncio.sleep(self._coalesce)
+            self._changed.clear()
+            wanted = self._wanted
+            if wanted in (self._sent, self._rejected):
+                continue
+            if not wanted:
+                # Upbit has no unsubscribe: the only way to carry nothing is to close.
+                await ws.close()
+                return
+            while not limiter.try_acquire(time.time()):
+                await asyncio.sleep(max(limiter.delay(time.time()), 0.01))
+            wanted = self._wanted
+            new = wanted - (self._sent or frozenset())
+            message = self._exchange.subscription_message(sorted(wanted, key=_sort_key), new)
+            await ws.send(message)
+            self.stats.requests_sent += 1
+            self._last_good = self._sent or frozenset()
+            self._sent = wanted
+            self._sent_at = time.monotonic()
+            self._log.debug("subscription sent", streams=len(wanted), new=len(new))
+
+    def on_upstream_error(self, name: str, message: str) -> None:
+        """Upbit rejected our last request: it keeps the previous one, and so do we."""
+        self.stats.upstream_errors += 1
+        self._log.error("Upbit rejected a request", error=name, message=message[:200])
+        if self._sent is not None and time.monotonic() - self._sent_at < 10:
+            rejected = self._sent
+            self._rejected = rejected
+            self._sent = self._last_good
+            if self._on_rejected is not None:
+                self._on_rejected(rejected - self._last_good)
+
+
+def _sort_key(stream: UpstreamStream) -> tuple[str, str, int, float]:
+    return (stream.type, stream.code or "", stream.depth or 0, stream.level or 0.0)
+
+
+def streams_of(items: Collection[UpstreamStream]) -> frozenset[UpstreamStream]:
+    """Helper for callers holding any collection of streams."""
+    return frozenset(items)
