@@ -65,7 +65,7 @@ class Broker:
         self._router = self._ctx.socket(zmq.ROUTER)
         self.publisher = Publisher(zmq.Socket.shadow(self._pub.underlying), self.epoch)
         self.links: dict[ConnectionName, UpstreamLink] = {}
-        self.router = DataRouter(self.publisher, self.exchange, self._on_upstream_error)
+        self.router = DataRouter(self.publisher, self.exchange)
         self.control = ControlServer(self)
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
@@ -181,13 +181,6 @@ class Broker:
 
     def _on_rejected(self, streams: frozenset[UpstreamStream]) -> None:
         self._log.error("Upbit rejected streams", count=len(streams))
-
-    def _on_upstream_error(self, name: str, message: str) -> None:
-        # Errors only answer requests; the public link sends nearly all of them.
-        for link in self.links.values():
-            if link.is_up:
-                link.on_upstream_error(name, message)
-                break
 
     def is_available(self, private: bool) -> bool:
         """Whether the public (private) side can deliver data right now."""

@@ -102,15 +102,23 @@ def runtime_dir(env: Mapping[str, str] | None = None, *, create: bool = True) ->
 def _endpoint(env: Mapping[str, str], name: str, default_file: str) -> str:
     value = env.get(name)
     if not value:
-        return f"ipc://{runtime_dir(env) / default_file}"
+        value = f"ipc://{runtime_dir(env) / default_file}"
+        if len(value.encode()) - len("ipc://") > IPC_PATH_MAX:
+            raise ConfigError(
+                f"{name} is unset and the default ipc path {value} is longer than "
+                f"{IPC_PATH_MAX} bytes: set {name} (or a shorter XDG_RUNTIME_DIR)"
+            )
+        return value
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in {"ipc", "tcp", "inproc"} or not rest:
         raise ConfigError(
             f"{name}={value!r} is not a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or "
             "inproc://NAME)"
         )
-    if scheme == "ipc" and len(rest) > IPC_PATH_MAX:
-        raise ConfigError(f"{name}: ipc path is {len(rest)} characters; the limit is 107")
+    if scheme == "ipc" and len(rest.encode()) > IPC_PATH_MAX:
+        raise ConfigError(
+            f"{name}: ipc path is {len(rest.encode())} bytes; the limit is {IPC_PATH_MAX}"
+        )
     return value
 
 
@@ -206,7 +214,7 @@ class Settings:
             raise ConfigError("UPBIT_BROKER_CONTROL and UPBIT_BROKER_DATA must differ")
         access, secret = _keys(env)
         state = env.get("UPBIT_BROKER_STATE_DIR")
-        liveness = _number(env, "UPBIT_BROKER_LIVENESS", 3, minimum=1)
+        liveness = _number(env, "UPBIT_BROKER_LIVENESS", 3.0, minimum=1)
         if not liveness.is_integer():
             raise ConfigError(f"UPBIT_BROKER_LIVENESS={liveness!r} must be a whole number")
         return cls(

@@ -17,8 +17,13 @@ from typing import Protocol
 from broker.config import Settings
 from broker.subscriptions import UpstreamStream
 from broker.upbit_auth import UpbitSigner
-from broker.upbit_request import build_request
-from schemas.upbit import UpbitMessage, decode_frame
+from broker.upbit_request import (
+    build_list_subscriptions,
+    build_request,
+    parse_list_subscriptions,
+    subscription_mismatch,
+)
+from schemas.upbit import SubscriptionList, UpbitMessage, decode_frame
 
 __all__ = ["Exchange", "UpbitExchange"]
 
@@ -56,6 +61,16 @@ class Exchange(Protocol):
 
     def decode(self, frame: bytes | str) -> list[UpbitMessage]:
         """Decode one frame into messages; raises schemas.errors.DecodeError."""
+        ...
+
+    def list_subscriptions_message(self) -> str:
+        """A request asking the exchange which streams this connection carries."""
+        ...
+
+    def compare_listing(
+        self, intended: Collection[UpstreamStream], listing: SubscriptionList
+    ) -> tuple[frozenset[UpstreamStream], frozenset[UpstreamStream]]:
+        """``(missing, unexpected)`` streams of a listing against what was requested."""
         ...
 
 
@@ -105,3 +120,13 @@ class UpbitExchange:
     def decode(self, frame: bytes | str) -> list[UpbitMessage]:
         """Upbit frames: one object, or a JSON array for the *_LIST formats."""
         return decode_frame(frame)
+
+    def list_subscriptions_message(self) -> str:
+        """Upbit's LIST_SUBSCRIPTIONS request."""
+        return build_list_subscriptions(uuid.uuid4().hex)
+
+    def compare_listing(
+        self, intended: Collection[UpstreamStream], listing: SubscriptionList
+    ) -> tuple[frozenset[UpstreamStream], frozenset[UpstreamStream]]:
+        """Compare Upbit's LIST_SUBSCRIPTIONS answer with the last request."""
+        return subscription_mismatch(intended, parse_list_subscriptions(listing))

@@ -47,9 +47,12 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return mask(value)
     if isinstance(value, dict):
-        return {k: (MASK if _is_secret_name(k) else _scrub(v)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
+        return {_scrub(k): (MASK if _is_secret_name(k) else _scrub(v)) for k, v in value.items()}
+    if isinstance(value, tuple):
+        # A plain tuple out: a namedtuple cannot be rebuilt from one iterable.
+        return tuple(_scrub(v) for v in value)
+    if isinstance(value, list | set | frozenset):
+        return [_scrub(v) for v in value]
     if isinstance(value, int | float | bool) or value is None:
         return value
     return mask(repr(value)) if not isinstance(value, BaseException) else mask(str(value))
@@ -71,23 +74,39 @@ class SecretMasker:
 
 
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
-    """Configure structlog (and stdlib logging underneath) for this process, once."""
+    """Configure structlog, and stdlib logging underneath, for this process.
+
+    Records from other libraries (websockets logs every upgrade header at debug level,
+    Authorization included) go through the same masking chain as structlog's own.
+    """
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                SecretMasker(),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            SecretMasker(),
-            renderer,
-        ],
+        processors=[*shared, SecretMasker(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

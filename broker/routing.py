@@ -9,7 +9,7 @@ error frames go to the link that sent the request.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import cast
 
 from broker.exchange import Exchange
@@ -18,7 +18,7 @@ from broker.publisher import Publisher
 from broker.subscriptions import truncate_orderbook
 from schemas.bus import Payload, StreamSpec, format_level, topic_for
 from schemas.errors import DecodeError
-from schemas.upbit import DATA_TYPES, MyAsset, MyOrder, Orderbook, UpbitError
+from schemas.upbit import DATA_TYPES, MyAsset, MyOrder, Orderbook, Status, UpbitMessage
 
 __all__ = ["DataRouter"]
 
@@ -28,15 +28,9 @@ _TYPE_OF: dict[type, str] = {cls: name for name, cls in DATA_TYPES.items()}
 class DataRouter:
     """Routes decoded upstream messages to the publisher."""
 
-    def __init__(
-        self,
-        publisher: Publisher,
-        exchange: Exchange,
-        on_upstream_error: Callable[[str, str], None],
-    ) -> None:
+    def __init__(self, publisher: Publisher, exchange: Exchange) -> None:
         self._publisher = publisher
         self._exchange = exchange
-        self._on_upstream_error = on_upstream_error
         self._depths: dict[tuple[str, str], tuple[int, ...]] = {}
         self.messages = 0
         self.decode_errors = 0
@@ -53,8 +47,12 @@ class DataRouter:
                 depths.setdefault(key, set()).add(spec.depth or 30)
         self._depths = {k: tuple(sorted(v, reverse=True)) for k, v in depths.items()}
 
-    def on_frame(self, frame: bytes | str, recv_ns: int) -> None:
-        """Decode one frame and publish what it carries."""
+    def on_frame(self, frame: bytes | str, recv_ns: int) -> list[UpbitMessage] | None:
+        """Decode one frame and publish what it carries.
+
+        Returns the messages that are not data (errors, subscription listings) for the
+        link that received them, or None (the common case).
+        """
         try:
             messages = self._exchange.decode(frame)
         except DecodeError as exc:
@@ -66,14 +64,15 @@ class DataRouter:
                     error=self.last_decode_error,
                     count=self.decode_errors,
                 )
-            return
+            return None
         publisher = self._publisher
+        extra: list[UpbitMessage] | None = None
         for message in messages:
             kind = _TYPE_OF.get(type(message))
             if kind is None:
-                if isinstance(message, UpbitError):
-                    self._on_upstream_error(str(message.error.name), message.error.message)
-                continue  # keepalive answers, subscription listings
+                if not isinstance(message, Status):  # keepalive answers need nothing
+                    extra = [*(extra or ()), message]
+                continue
             self.messages += 1
             if isinstance(message, Orderbook):
                 self._publish_orderbook(message, recv_ns)
@@ -90,6 +89,7 @@ class DataRouter:
                 topic = f"{kind}/{message.code}/"  # type: ignore[union-attr]
             if publisher.is_active(topic):
                 publisher.publish(topic, cast(Payload, message), recv_ns)
+        return extra
 
     def _publish_orderbook(self, book: Orderbook, recv_ns: int) -> None:
         level = format_level(book.level)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +29,7 @@ from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.ratelimit import Backoff, BanStore, WindowLimiter, parse_block_seconds
 from broker.subscriptions import UpstreamStream
+from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
 
 __all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
 
@@ -87,6 +88,8 @@ class LinkStats:
     frames: int = 0
     decode_errors: int = 0
     upstream_errors: int = 0
+    verifications: int = 0
+    mismatches: int = 0
     last_frame_at: float | None = None
 
 
@@ -99,13 +102,14 @@ class UpstreamLink:
         exchange: Exchange,
         gate: ConnectGate,
         *,
-        on_frame: Callable[[bytes | str, int], None],
+        on_frame: Callable[[bytes | str, int], list[UpbitMessage] | None],
         on_status: Callable[[ConnectionName, str, str], None],
         on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
         keepalive: float = 5.0,
         coalesce: float = 0.05,
         compression: bool = True,
         message_limits: list[tuple[int, float]] | None = None,
+        verify_interval: float = 60.0,
     ) -> None:
         self.name: ConnectionName = name
         self.stats = LinkStats(since=time.time())
@@ -118,6 +122,8 @@ class UpstreamLink:
         self._coalesce = coalesce
         self._compression = compression
         self._message_limits = message_limits or [(4, 1.0), (90, 60.0)]
+        self._limiter = WindowLimiter(self._message_limits)
+        self._verify_interval = verify_interval
         self._wanted: frozenset[UpstreamStream] = frozenset()
         self._sent: frozenset[UpstreamStream] | None = None
         self._last_good: frozenset[UpstreamStream] = frozenset()
@@ -185,12 +191,21 @@ class UpstreamLink:
     # ------------------------------------------------------------------ internals
 
     def _set_state(self, state: LinkState, detail: str) -> None:
-        if state != self.stats.state:
-            previous = self.stats.state
-            self.stats.state = state
-            self.stats.since = time.time()
-            self._log.info("link state", state=state, previous=previous, detail=detail)
-            self._on_status(self.name, state, detail)
+        """Record a state change and report it as an event clients understand.
+
+        After the first connection, ``connecting`` is reported as ``reconnecting`` and
+        ``up`` as ``restored`` (every stream was requested again).
+        """
+        if state == self.stats.state:
+            return
+        previous = self.stats.state
+        self.stats.state = state
+        self.stats.since = time.time()
+        event: str = state
+        if self.stats.connects > (0 if state == "connecting" else 1):
+            event = {"connecting": "reconnecting", "up": "restored"}.get(state, state)
+        self._log.info("link state", state=event, previous=previous, detail=detail)
+        self._on_status(self.name, event, detail)
 
     async def _connect(self) -> ClientConnection | None:
         url = self._exchange.ws_url(self.name == "private")
@@ -228,14 +243,18 @@ class UpstreamLink:
 
     async def _serve(self, ws: ClientConnection) -> None:
         self._set_state("up", "connected")
+        self._limiter.reset()  # Upbit counts messages per connection
         self._changed.set()  # a new connection carries nothing: send the full request
-        sender = asyncio.create_task(self._sender(ws), name=f"{self.name}-sender")
+        helpers = [
+            asyncio.create_task(self._sender(ws), name=f"{self.name}-sender"),
+            asyncio.create_task(self._verifier(ws), name=f"{self.name}-verifier"),
+        ]
         try:
             await self._reader(ws)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _reader(self, ws: ClientConnection) -> None:
         on_frame = self._on_frame
@@ -246,12 +265,19 @@ class UpstreamLink:
                 stats.last_frame_at = time.time()
                 if stats.frames > 16:
                     self._backoff.reset()
-                on_frame(frame, time.time_ns())
+                extra = on_frame(frame, time.time_ns())
+                if extra:
+                    self._on_control_messages(extra)
         except ConnectionClosed as exc:
             self._log.warning("connection closed", code=exc.rcvd.code if exc.rcvd else None)
 
+    async def _acquire_message_slot(self) -> None:
+        """Wait for a token of Upbit's per-connection message budget (5/s, 100/min)."""
+        limiter = self._limiter
+        while not limiter.try_acquire(time.time()):
+            await asyncio.sleep(max(limiter.delay(time.time()), 0.01))
+
     async def _sender(self, ws: ClientConnection) -> None:
-        limiter = WindowLimiter(self._message_limits)
         while True:
             await self._changed.wait()
             await asyncio.sleep(self._coalesce)
@@ -263,8 +289,7 @@ class UpstreamLink:
                 # Upbit has no unsubscribe: the only way to carry nothing is to close.
                 await ws.close()
                 return
-            while not limiter.try_acquire(time.time()):
-                await asyncio.sleep(max(limiter.delay(time.time()), 0.01))
+            await self._acquire_message_slot()
             wanted = self._wanted
             new = wanted - (self._sent or frozenset())
             message = self._exchange.subscription_message(sorted(wanted, key=_sort_key), new)
@@ -274,6 +299,38 @@ class UpstreamLink:
             self._sent = wanted
             self._sent_at = time.monotonic()
             self._log.debug("subscription sent", streams=len(wanted), new=len(new))
+
+    async def _verifier(self, ws: ClientConnection) -> None:
+        """Ask Upbit what it serves now and then, and repair any difference."""
+        while True:
+            await asyncio.sleep(self._verify_interval)
+            if self._sent is None or self._changed.is_set():
+                continue
+            await self._acquire_message_slot()
+            await ws.send(self._exchange.list_subscriptions_message())
+            self.stats.verifications += 1
+
+    def _on_control_messages(self, messages: list[UpbitMessage]) -> None:
+        for message in messages:
+            if isinstance(message, UpbitError):
+                self.on_upstream_error(str(message.error.name), message.error.message)
+            elif isinstance(message, SubscriptionList):
+                self._check_listing(message)
+
+    def _check_listing(self, listing: SubscriptionList) -> None:
+        intended = self._sent
+        if intended is None or self._changed.is_set():
+            return  # a new request is on its way; this listing is already stale
+        missing, unexpected = self._exchange.compare_listing(intended, listing)
+        if missing or unexpected:
+            self.stats.mismatches += 1
+            self._log.warning(
+                "Upbit serves something else than requested; resending",
+                missing=len(missing),
+                unexpected=len(unexpected),
+            )
+            self._sent = None
+            self._changed.set()
 
     def on_upstream_error(self, name: str, message: str) -> None:
         """Upbit rejected our last request: it keeps the previous one, and so do we."""
@@ -289,8 +346,3 @@ class UpstreamLink:
 
 def _sort_key(stream: UpstreamStream) -> tuple[str, str, int, float]:
     return (stream.type, stream.code or "", stream.depth or 0, stream.level or 0.0)
-
-
-def streams_of(items: Collection[UpstreamStream]) -> frozenset[UpstreamStream]:
-    """Helper for callers holding any collection of streams."""
-    return frozenset(items)
