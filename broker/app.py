@@ -26,6 +26,7 @@ import zmq.asyncio
 from broker.config import Settings
 from broker.control import ControlServer
 from broker.exchange import Exchange, UpbitExchange
+from broker.fallback import PrivateFallback, PublicFallback
 from broker.health import RateMeter
 from broker.instance import InstanceLock
 from broker.liveness import ClientTable
@@ -65,7 +66,13 @@ class Broker:
         self._router = self._ctx.socket(zmq.ROUTER)
         self.publisher = Publisher(zmq.Socket.shadow(self._pub.underlying), self.epoch)
         self.links: dict[ConnectionName, UpstreamLink] = {}
-        self.router = DataRouter(self.publisher, self.exchange)
+        self.private_fallback = PrivateFallback(self) if self.exchange.has_private() else None
+        self.router = DataRouter(
+            self.publisher,
+            self.exchange,
+            on_private=self.private_fallback.observe if self.private_fallback else None,
+        )
+        self.public_fallback = PublicFallback(self)
         self.control = ControlServer(self)
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
@@ -108,7 +115,12 @@ class Broker:
                 asyncio.create_task(self._housekeeping(), name="housekeeping"),
                 asyncio.create_task(self._refresh_markets(), name="markets"),
                 *(asyncio.create_task(link.run(), name=n) for n, link in self.links.items()),
+                asyncio.create_task(self.public_fallback.run(), name="public-fallback"),
             ]
+            if self.private_fallback is not None:
+                tasks.append(
+                    asyncio.create_task(self.private_fallback.run(), name="private-fallback")
+                )
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -147,6 +159,7 @@ class Broker:
             changed = True
         for spec in removed:
             self.publisher.deactivate(spec.topic)
+            self.router.forget(spec)
             changed = True
         if changed:
             self._replan()
@@ -162,22 +175,31 @@ class Broker:
             self.links["private"].set_streams(private)
 
     def _on_link_status(self, link: ConnectionName, state: str, detail: str) -> None:
+        self.announce(link, state, detail)
+        if state == "down":
+            # Whatever was in flight is lost: tell every affected topic.
+            self.announce(link, "gap", detail, status=False)
+
+    def announce(
+        self, link: ConnectionName, state: str, detail: str, *, status: bool = True
+    ) -> None:
+        """Publish a status event on the link's status topic and on its data topics."""
         now_ms = int(time.time() * 1000)
         topics = sorted(
             spec.topic
             for spec in self.state.all_streams()
             if spec.is_private == (link == "private")
         )
-        self.publisher.publish_status(
-            status_topic(link),
-            StatusEvent(
-                connection=link, state=state, detail=detail, topics=topics, timestamp=now_ms
-            ),
-        )
-        if state == "down":
-            gap = StatusEvent(connection=link, state="gap", detail=detail, timestamp=now_ms)
-            for topic in topics:
-                self.publisher.publish_status(topic, gap)
+        event = StatusEvent(connection=link, state=state, detail=detail, timestamp=now_ms)
+        if status:
+            self.publisher.publish_status(
+                status_topic(link),
+                StatusEvent(
+                    connection=link, state=state, detail=detail, topics=topics, timestamp=now_ms
+                ),
+            )
+        for topic in topics:
+            self.publisher.publish_status(topic, event)
 
     def _on_rejected(self, streams: frozenset[UpstreamStream]) -> None:
         self._log.error("Upbit rejected streams", count=len(streams))
@@ -187,7 +209,8 @@ class Broker:
         link = self.links.get("private" if private else "public")
         if link is None:
             return False
-        return link.stats.state in ("up", "idle")
+        fallback = self.private_fallback if private else self.public_fallback
+        return link.stats.state in ("up", "idle") or (fallback is not None and fallback.active)
 
     # ------------------------------------------------------------------ background
 

@@ -48,11 +48,11 @@ def rss_mb() -> float:
         return 0.0
 
 
-def _link_health(link: UpstreamLink) -> ConnectionHealth:
+def _link_health(link: UpstreamLink, on_rest: bool) -> ConnectionHealth:
     stats = link.stats
     return ConnectionHealth(
         state=stats.state,
-        source="websocket",
+        source="rest" if on_rest else "websocket",
         since=stats.since,
         reconnects=stats.reconnects,
         last_message_timestamp=stats.last_frame_at,
@@ -84,8 +84,12 @@ def compute_health(broker: Broker) -> Health:
         last_message_timestamp=last,
         connection_quality=quality,
         active_subscriptions=len(broker.state.all_streams()),
-        public=_link_health(public),
-        private=_link_health(private) if private is not None else None,
+        public=_link_health(public, broker.public_fallback.active),
+        private=(
+            _link_health(private, bool(broker.private_fallback and broker.private_fallback.active))
+            if private is not None
+            else None
+        ),
         epoch=broker.epoch,
     )
 

@@ -12,13 +12,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from broker.exchange import Exchange
 from broker.logs import get_logger
-from broker.ratelimit import BanStore, RestLimiter, parse_block_seconds, parse_remaining_req
+from broker.ratelimit import (
+    BanStore,
+    Priority,
+    PriorityGate,
+    RestJob,
+    RestLimiter,
+    parse_block_seconds,
+    parse_remaining_req,
+)
 from broker.upbit_auth import QueryValue, query_string
 from schemas.errors import DecodeError
 from schemas.rest import (
@@ -34,7 +44,12 @@ from schemas.rest import (
 )
 from schemas.rest import RestError as RestErrorEnvelope
 
-__all__ = ["RestClient", "RestError"]
+__all__ = ["PRIORITY_POLL", "PRIORITY_SNAPSHOT", "RestClient", "RestError"]
+
+PRIORITY_SNAPSHOT: Final = int(Priority.QUOTATION)
+"""A client is waiting for this answer (get_snapshot, market list)."""
+PRIORITY_POLL: Final = int(Priority.QUOTATION) + 1
+"""Background polling of the REST fallback: goes last."""
 
 T = TypeVar("T")
 
@@ -62,6 +77,8 @@ class RestClient:
     ) -> None:
         self._exchange = exchange
         self._limiter = RestLimiter(bans=bans)
+        self._gate: PriorityGate[asyncio.Future[None]] = PriorityGate(self._limiter, reserve=1)
+        self._pump_handle: asyncio.TimerHandle | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_wait = max_wait
         self._session: aiohttp.ClientSession | None = None
@@ -80,6 +97,33 @@ class RestClient:
             await self._session.close()
             self._session = None
 
+    # ------------------------------------------------------------- pacing
+
+    def _pump(self) -> None:
+        """Release every queued request the limits allow now; come back when more can go."""
+        self._pump_handle = None
+        now = time.time()
+        for job in self._gate.release(now):
+            if not job.payload.done():
+                job.payload.set_result(None)
+        delay = self._gate.next_delay(now)
+        if delay is not None:
+            loop = asyncio.get_running_loop()
+            self._pump_handle = loop.call_later(max(delay, 0.005), self._pump)
+
+    async def _slot(self, group: str, priority: int, deadline: float) -> None:
+        """Wait for a request slot of ``group``; more urgent priorities go first."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gate.submit(RestJob(group, priority, future))
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+        self._pump()
+        try:
+            await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            wait = self._limiter.delay(group, time.time())
+            raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s") from None
+
     async def _request(
         self,
         method: str,
@@ -88,20 +132,19 @@ class RestClient:
         params: Mapping[str, QueryValue] | None = None,
         *,
         auth: bool = False,
+        priority: int = PRIORITY_SNAPSHOT,
     ) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         deadline = time.monotonic() + self._max_wait
         query = query_string(params) if params else ""
-        url = f"{self._exchange.rest_url}{path}" + (f"?{query}" if query else "")
+        # Sent as written: Upbit wants array keys' brackets unencoded (states[]=wait).
+        url = URL(
+            f"{self._exchange.rest_url}{path}" + (f"?{_wire_query(params)}" if params else ""),
+            encoded=True,
+        )
         while True:
-            wait = self._limiter.delay(group, time.time())
-            if wait > 0:
-                if time.monotonic() + wait > deadline:
-                    raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s")
-                await asyncio.sleep(wait)
-                continue
-            self._limiter.on_request(group, time.time())
+            await self._slot(group, priority, deadline)
             headers = self._exchange.rest_headers(query or None) if auth else {}
             self.calls += 1
             try:
@@ -139,15 +182,16 @@ class RestClient:
         params: Mapping[str, QueryValue] | None = None,
         *,
         auth: bool = False,
+        priority: int = PRIORITY_SNAPSHOT,
     ) -> T:
-        body = await self._request("GET", path, group, params, auth=auth)
+        body = await self._request("GET", path, group, params, auth=auth, priority=priority)
         try:
             return decode_rest(body, kind)
         except DecodeError as exc:
             self.failures += 1
             raise RestError(200, f"unexpected body from {path}: {exc}") from None
 
-    async def _get_list(
+    async def get_list(
         self,
         path: str,
         group: str,
@@ -155,8 +199,10 @@ class RestClient:
         params: Mapping[str, QueryValue] | None = None,
         *,
         auth: bool = False,
+        priority: int = PRIORITY_SNAPSHOT,
     ) -> list[T]:
-        body = await self._request("GET", path, group, params, auth=auth)
+        """GET a JSON array of ``kind`` (used directly by the fallback poller)."""
+        body = await self._request("GET", path, group, params, auth=auth, priority=priority)
         try:
             return decode_rest_list(body, kind)
         except DecodeError as exc:
@@ -167,14 +213,14 @@ class RestClient:
 
     async def markets(self) -> list[RestMarket]:
         """Every listed market (``GET /v1/market/all``)."""
-        return await self._get_list("/v1/market/all", "market", RestMarket)
+        return await self.get_list("/v1/market/all", "market", RestMarket)
 
     async def tickers(self, codes: Sequence[str]) -> list[RestTicker]:
         """Tickers of ``codes`` (chunked: very long lists break HTTP clients)."""
         result: list[RestTicker] = []
         for start in range(0, len(codes), 100):
             chunk = ",".join(codes[start : start + 100])
-            result += await self._get_list("/v1/ticker", "ticker", RestTicker, {"markets": chunk})
+            result += await self.get_list("/v1/ticker", "ticker", RestTicker, {"markets": chunk})
         return result
 
     async def orderbooks(
@@ -184,35 +230,65 @@ class RestClient:
         params: dict[str, QueryValue] = {"markets": ",".join(codes), "count": count}
         if level:
             params["level"] = str(level)
-        return await self._get_list("/v1/orderbook", "orderbook", RestOrderbook, params)
+        return await self.get_list("/v1/orderbook", "orderbook", RestOrderbook, params)
 
     async def trades(self, code: str, count: int = 50) -> list[RestTrade]:
         """Latest trades of one market, newest first."""
         params: dict[str, QueryValue] = {"market": code, "count": count}
-        return await self._get_list("/v1/trades/ticks", "trade", RestTrade, params)
+        return await self.get_list("/v1/trades/ticks", "trade", RestTrade, params)
 
     async def candles(self, code: str, unit: str, count: int = 1) -> list[RestCandle]:
         """Latest candles of one market for a WebSocket unit (``1s``, ``1m``, ...)."""
         params: dict[str, QueryValue] = {"market": code, "count": count}
         if unit == "1s":
-            return await self._get_list("/v1/candles/seconds", "candle", RestCandle, params)
+            return await self.get_list("/v1/candles/seconds", "candle", RestCandle, params)
         minutes = _MINUTE_UNITS[unit]
-        return await self._get_list(f"/v1/candles/minutes/{minutes}", "candle", RestCandle, params)
+        return await self.get_list(f"/v1/candles/minutes/{minutes}", "candle", RestCandle, params)
 
     # ------------------------------------------------------------- exchange
 
     async def accounts(self) -> list[RestAccount]:
         """Balances (needs keys)."""
-        return await self._get_list("/v1/accounts", "default", RestAccount, auth=True)
+        return await self.get_list(
+            "/v1/accounts", "default", RestAccount, auth=True, priority=Priority.ACCOUNT
+        )
 
-    async def open_orders(self, page: int = 1) -> list[RestOrder]:
-        """Open orders, newest first (needs keys)."""
-        params: dict[str, QueryValue] = {"page": page, "limit": 100}
-        return await self._get_list("/v1/orders/open", "default", RestOrder, params, auth=True)
+    async def open_orders(self, *, max_pages: int = 20) -> list[RestOrder]:
+        """Every open order (``wait`` and ``watch``), all pages (needs keys)."""
+        orders: list[RestOrder] = []
+        for page in range(1, max_pages + 1):
+            params: dict[str, QueryValue] = {
+                "states[]": ["wait", "watch"],
+                "page": page,
+                "limit": 100,
+            }
+            batch = await self.get_list(
+                "/v1/orders/open",
+                "default",
+                RestOrder,
+                params,
+                auth=True,
+                priority=Priority.ACCOUNT,
+            )
+            orders += batch
+            if len(batch) < 100:
+                break
+        return orders
 
     async def order(self, uuid: str) -> RestOrder:
         """One order by uuid (needs keys)."""
-        return await self._get("/v1/order", "default", RestOrder, {"uuid": uuid}, auth=True)
+        return await self._get(
+            "/v1/order", "default", RestOrder, {"uuid": uuid}, auth=True, priority=Priority.ACCOUNT
+        )
+
+
+def _wire_query(params: Mapping[str, QueryValue]) -> str:
+    """The query string on the wire: values percent-encoded, ``[]`` in keys kept as is."""
+    pairs: list[str] = []
+    for key, value in params.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        pairs += [f"{quote(key, safe='[]')}={quote(str(v), safe=',')}" for v in values]
+    return "&".join(pairs)
 
 
 def _error_text(body: bytes) -> str:

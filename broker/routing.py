@@ -4,21 +4,36 @@ A frame is decoded by the exchange into payload structs; each goes to the topic 
 type and market when someone subscribed to it. An upstream orderbook serves every
 depth clients asked for at its (code, level): it is truncated per depth with the
 totals recomputed over the units kept. Status frames (keepalive answers) are dropped;
-error frames go to the link that sent the request.
+errors and subscription listings are handed back to the link that received them.
+
+The same :meth:`DataRouter.route` publishes what the REST fallback fetches, so both
+sources share the trade de-duplication (a trade is published once whichever source
+brings it first) and the private-state observer that reconciliation relies on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
+from broker.dedupe import TradeDeduper, orderbook_fingerprint, ticker_fingerprint
 from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.publisher import Publisher
 from broker.subscriptions import truncate_orderbook
-from schemas.bus import Payload, StreamSpec, format_level, topic_for
+from schemas.bus import Payload, Source, StreamSpec, format_level, topic_for
 from schemas.errors import DecodeError
-from schemas.upbit import DATA_TYPES, MyAsset, MyOrder, Orderbook, Status, UpbitMessage
+from schemas.upbit import (
+    DATA_TYPES,
+    MyAsset,
+    MyOrder,
+    Orderbook,
+    Status,
+    Ticker,
+    Trade,
+    UpbitData,
+    UpbitMessage,
+)
 
 __all__ = ["DataRouter"]
 
@@ -26,16 +41,24 @@ _TYPE_OF: dict[type, str] = {cls: name for name, cls in DATA_TYPES.items()}
 
 
 class DataRouter:
-    """Routes decoded upstream messages to the publisher."""
+    """Routes decoded messages (from the WebSocket or REST) to the publisher."""
 
-    def __init__(self, publisher: Publisher, exchange: Exchange) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        exchange: Exchange,
+        *,
+        on_private: Callable[[MyOrder | MyAsset], None] | None = None,
+    ) -> None:
         self._publisher = publisher
         self._exchange = exchange
+        self._on_private = on_private
         self._depths: dict[tuple[str, str], tuple[int, ...]] = {}
+        self.trades = TradeDeduper()
         self.messages = 0
+        self.duplicates = 0
         self.decode_errors = 0
         self.last_decode_error = ""
-        self.latency_ns_total = 0
         self._log = get_logger("router")
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
@@ -48,7 +71,7 @@ class DataRouter:
         self._depths = {k: tuple(sorted(v, reverse=True)) for k, v in depths.items()}
 
     def on_frame(self, frame: bytes | str, recv_ns: int) -> list[UpbitMessage] | None:
-        """Decode one frame and publish what it carries.
+        """Decode one WebSocket frame and publish what it carries.
 
         Returns the messages that are not data (errors, subscription listings) for the
         link that received them, or None (the common case).
@@ -65,33 +88,59 @@ class DataRouter:
                     count=self.decode_errors,
                 )
             return None
-        publisher = self._publisher
         extra: list[UpbitMessage] | None = None
         for message in messages:
-            kind = _TYPE_OF.get(type(message))
-            if kind is None:
-                if not isinstance(message, Status):  # keepalive answers need nothing
-                    extra = [*(extra or ()), message]
-                continue
-            self.messages += 1
-            if isinstance(message, Orderbook):
-                self._publish_orderbook(message, recv_ns)
-                continue
-            if isinstance(message, MyAsset):
-                topic = "myAsset/"
-            elif isinstance(message, MyOrder):
-                topic = topic_for("myOrder", message.code)
-                if not (publisher.is_active(topic) or publisher.is_active("myOrder/")):
-                    continue
-                publisher.publish(topic, cast(Payload, message), recv_ns)
-                continue
-            else:
-                topic = f"{kind}/{message.code}/"  # type: ignore[union-attr]
-            if publisher.is_active(topic):
-                publisher.publish(topic, cast(Payload, message), recv_ns)
+            if type(message) in _TYPE_OF:
+                self.route(cast(UpbitData, message), recv_ns, "websocket")
+            elif not isinstance(message, Status):  # keepalive answers need nothing
+                extra = [*(extra or ()), message]
         return extra
 
-    def _publish_orderbook(self, book: Orderbook, recv_ns: int) -> None:
+    def route(self, message: UpbitData, recv_ns: int, source: Source) -> None:
+        """Publish one payload on its topic(s), if anyone subscribed."""
+        self.messages += 1
+        publisher = self._publisher
+        if isinstance(message, Orderbook):
+            self._publish_orderbook(message, recv_ns, source)
+            return
+        if isinstance(message, MyOrder | MyAsset):
+            if self._on_private is not None:
+                self._on_private(message)
+            if isinstance(message, MyAsset):
+                topic = "myAsset/"
+            else:
+                topic = topic_for("myOrder", message.code)
+                if not publisher.is_active("myOrder/"):
+                    if not publisher.is_active(topic):
+                        return
+                    publisher.publish(topic, message, recv_ns, source)
+                    return
+                publisher.publish(topic, message, recv_ns, source)
+                return
+        else:
+            topic = f"{_TYPE_OF[type(message)]}/{message.code}/"
+        if not publisher.is_active(topic):
+            return
+        if isinstance(message, Trade) and self.trades.seen(message.code, message.sequential_id):
+            self.duplicates += 1
+            return
+        if (
+            source == "rest"
+            and isinstance(message, Ticker)
+            and self._unchanged_ticker(topic, message)
+        ):
+            return
+        publisher.publish(topic, cast(Payload, message), recv_ns, source)
+
+    def _unchanged_ticker(self, topic: str, ticker: Ticker) -> bool:
+        cached = self._publisher.cached(topic)
+        return (
+            cached is not None
+            and isinstance(cached.data, Ticker)
+            and ticker_fingerprint(cached.data) == ticker_fingerprint(ticker)
+        )
+
+    def _publish_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
         level = format_level(book.level)
         depths = self._depths.get((book.code, level))
         if not depths:
@@ -103,4 +152,17 @@ class DataRouter:
             payload = (
                 book if depth >= len(book.orderbook_units) else truncate_orderbook(book, depth)
             )
-            self._publisher.publish(topic, payload, recv_ns)
+            if source == "rest":
+                cached = self._publisher.cached(topic)
+                if (
+                    cached is not None
+                    and isinstance(cached.data, Orderbook)
+                    and orderbook_fingerprint(cached.data) == orderbook_fingerprint(payload)
+                ):
+                    continue
+            self._publisher.publish(topic, payload, recv_ns, source)
+
+    def forget(self, spec: StreamSpec) -> None:
+        """A stream was released: drop what was remembered for de-duplication."""
+        if spec.type == "trade" and spec.code is not None:
+            self.trades.forget(spec.code)

@@ -91,6 +91,8 @@ class LinkStats:
     verifications: int = 0
     mismatches: int = 0
     last_frame_at: float | None = None
+    down_since: float | None = None
+    """Wall-clock time the link stopped carrying data (None while up or idle)."""
 
 
 class UpstreamLink:
@@ -151,6 +153,11 @@ class UpstreamLink:
         """True while connected."""
         return self.stats.state == "up"
 
+    def down_for(self, now: float) -> float | None:
+        """Seconds the link has been unable to carry its streams; None when fine."""
+        since = self.stats.down_since
+        return None if since is None else now - since
+
     def set_streams(self, streams: frozenset[UpstreamStream]) -> None:
         """Make the link carry exactly ``streams`` (sent after the coalescing window)."""
         if streams != self._wanted:
@@ -199,8 +206,13 @@ class UpstreamLink:
         if state == self.stats.state:
             return
         previous = self.stats.state
+        now = time.time()
         self.stats.state = state
-        self.stats.since = time.time()
+        self.stats.since = now
+        if state in ("up", "idle"):
+            self.stats.down_since = None
+        elif self.stats.down_since is None:
+            self.stats.down_since = now
         event: str = state
         if self.stats.connects > (0 if state == "connecting" else 1):
             event = {"connecting": "reconnecting", "up": "restored"}.get(state, state)
