@@ -54,6 +54,8 @@ class DataRouter:
         self._exchange = exchange
         self._on_private = on_private
         self._depths: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._deepening: dict[tuple[str, str], int] = {}
+        """(code, level) whose upstream depth just grew -> the old depth still in flight."""
         self.trades = TradeDeduper()
         self.messages = 0
         self.duplicates = 0
@@ -62,13 +64,23 @@ class DataRouter:
         self._log = get_logger("router")
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
-        """Learn which orderbook depths each (code, level) must be published at."""
+        """Learn which orderbook depths each (code, level) must be published at.
+
+        When the deepest depth of a (code, level) grows, books of the old depth are
+        still in flight until Upbit answers the new request with a SNAPSHOT: until then
+        they only feed the depths they can fill, never a deeper topic.
+        """
         depths: dict[tuple[str, str], set[int]] = {}
         for spec in streams:
             if spec.type == "orderbook" and spec.code is not None:
                 key = (spec.code, format_level(spec.level))
                 depths.setdefault(key, set()).add(spec.depth or 30)
-        self._depths = {k: tuple(sorted(v, reverse=True)) for k, v in depths.items()}
+        new = {k: tuple(sorted(v, reverse=True)) for k, v in depths.items()}
+        for key, old in self._depths.items():
+            if key in new and new[key][0] > old[0]:
+                self._deepening[key] = min(old[0], self._deepening.get(key, old[0]))
+        self._deepening = {k: v for k, v in self._deepening.items() if k in new}
+        self._depths = new
 
     def on_frame(self, frame: bytes | str, recv_ns: int) -> list[UpbitMessage] | None:
         """Decode one WebSocket frame and publish what it carries.
@@ -142,9 +154,20 @@ class DataRouter:
 
     def _publish_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
         level = format_level(book.level)
-        depths = self._depths.get((book.code, level))
+        key = (book.code, level)
+        depths = self._depths.get(key)
         if not depths:
             return
+        limit = self._deepening.get(key)
+        if limit is not None:
+            if (
+                book.stream_type == "SNAPSHOT"
+                or len(book.orderbook_units) > limit
+                or source == "rest"
+            ):
+                del self._deepening[key]
+            else:
+                depths = tuple(d for d in depths if d <= limit)
         for depth in depths:
             topic = f"orderbook/{book.code}/{depth}/{level}/"
             if not self._publisher.is_active(topic):

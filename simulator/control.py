@@ -1,0 +1,306 @@
+"""The control API under ``/_sim`` (JSON), with the fault state and counters it drives.
+
+Tests and benchmarks use it to look inside the simulator and to inject failures:
+
+- ``GET  /_sim``                  base URLs and the effective settings
+- ``GET  /_sim/connections``      open WebSocket connections (``?closed=1`` adds recently
+  closed ones): id, path, remote, format, last accepted request, every request received
+  (timestamp, text, accepted or error name), counters
+- ``GET  /_sim/stats``            counters: upgrades, WS requests, REST requests per group
+- ``GET  /_sim/markets``          the market list with materialized/active flags
+- ``POST /_sim/drop``             ``{"path"?}`` abort WS connections: no close frame (1006)
+- ``POST /_sim/stall``            ``{"seconds", "path"?}`` send nothing and answer no PING
+  or ping frame for N seconds, sockets open; 0 ends a stall
+- ``POST /_sim/refuse_upgrades``  ``{"seconds", "status": 429|418}``
+- ``POST /_sim/rest_fail``        ``{"seconds", "status": 500|429}`` for every /v1 route
+- ``POST /_sim/rate``             ``{"per_second"?: X, "firehose"?: bool}``
+- ``POST /_sim/reset``            clear faults, limits, counters, request logs, account
+- ``POST /_sim/orders``           registered by ``simulator.rest_private`` (no JWT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from simulator.app import Simulator
+
+__all__ = ["Faults", "Stats", "add_control_routes"]
+
+
+class Faults:
+    """Injected failures, each with an end time (pure: callers pass ``now``)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """No faults."""
+        self._stall: dict[str | None, float] = {}
+        self._refuse_until = 0.0
+        self._refuse_status = 429
+        self._rest_fail_until = 0.0
+        self._rest_fail_status = 500
+
+    def stall(self, seconds: float, now: float, path: str | None = None) -> float:
+        until = now + max(0.0, seconds)
+        if seconds <= 0:
+            self._stall.pop(path, None)
+            if path is None:
+                self._stall.clear()
+        else:
+            self._stall[path] = until
+        return until
+
+    def stall_remaining(self, path: str, now: float) -> float:
+        until = max(self._stall.get(None, 0.0), self._stall.get(path, 0.0))
+        return max(0.0, until - now)
+
+    def refuse_upgrades(self, seconds: float, status: int, now: float) -> None:
+        self._refuse_until = now + max(0.0, seconds)
+        self._refuse_status = status
+
+    def refuse_status(self, now: float) -> int | None:
+        return self._refuse_status if now < self._refuse_until else None
+
+    def refuse_remaining(self, now: float) -> float:
+        return max(0.0, self._refuse_until - now)
+
+    def rest_fail(self, seconds: float, status: int, now: float) -> None:
+        self._rest_fail_until = now + max(0.0, seconds)
+        self._rest_fail_status = status
+
+    def rest_fail_status(self, now: float) -> int | None:
+        return self._rest_fail_status if now < self._rest_fail_until else None
+
+    def describe(self, now: float) -> dict[str, object]:
+        return {
+            "stall": {(k or "*"): round(v - now, 3) for k, v in self._stall.items() if v > now},
+            "refuse_upgrades": (
+                {"status": self._refuse_status, "remaining": round(self._refuse_until - now, 3)}
+                if now < self._refuse_until
+                else None
+            ),
+            "rest_fail": (
+                {
+                    "status": self._rest_fail_status,
+                    "remaining": round(self._rest_fail_until - now, 3),
+                }
+                if now < self._rest_fail_until
+                else None
+            ),
+        }
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters reported by GET /_sim/stats."""
+
+    upgrades_accepted: int = 0
+    upgrades_refused_by_status: dict[str, int] = dataclasses.field(default_factory=dict)
+    upgrades_refused_by_path: dict[str, int] = dataclasses.field(default_factory=dict)
+    ws_requests: int = 0
+    ws_accepted: int = 0
+    ws_errors: int = 0
+    ws_rate_limited: int = 0
+    ws_pings: int = 0
+    ws_frames_sent: int = 0
+    ws_firehose_messages: int = 0
+    ws_dropped: int = 0
+    ws_slow_disconnects: int = 0
+    rest: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def upgrade_refused(self, status: int, path: str) -> None:
+        key = str(status)
+        self.upgrades_refused_by_status[key] = self.upgrades_refused_by_status.get(key, 0) + 1
+        self.upgrades_refused_by_path[path] = self.upgrades_refused_by_path.get(path, 0) + 1
+
+    def rest_count(self, group: str, outcome: str) -> None:
+        """Count one REST request of ``group``; outcome is "ok", "429", "418" or "failed"."""
+        counts = self.rest.setdefault(
+            group, {"requests": 0, "ok": 0, "429": 0, "418": 0, "failed": 0}
+        )
+        counts["requests"] += 1
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+    def snapshot(self) -> dict[str, object]:
+        refused = sum(self.upgrades_refused_by_status.values())
+        rest_total = sum(c["requests"] for c in self.rest.values())
+        return {
+            "upgrades": {
+                "accepted": self.upgrades_accepted,
+                "refused": refused,
+                "refused_by_status": dict(self.upgrades_refused_by_status),
+                "refused_by_path": dict(self.upgrades_refused_by_path),
+            },
+            "ws": {
+                "requests": self.ws_requests,
+                "accepted": self.ws_accepted,
+                "errors": self.ws_errors,
+                "rate_limited": self.ws_rate_limited,
+                "pings": self.ws_pings,
+                "frames_sent": self.ws_frames_sent,
+                "firehose_messages": self.ws_firehose_messages,
+                "dropped": self.ws_dropped,
+                "slow_disconnects": self.ws_slow_disconnects,
+            },
+            "rest": {"requests": rest_total, "groups": {k: dict(v) for k, v in self.rest.items()}},
+        }
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bad(message: str) -> web.Response:
+    return web.json_response({"error": {"name": "bad_request", "message": message}}, status=400)
+
+
+async def _body(request: web.Request) -> dict[str, object]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = json.loads(await request.text() or "{}")
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"name": "bad_request", "message": "body is not JSON"}}),
+            content_type="application/json",
+        ) from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"name": "bad_request", "message": "body is not an object"}}),
+            content_type="application/json",
+        )
+    return body
+
+
+def _seconds(body: dict[str, object]) -> float | None:
+    value = body.get("seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
+
+
+def add_control_routes(app: web.Application, sim: Simulator) -> None:
+    """Register the /_sim routes for ``sim`` on ``app``."""
+
+    async def info(request: web.Request) -> web.Response:
+        cfg = dataclasses.asdict(sim.config)
+        cfg.pop("secret_key", None)
+        cfg["balances"] = None if sim.config.balances is None else len(sim.config.balances)
+        return web.json_response(
+            {
+                "urls": sim.urls,
+                "config": cfg,
+                "rate": sim.exchange.rate,
+                "firehose": sim.firehose,
+                "faults": sim.faults.describe(time.time()),
+                "private_routes": sim.private_routes,
+            }
+        )
+
+    async def connections(request: web.Request) -> web.Response:
+        items = [c.describe() for c in sim.hub.connections.values()]
+        if request.query.get("closed") in ("1", "true", "yes"):
+            items = list(sim.hub.closed) + items
+        return web.json_response({"connections": items})
+
+    async def stats(request: web.Request) -> web.Response:
+        out = sim.stats.snapshot()
+        out["connections_open"] = len(sim.hub.connections)
+        out["markets_active"] = len(sim.exchange.active_codes())
+        out["markets_materialized"] = len(sim.exchange.materialized())
+        return web.json_response(out)
+
+    async def markets(request: web.Request) -> web.Response:
+        active = set(sim.exchange.active_codes())
+        made = set(sim.exchange.materialized())
+        return web.json_response(
+            [
+                {"market": code, "materialized": code in made, "active": code in active}
+                for code in sim.exchange.infos
+            ]
+        )
+
+    async def drop(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path = body.get("path")
+        if path is not None and not isinstance(path, str):
+            return _bad("path must be a string")
+        conns = list(sim.hub.iter_connections(path))
+        for conn in conns:
+            conn.abort()
+        return web.json_response({"dropped": len(conns)})
+
+    async def stall(request: web.Request) -> web.Response:
+        body = await _body(request)
+        seconds = _seconds(body)
+        path = body.get("path")
+        if seconds is None:
+            return _bad("seconds must be a number >= 0")
+        if path is not None and not isinstance(path, str):
+            return _bad("path must be a string")
+        until = sim.faults.stall(seconds, time.time(), path)
+        sim.hub.wake_all()
+        return web.json_response({"stalled_until": until if seconds > 0 else None})
+
+    async def refuse_upgrades(request: web.Request) -> web.Response:
+        body = await _body(request)
+        seconds = _seconds(body)
+        status = body.get("status", 429)
+        if seconds is None or status not in (429, 418):
+            return _bad("need seconds >= 0 and status 429 or 418")
+        assert isinstance(status, int)
+        sim.faults.refuse_upgrades(seconds, status, time.time())
+        return web.json_response({"status": status, "seconds": seconds})
+
+    async def rest_fail(request: web.Request) -> web.Response:
+        body = await _body(request)
+        seconds = _seconds(body)
+        status = body.get("status", 500)
+        if seconds is None or status not in (500, 429):
+            return _bad("need seconds >= 0 and status 500 or 429")
+        assert isinstance(status, int)
+        sim.faults.rest_fail(seconds, status, time.time())
+        return web.json_response({"status": status, "seconds": seconds})
+
+    async def rate(request: web.Request) -> web.Response:
+        body = await _body(request)
+        per_second = body.get("per_second")
+        firehose = body.get("firehose")
+        if per_second is not None:
+            if isinstance(per_second, bool) or not isinstance(per_second, int | float):
+                return _bad("per_second must be a number")
+            if per_second < 0:
+                return _bad("per_second must be >= 0")
+            sim.set_rate(float(per_second))
+        if firehose is not None:
+            if not isinstance(firehose, bool):
+                return _bad("firehose must be a boolean")
+            sim.set_firehose(firehose)
+        return web.json_response({"per_second": sim.exchange.rate, "firehose": sim.firehose})
+
+    async def reset(request: web.Request) -> web.Response:
+        sim.reset()
+        return web.json_response({"reset": True})
+
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/_sim", info),
+        ("GET", "/_sim/", info),
+        ("GET", "/_sim/connections", connections),
+        ("GET", "/_sim/stats", stats),
+        ("GET", "/_sim/markets", markets),
+        ("POST", "/_sim/drop", drop),
+        ("POST", "/_sim/stall", stall),
+        ("POST", "/_sim/refuse_upgrades", refuse_upgrades),
+        ("POST", "/_sim/rest_fail", rest_fail),
+        ("POST", "/_sim/rate", rate),
+        ("POST", "/_sim/reset", reset),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)

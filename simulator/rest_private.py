@@ -1,0 +1,372 @@
+"""The simulator's Upbit exchange REST endpoints (JWT-verified) and account control routes.
+
+Thin aiohttp handlers over :class:`simulator.account.Account`: every ``/v1`` call is
+verified with :class:`simulator.auth.JwtVerifier` against the query string (GET/DELETE) or
+the JSON body (POST) it carries. Errors use the exchange envelope
+``{"error": {"name": "<string>", "message": "..."}}`` (PROTOCOL.md section 5.2). Rate
+limiting is not done here: the app's middleware covers every ``/v1`` path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from simulator.account import KST, Account, Order, OrderError
+from simulator.auth import AuthError, JwtVerifier, body_query_string, request_query_string
+
+__all__ = ["BooksFn", "add_private_routes"]
+
+Level = tuple[float, float]
+BooksFn = Callable[[str], tuple[list[Level], list[Level]] | None]
+
+_WEEK = 7 * 86400.0
+_dumps = functools.partial(json.dumps, ensure_ascii=False)
+
+
+class _RequestError(Exception):
+    """A 4xx answer with an exchange error name."""
+
+    def __init__(self, name: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+        self.status = status
+
+
+def _error(name: str, message: str, status: int) -> web.Response:
+    return web.json_response(
+        {"error": {"name": name, "message": message}}, status=status, dumps=_dumps
+    )
+
+
+def _ok(body: object, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+def _invalid(name: str) -> _RequestError:
+    return _RequestError("validation_error", f"{name} does not have a valid value")
+
+
+# -- parameter helpers ---------------------------------------------------------------------
+
+
+class _Query:
+    """Decoded GET/DELETE parameters, keeping repeats (``states[]=a&states[]=b``)."""
+
+    def __init__(self, raw_query_string: str) -> None:
+        self.pairs = parse_qsl(raw_query_string, keep_blank_values=True)
+
+    def one(self, name: str) -> str | None:
+        values = [v for k, v in self.pairs if k == name]
+        if len(values) > 1:
+            raise _invalid(name)
+        return values[0] if values else None
+
+    def many(self, name: str) -> list[str]:
+        return [v for k, v in self.pairs if k == name]
+
+    def int_in(self, name: str, default: int, low: int, high: int) -> int:
+        text = self.one(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise _invalid(name) from None
+        if not low <= value <= high:
+            raise _invalid(name)
+        return value
+
+    def order_by(self) -> str:
+        value = self.one("order_by") or "desc"
+        if value not in ("asc", "desc"):
+            raise _invalid("order_by")
+        return value
+
+    def states(self, allowed: Sequence[str], default: Sequence[str]) -> list[str]:
+        single = self.one("state")
+        several = self.many("states[]")
+        if single is not None and several:
+            raise _RequestError("validation_error", "state and states[] cannot be used together")
+        chosen = [single] if single is not None else several or list(default)
+        for state in chosen:
+            if state not in allowed:
+                raise _invalid("state")
+        return chosen
+
+
+def _parse_time(text: str, name: str) -> float:
+    """``start_time``/``end_time``: epoch ms or ISO-8601 (naive = KST); epoch seconds out."""
+    if text.isdigit():
+        return int(text) / 1000.0
+    try:
+        stamp = datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        raise _invalid(name) from None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=KST)
+    return stamp.astimezone(UTC).timestamp()
+
+
+def _decimal_param(body: Mapping[str, Any], name: str) -> Decimal | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):  # numbers arrive as their literal text, see read_body
+        raise _invalid(name)
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise _invalid(name) from None
+    if not number.is_finite():
+        raise _invalid(name)
+    return number
+
+
+def _str_param(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid(name)
+    return value
+
+
+def _order_list(orders: list[Order], order_by: str) -> list[dict[str, object]]:
+    ordered = orders if order_by == "asc" else list(reversed(orders))
+    return [o.to_rest() for o in ordered]
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+def add_private_routes(
+    app: web.Application,
+    *,
+    account: Account,
+    verifier: JwtVerifier,
+    books: BooksFn,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Register the exchange endpoints (``/v1/accounts``, ``/v1/orders*``, ``/v1/order``)
+    and the unauthenticated controls ``POST /_sim/orders`` and ``POST /_sim/account``."""
+
+    def authenticate(request: web.Request, *query_strings: str) -> None:
+        """Verify the JWT; with several candidate hash inputs, any one may match."""
+        header = request.headers.get("Authorization")
+        for i, query_string in enumerate(query_strings):
+            try:
+                verifier.verify(header, query_string)
+                return
+            except AuthError as exc:  # the nonce is only spent once the hash matched
+                if exc.name != "invalid_query_payload" or i == len(query_strings) - 1:
+                    raise
+
+    async def read_body(request: web.Request) -> tuple[dict[str, Any] | None, list[str]]:
+        """The JSON body (numbers kept as their literal text) and its query_hash inputs."""
+        text = await request.text()
+        if not text.strip():
+            return {}, [""]
+        try:
+            body = json.loads(text, parse_float=str, parse_int=str)
+        except ValueError:
+            return None, [""]
+        if not isinstance(body, dict):
+            return None, [""]
+        as_json = body_query_string(body.items())
+        as_python = body_query_string(body.items(), python=True)
+        return body, [as_json] if as_json == as_python else [as_json, as_python]
+
+    def place(body: Mapping[str, Any]) -> Order:
+        market = _str_param(body, "market")
+        if market is None:
+            raise _RequestError("validation_error", "market is missing")
+        side = _str_param(body, "side")
+        if side not in ("bid", "ask"):
+            raise _RequestError(
+                "validation_error", "side is missing, side does not have a valid value"
+            )
+        ord_type = _str_param(body, "ord_type")
+        if ord_type is None:
+            raise _RequestError(
+                "validation_error", "ord_type is missing, ord_type does not have a valid value"
+            )
+        identifier = body.get("identifier")
+        if identifier is not None and not isinstance(identifier, str):
+            raise _invalid("identifier")
+        book = books(market)
+        if book is None:
+            raise _invalid("market")
+        asks, bids = book
+        return account.place_order(
+            market=market,
+            side=side,
+            ord_type=ord_type,
+            price=_decimal_param(body, "price"),
+            volume=_decimal_param(body, "volume"),
+            identifier=identifier,
+            time_in_force=_str_param(body, "time_in_force"),
+            smp_type=_str_param(body, "smp_type"),
+            asks=asks,
+            bids=bids,
+        )
+
+    def guarded(
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            try:
+                response: web.StreamResponse = await handler(request)
+            except AuthError as exc:
+                return _error(exc.name, exc.message, exc.status)
+            except (OrderError, _RequestError) as exc:
+                return _error(exc.name, exc.message, exc.status)
+            return response
+
+        return wrapper
+
+    def get_query(request: web.Request) -> _Query:
+        raw = request.rel_url.raw_query_string
+        authenticate(request, request_query_string(raw))
+        return _Query(raw)
+
+    @guarded
+    async def get_accounts(request: web.Request) -> web.StreamResponse:
+        get_query(request)
+        return _ok(account.accounts())
+
+    @guarded
+    async def post_orders(request: web.Request) -> web.StreamResponse:
+        body, hash_inputs = await read_body(request)
+        authenticate(request, *hash_inputs)
+        if body is None:
+            raise _RequestError("validation_error", "the request body must be a JSON object")
+        order = place(body)
+        reply, order.placed = order.placed or order.to_rest(), None
+        return _ok(reply, status=201)
+
+    @guarded
+    async def get_open_orders(request: web.Request) -> web.StreamResponse:
+        query = get_query(request)
+        states = query.states(("wait", "watch"), ("wait",))
+        page = query.int_in("page", 1, 1, 1_000_000)
+        limit = query.int_in("limit", 100, 1, 100)
+        order_by = query.order_by()
+        orders = account.open_orders(market=query.one("market"), states=states)
+        ordered = _order_list(orders, order_by)
+        return _ok(ordered[(page - 1) * limit : page * limit])
+
+    @guarded
+    async def get_closed_orders(request: web.Request) -> web.StreamResponse:
+        query = get_query(request)
+        states = query.states(("done", "cancel"), ("done", "cancel"))
+        limit = query.int_in("limit", 100, 1, 1000)
+        order_by = query.order_by()
+        start_text, end_text = query.one("start_time"), query.one("end_time")
+        start = None if start_text is None else _parse_time(start_text, "start_time")
+        end = None if end_text is None else _parse_time(end_text, "end_time")
+        if start is None and end is None:
+            end = clock()
+            start = end - _WEEK
+        elif start is None:
+            assert end is not None
+            start = end - _WEEK
+        elif end is None:
+            end = start + _WEEK
+        if end < start or end - start > _WEEK:
+            raise _RequestError("validation_error", "the time range must be at most 7 days")
+        orders = account.closed_orders(
+            market=query.one("market"), states=states, start=start, end=end
+        )
+        ordered = _order_list(orders, order_by)
+        return _ok(ordered[:limit])
+
+    def lookup(query: _Query) -> Order:
+        order_uuid, identifier = query.one("uuid"), query.one("identifier")
+        if order_uuid is None and identifier is None:
+            raise _RequestError("validation_error", "uuid or identifier is required")
+        order = account.get_order(uuid=order_uuid, identifier=identifier)
+        if order is None:
+            raise _RequestError("order_not_found", "주문을 찾지 못했습니다.", 404)
+        return order
+
+    @guarded
+    async def get_order(request: web.Request) -> web.StreamResponse:
+        order = lookup(get_query(request))
+        return _ok(order.to_rest(with_trades=True))
+
+    @guarded
+    async def delete_order(request: web.Request) -> web.StreamResponse:
+        order = lookup(get_query(request))
+        before = order.to_rest()  # Upbit answers with the order as it was when accepted
+        account.cancel(uuid=order.uuid)
+        return _ok(before)
+
+    @guarded
+    async def get_orders_by_uuids(request: web.Request) -> web.StreamResponse:
+        query = get_query(request)
+        uuids, identifiers = query.many("uuids[]"), query.many("identifiers[]")
+        if bool(uuids) == bool(identifiers):
+            raise _RequestError(
+                "validation_error", "exactly one of uuids[] or identifiers[] is required"
+            )
+        keys = uuids or identifiers
+        if len(keys) > 100:
+            raise _invalid("uuids[]" if uuids else "identifiers[]")
+        market = query.one("market")
+        order_by = query.order_by()
+        found: dict[str, Order] = {}
+        for key in keys:
+            order = account.get_order(uuid=key) if uuids else account.get_order(identifier=key)
+            if order is not None and (market is None or order.market == market):
+                found[order.uuid] = order
+        orders = sorted(found.values(), key=lambda o: o.created)
+        return _ok(_order_list(orders, order_by))
+
+    @guarded
+    async def sim_orders(request: web.Request) -> web.StreamResponse:
+        body, _ = await read_body(request)
+        if body is None:
+            raise _RequestError("validation_error", "the request body must be a JSON object")
+        order = place(body)
+        order.placed = None
+        return _ok(order.to_rest(with_trades=True), status=201)
+
+    @guarded
+    async def sim_account(request: web.Request) -> web.StreamResponse:
+        body, _ = await read_body(request)
+        if body is None:
+            raise _RequestError("validation_error", "the request body must be a JSON object")
+        if body.get("reset") in (True, "true"):
+            account.reset()
+        balances = body.get("balances", {})
+        if not isinstance(balances, dict):
+            raise _invalid("balances")
+        parsed: dict[str, Decimal] = {}
+        for currency, amount in balances.items():
+            value = _decimal_param({"amount": amount}, "amount")
+            if value is None or value < 0:
+                raise _invalid(f"balances.{currency}")
+            parsed[str(currency).upper()] = value
+        account.set_balances(parsed)
+        return _ok(account.accounts())
+
+    app.router.add_get("/v1/accounts", get_accounts)
+    app.router.add_post("/v1/orders", post_orders)
+    app.router.add_get("/v1/orders/open", get_open_orders)
+    app.router.add_get("/v1/orders/closed", get_closed_orders)
+    app.router.add_get("/v1/orders/uuids", get_orders_by_uuids)
+    app.router.add_get("/v1/order", get_order)
+    app.router.add_delete("/v1/order", delete_order)
+    app.router.add_post("/_sim/orders", sim_orders)
+    app.router.add_post("/_sim/account", sim_account)

@@ -1,0 +1,405 @@
+"""Exchange REST endpoints on a real aiohttp server, signed the way Upbit's docs sign."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal as D
+from typing import Any
+from urllib.parse import quote, unquote, urlencode
+
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from simulator.account import Account
+from simulator.auth import JwtVerifier
+from simulator.rest_private import add_private_routes
+
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+
+ACCESS = "rest-access-key-0123456789abcdefghijklmn"
+SECRET = "rest-secret-key-ZYXWVUTSRQPONMLKJIHGFEDC"
+ASKS = [(100_000_000.0, 0.5), (100_100_000.0, 1.0)]
+BIDS = [(99_900_000.0, 0.5), (99_800_000.0, 1.0)]
+BOOKS: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {
+    "KRW-BTC": (ASKS, BIDS),
+    "KRW-XRP": ([(700.0, 1000.0)], [(690.0, 1000.0)]),
+}
+ORDER_FIELDS = {
+    "uuid", "side", "ord_type", "price", "state", "market", "created_at", "volume",
+    "remaining_volume", "executed_volume", "reserved_fee", "remaining_fee", "paid_fee",
+    "locked", "executed_funds", "trades_count", "identifier", "time_in_force", "smp_type",
+    "prevented_volume", "prevented_locked",
+}  # fmt: skip
+
+
+def sign(params: dict[str, Any] | None, *, secret: str = SECRET, access: str = ACCESS) -> str:
+    """Authorization header exactly as Upbit's Python sample builds it."""
+    payload: dict[str, Any] = {"access_key": access, "nonce": str(uuid.uuid4())}
+    if params:
+        query = unquote(urlencode(params, doseq=True)).encode("utf-8")
+        payload["query_hash"] = hashlib.sha512(query).hexdigest()
+        payload["query_hash_alg"] = "SHA512"
+    return "Bearer " + jwt.encode(payload, secret, algorithm="HS512")
+
+
+class Api:
+    """A signed Upbit REST caller bound to a test server."""
+
+    def __init__(self, client: TestClient[web.Request, web.Application]) -> None:
+        self.client = client
+        self.errors: list[str] = []  # raw error bodies, checked for leaked secrets
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        *,
+        body: Any = None,
+        auth: str | bool | None = True,
+        raw_brackets: bool = True,
+    ) -> tuple[int, Any]:
+        headers: dict[str, str] = {}
+        url = URL(str(self.client.make_url(path)), encoded=True)
+        data = None
+        if method in ("GET", "DELETE"):
+            if params:
+                qs = urlencode(params, doseq=True, quote_via=quote)
+                if raw_brackets:
+                    qs = qs.replace("%5B%5D=", "[]=")
+                url = URL(f"{url}?{qs}", encoded=True)
+            signed = params
+        else:
+            data = body if isinstance(body, str) else json.dumps(body)
+            headers["Content-Type"] = "application/json; charset=utf-8"
+            signed = body if isinstance(body, dict) else None
+        if auth is True:
+            headers["Authorization"] = sign(signed)
+        elif isinstance(auth, str):
+            headers["Authorization"] = auth
+        async with self.client.session.request(method, url, data=data, headers=headers) as r:
+            text = await r.text()
+            if r.status >= 400:
+                self.errors.append(text + "|" + headers.get("Authorization", ""))
+                self._check_error(text, headers.get("Authorization"))
+            return r.status, json.loads(text)
+
+    @staticmethod
+    def _check_error(text: str, authorization: str | None) -> None:
+        body = json.loads(text)
+        assert set(body) == {"error"}
+        assert set(body["error"]) == {"name", "message"}
+        assert isinstance(body["error"]["name"], str)
+        assert SECRET not in text
+        if authorization:
+            token = authorization.split()[-1]
+            assert token not in text
+            for part in token.split("."):
+                assert len(part) < 8 or part not in text
+
+    async def order(self, **body: Any) -> dict[str, Any]:
+        status, answer = await self.request("POST", "/v1/orders", body=body)
+        assert status == 201, answer
+        return dict(answer)
+
+
+@pytest.fixture
+def account() -> Account:
+    return Account(balances={"KRW": D("100000000"), "BTC": D("1")})
+
+
+@pytest.fixture
+async def api(account: Account) -> AsyncIterator[Api]:
+    app = web.Application()
+    add_private_routes(app, account=account, verifier=JwtVerifier(ACCESS, SECRET), books=BOOKS.get)
+    async with TestClient(TestServer(app)) as client:
+        yield Api(client)
+
+
+def limit_bid(price: str, volume: str, **extra: Any) -> dict[str, Any]:
+    return {"market": "KRW-BTC", "side": "bid", "volume": volume, "price": price,
+            "ord_type": "limit", **extra}  # fmt: skip
+
+
+async def test_accounts(api: Api) -> None:
+    status, body = await api.request("GET", "/v1/accounts")
+    assert status == 200
+    assert body == [
+        {"currency": "KRW", "balance": "100000000.0", "locked": "0.0", "avg_buy_price": "0",
+         "avg_buy_price_modified": False, "unit_currency": "KRW"},
+        {"currency": "BTC", "balance": "1.0", "locked": "0.0", "avg_buy_price": "0",
+         "avg_buy_price_modified": False, "unit_currency": "KRW"},
+    ]  # fmt: skip
+
+
+async def test_auth_failures(api: Api) -> None:
+    status, body = await api.request("GET", "/v1/accounts", auth=None)
+    assert (status, body["error"]["name"]) == (401, "no_authorization_token")
+    wrong_secret = sign(None, secret="another-secret-another-secret-another-se")
+    status, body = await api.request("GET", "/v1/accounts", auth=wrong_secret)
+    assert (status, body["error"]["name"]) == (401, "jwt_verification")
+    status, body = await api.request("GET", "/v1/accounts", auth=sign(None, access="nobody"))
+    assert (status, body["error"]["name"]) == (401, "invalid_access_key")
+    status, body = await api.request("GET", "/v1/accounts", auth="Bearer garbage.garbage.x")
+    assert (status, body["error"]["name"]) == (401, "jwt_verification")
+    reused = sign(None)
+    status, _ = await api.request("GET", "/v1/accounts", auth=reused)
+    assert status == 200
+    status, body = await api.request("GET", "/v1/accounts", auth=reused)
+    assert (status, body["error"]["name"]) == (401, "nonce_used")
+    # Hash over other parameters than those sent.
+    params = {"market": "KRW-BTC"}
+    status, body = await api.request(
+        "GET", "/v1/orders/open", params, auth=sign({"market": "KRW-ETH"})
+    )
+    assert (status, body["error"]["name"]) == (401, "invalid_query_payload")
+    # Parameters sent without any hash.
+    status, body = await api.request("GET", "/v1/orders/open", params, auth=sign(None))
+    assert (status, body["error"]["name"]) == (401, "invalid_query_payload")
+    # POST body changed after signing.
+    signed = sign(limit_bid("99000000", "0.1"))
+    status, body = await api.request(
+        "POST", "/v1/orders", body=limit_bid("99000000", "0.2"), auth=signed
+    )
+    assert (status, body["error"]["name"]) == (401, "invalid_query_payload")
+    assert len(api.errors) == 8
+
+
+async def test_post_order_resting(api: Api, account: Account) -> None:
+    seen: list[dict[str, object]] = []
+    account.add_listener(seen.append)
+    order = await api.order(**limit_bid("99000000", "0.1", identifier="mine-1"))
+    assert set(order) >= ORDER_FIELDS
+    assert order["state"] == "wait"
+    assert order["side"] == "bid"
+    assert order["ord_type"] == "limit"
+    assert order["price"] == "99000000"
+    assert order["volume"] == "0.1"
+    assert order["remaining_volume"] == "0.1"
+    assert order["executed_volume"] == "0"
+    assert order["reserved_fee"] == "4950"
+    assert order["locked"] == "9904950"
+    assert order["trades_count"] == 0
+    assert order["identifier"] == "mine-1"
+    assert order["created_at"].endswith("+09:00")
+    assert order["time_in_force"] is None
+    assert [e["type"] for e in seen] == ["myOrder", "myAsset"]
+    _, accounts = await api.request("GET", "/v1/accounts")
+    assert accounts[0]["balance"] == "90095050.0"
+    assert accounts[0]["locked"] == "9904950.0"
+
+
+async def test_taker_order_reply_is_the_accepted_order(api: Api) -> None:
+    order = await api.order(**limit_bid("100100000", "0.6", identifier="t-1"))
+    # Upbit answers with the order as accepted; matching shows up in later queries.
+    assert order["state"] == "wait"
+    assert order["executed_volume"] == "0"
+    status, full = await api.request("GET", "/v1/order", {"uuid": order["uuid"]})
+    assert status == 200
+    assert full["state"] == "done"
+    assert full["executed_volume"] == "0.6"
+    assert full["paid_fee"] == "30005"
+    assert full["executed_funds"] == "60010000"
+    assert full["trades_count"] == 2
+    assert len(full["trades"]) == 2
+    trade = full["trades"][0]
+    assert set(trade) == {"market", "uuid", "price", "volume", "funds", "trend", "created_at",
+                          "side"}  # fmt: skip
+    assert (trade["price"], trade["volume"], trade["funds"]) == ("100000000", "0.5", "50000000")
+    status, by_identifier = await api.request("GET", "/v1/order", {"identifier": "t-1"})
+    assert status == 200
+    assert by_identifier["uuid"] == order["uuid"]
+
+
+async def test_json_number_values_are_hashed_as_sent(api: Api) -> None:
+    body = {"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": 99000000,
+            "volume": 0.1}  # fmt: skip
+    order = await api.order(**body)
+    assert order["price"] == "99000000"
+    assert order["volume"] == "0.1"
+
+
+@pytest.mark.parametrize(
+    ("body", "name"),
+    [
+        ({"market": "KRW-BTC", "ord_type": "limit", "price": "1", "volume": "1"},
+         "validation_error"),
+        ({"market": "KRW-NOPE", "side": "bid", "ord_type": "limit", "price": "99000000",
+          "volume": "0.1"}, "validation_error"),
+        ({"side": "bid", "ord_type": "limit", "price": "1", "volume": "1"}, "validation_error"),
+        ({"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": "abc",
+          "volume": "0.1"}, "validation_error"),
+        ({"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": True,
+          "volume": "0.1"}, "validation_error"),
+        (limit_bid("99000000", "2"), "insufficient_funds_bid"),
+        (limit_bid("99000000", "0.00005"), "under_min_total_bid"),
+        ({"market": "KRW-BTC", "side": "ask", "ord_type": "market", "volume": "3"},
+         "insufficient_funds_ask"),
+        ({"market": "KRW-BTC", "side": "bid", "ord_type": "price", "price": "10000",
+          "volume": "1"}, "create_bid_error"),
+    ],
+)  # fmt: skip
+async def test_order_refusals(api: Api, body: dict[str, Any], name: str) -> None:
+    status, answer = await api.request("POST", "/v1/orders", body=body)
+    assert (status, answer["error"]["name"]) == (400, name)
+
+
+async def test_side_message_and_bad_json(api: Api) -> None:
+    _, answer = await api.request(
+        "POST", "/v1/orders", body={"market": "KRW-BTC", "ord_type": "limit"}
+    )
+    assert answer["error"]["message"] == "side is missing, side does not have a valid value"
+    status, answer = await api.request("POST", "/v1/orders", body="{not json")
+    assert (status, answer["error"]["name"]) == (400, "validation_error")
+
+
+async def test_duplicated_identifier(api: Api) -> None:
+    await api.order(**limit_bid("99000000", "0.1", identifier="dup"))
+    status, answer = await api.request(
+        "POST", "/v1/orders", body=limit_bid("99000000", "0.1", identifier="dup")
+    )
+    assert (status, answer["error"]["name"]) == (400, "duplicated_identifier")
+
+
+async def test_open_orders(api: Api) -> None:
+    first = await api.order(**limit_bid("99000000", "0.1"))
+    second = await api.order(**limit_bid("98000000", "0.1"))
+    xrp = await api.order(market="KRW-XRP", side="bid", ord_type="limit", price="600",
+                          volume="10")  # fmt: skip
+    status, orders = await api.request("GET", "/v1/orders/open", {"market": "KRW-BTC"})
+    assert status == 200
+    assert [o["uuid"] for o in orders] == [second["uuid"], first["uuid"]]  # newest first
+    assert "trades" not in orders[0]
+    assert set(orders[0]) >= ORDER_FIELDS
+    _, orders = await api.request("GET", "/v1/orders/open")
+    assert len(orders) == 3
+    assert orders[0]["uuid"] == xrp["uuid"]
+    for raw in (True, False):
+        params = {"market": "KRW-BTC", "states[]": ["wait", "watch"], "limit": 10}
+        status, orders = await api.request("GET", "/v1/orders/open", params, raw_brackets=raw)
+        assert status == 200
+        assert len(orders) == 2
+    params = {"limit": 1, "page": 2, "order_by": "asc"}
+    _, orders = await api.request("GET", "/v1/orders/open", params)
+    assert [o["uuid"] for o in orders] == [second["uuid"]]
+    for bad in ({"limit": 101}, {"state": "wait", "states[]": ["wait"]}, {"state": "done"},
+                {"order_by": "up"}, {"page": 0}):  # fmt: skip
+        status, answer = await api.request("GET", "/v1/orders/open", bad)
+        assert (status, answer["error"]["name"]) == (400, "validation_error"), bad
+
+
+async def test_closed_orders(api: Api, account: Account) -> None:
+    resting = await api.order(**limit_bid("99000000", "0.1"))
+    status, _ = await api.request("DELETE", "/v1/order", {"uuid": resting["uuid"]})
+    assert status == 200
+    filled = await api.order(market="KRW-BTC", side="ask", ord_type="market", volume="0.1")
+    _, orders = await api.request("GET", "/v1/orders/closed")
+    assert [o["uuid"] for o in orders] == [filled["uuid"], resting["uuid"]]
+    assert orders[0]["state"] == "done"
+    assert orders[1]["state"] == "cancel"
+    _, orders = await api.request("GET", "/v1/orders/closed", {"state": "cancel"})
+    assert [o["uuid"] for o in orders] == [resting["uuid"]]
+    _, orders = await api.request(
+        "GET", "/v1/orders/closed", {"states[]": ["done", "cancel"], "limit": 1}
+    )
+    assert len(orders) == 1
+    created = account.get_order(uuid=filled["uuid"])
+    assert created is not None
+    iso = filled["created_at"]  # "+09:00" travels percent-encoded and is hashed decoded
+    _, orders = await api.request("GET", "/v1/orders/closed", {"start_time": iso})
+    assert filled["uuid"] in [o["uuid"] for o in orders]
+    later_ms = int((created.created + 3600) * 1000)
+    _, orders = await api.request("GET", "/v1/orders/closed", {"start_time": later_ms})
+    assert orders == []
+    status, answer = await api.request(
+        "GET",
+        "/v1/orders/closed",
+        {"start_time": "2025-06-01T00:00:00+09:00", "end_time": "2025-06-09T00:00:00+09:00"},
+    )
+    assert (status, answer["error"]["name"]) == (400, "validation_error")
+
+
+async def test_cancel(api: Api) -> None:
+    order = await api.order(**limit_bid("99000000", "0.1", identifier="to-cancel"))
+    status, reply = await api.request("DELETE", "/v1/order", {"identifier": "to-cancel"})
+    assert status == 200
+    assert reply["uuid"] == order["uuid"]
+    assert reply["state"] == "wait"
+    _, now = await api.request("GET", "/v1/order", {"uuid": order["uuid"]})
+    assert now["state"] == "cancel"
+    assert now["trades"] == []
+    _, accounts = await api.request("GET", "/v1/accounts")
+    assert accounts[0]["balance"] == "100000000.0"
+    assert accounts[0]["locked"] == "0.0"
+    status, answer = await api.request("DELETE", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, answer["error"]["name"]) == (404, "order_not_found")
+
+
+async def test_unknown_order(api: Api) -> None:
+    missing = {"uuid": str(uuid.uuid4())}
+    for method in ("GET", "DELETE"):
+        status, answer = await api.request(method, "/v1/order", missing)
+        assert (status, answer["error"]["name"]) == (404, "order_not_found")
+        assert answer["error"]["message"] == "주문을 찾지 못했습니다."
+    status, answer = await api.request("GET", "/v1/order")
+    assert (status, answer["error"]["name"]) == (400, "validation_error")
+
+
+async def test_orders_by_uuids(api: Api) -> None:
+    a = await api.order(**limit_bid("99000000", "0.1", identifier="ida"))
+    b = await api.order(**limit_bid("98000000", "0.1", identifier="idb"))
+    params = {"uuids[]": [a["uuid"], b["uuid"], str(uuid.uuid4())]}
+    status, orders = await api.request("GET", "/v1/orders/uuids", params)
+    assert status == 200
+    assert [o["uuid"] for o in orders] == [b["uuid"], a["uuid"]]
+    _, orders = await api.request(
+        "GET", "/v1/orders/uuids", {"identifiers[]": ["ida"], "order_by": "asc"}
+    )
+    assert [o["uuid"] for o in orders] == [a["uuid"]]
+    _, orders = await api.request(
+        "GET", "/v1/orders/uuids", {"uuids[]": [a["uuid"]], "market": "KRW-XRP"}
+    )
+    assert orders == []
+    for bad in ({}, {"uuids[]": [a["uuid"]], "identifiers[]": ["ida"]},
+                {"uuids[]": [str(i) for i in range(101)]}):  # fmt: skip
+        status, answer = await api.request("GET", "/v1/orders/uuids", bad)
+        assert (status, answer["error"]["name"]) == (400, "validation_error")
+
+
+async def test_sim_controls(api: Api, account: Account) -> None:
+    status, accounts = await api.request(
+        "POST", "/_sim/account", body={"balances": {"KRW": "1000000", "eth": "2"}}, auth=None
+    )
+    assert status == 200
+    assert {a["currency"]: a["balance"] for a in accounts} == {
+        "KRW": "1000000.0",
+        "BTC": "1.0",
+        "ETH": "2.0",
+    }
+    status, order = await api.request(
+        "POST",
+        "/_sim/orders",
+        body={"market": "KRW-BTC", "side": "ask", "ord_type": "market", "volume": "0.5"},
+        auth=None,
+    )
+    assert status == 201
+    assert order["state"] == "done"
+    assert len(order["trades"]) == 1
+    assert account.balances()["KRW"].balance == D("1000000") + D("49950000") - D("24975")
+    status, answer = await api.request(
+        "POST", "/_sim/orders", body=limit_bid("99000000", "5"), auth=None
+    )
+    assert (status, answer["error"]["name"]) == (400, "insufficient_funds_bid")
+    status, answer = await api.request(
+        "POST", "/_sim/account", body={"balances": {"KRW": "-1"}}, auth=None
+    )
+    assert status == 400
+    status, accounts = await api.request("POST", "/_sim/account", body={"reset": True}, auth=None)
+    assert status == 200
+    assert accounts[0]["balance"] == "100000000.0"
