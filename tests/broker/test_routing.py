@@ -1,0 +1,161 @@
+"""The data path without sockets: decode once, fan out by topic, sequence, cache, dedupe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import zmq
+
+from broker.config import Settings
+from broker.exchange import UpbitExchange
+from broker.publisher import Publisher
+from broker.routing import DataRouter
+from schemas.bus import Envelope, StreamSpec, decode_envelope
+from schemas.upbit import Orderbook, Trade, decode_frame
+
+
+class RecordingSocket:
+    """Stands in for the PUB socket: keeps what would have been sent."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, Envelope]] = []
+        self.fail = fail
+
+    def send_multipart(self, frames: tuple[bytes, bytes], flags: int = 0) -> None:
+        if self.fail:
+            raise zmq.Again()
+        self.sent.append((frames[0].decode(), decode_envelope(frames[1])))
+
+
+def make(*specs: StreamSpec) -> tuple[DataRouter, Publisher, RecordingSocket]:
+    socket = RecordingSocket()
+    publisher = Publisher(socket, "epoch1")  # type: ignore[arg-type]
+    router = DataRouter(publisher, UpbitExchange(Settings()))
+    for spec in specs:
+        publisher.activate(spec.topic)
+    router.set_streams(specs)
+    return router, publisher, socket
+
+
+def book(code: str, units: int, stream_type: str = "REALTIME") -> bytes:
+    return json.dumps(
+        {
+            "type": "orderbook",
+            "code": code,
+            "timestamp": 1,
+            "total_ask_size": float(units),
+            "total_bid_size": float(units) * 2,
+            "orderbook_units": [
+                {"ask_price": 100 + i, "bid_price": 99 - i, "ask_size": 1.0, "bid_size": 2.0}
+                for i in range(units)
+            ],
+            "stream_type": stream_type,
+            "level": 0,
+        }
+    ).encode()
+
+
+def trade(code: str, sid: int) -> dict[str, Any]:
+    return {
+        "type": "trade",
+        "code": code,
+        "timestamp": 1,
+        "trade_date": "2026-11-26",
+        "trade_time": "00:00:00",
+        "trade_timestamp": 1,
+        "trade_price": 100.0,
+        "trade_volume": 1.0,
+        "ask_bid": "BID",
+        "prev_closing_price": 99.0,
+        "change": "RISE",
+        "change_price": 1.0,
+        "sequential_id": sid,
+        "stream_type": "REALTIME",
+    }
+
+
+def test_only_subscribed_topics_are_published_with_per_topic_sequences() -> None:
+    router, _, socket = make(StreamSpec("trade", "KRW-BTC"))
+    for sid in (1, 2, 3):
+        router.on_frame(json.dumps(trade("KRW-BTC", sid)).encode(), 10)
+        router.on_frame(json.dumps(trade("KRW-ETH", sid)).encode(), 10)
+    assert [(t, e.seq) for t, e in socket.sent] == [("trade/KRW-BTC/", n) for n in (1, 2, 3)]
+    assert all(e.epoch == "epoch1" and e.source == "websocket" for _, e in socket.sent)
+
+
+def test_one_upstream_book_feeds_every_depth_with_totals_over_the_units_kept() -> None:
+    router, publisher, socket = make(
+        StreamSpec("orderbook", "KRW-BTC", 5, 0.0), StreamSpec("orderbook", "KRW-BTC", 30, 0.0)
+    )
+    router.on_frame(book("KRW-BTC", 30), 10)
+    by_topic = {t: e.data for t, e in socket.sent}
+    five = by_topic["orderbook/KRW-BTC/5/0/"]
+    assert isinstance(five, Orderbook)
+    assert len(five.orderbook_units) == 5
+    assert five.total_ask_size == 5.0
+    assert five.total_bid_size == 10.0
+    full = by_topic["orderbook/KRW-BTC/30/0/"]
+    assert isinstance(full, Orderbook)
+    assert len(full.orderbook_units) == 30
+    assert publisher.cached("orderbook/KRW-BTC/5/0/") is not None
+
+
+def test_a_deeper_topic_waits_for_the_new_snapshot_before_getting_books() -> None:
+    shallow = StreamSpec("orderbook", "KRW-BTC", 5, 0.0)
+    deep = StreamSpec("orderbook", "KRW-BTC", 15, 0.0)
+    router, publisher, socket = make(shallow)
+    publisher.activate(deep.topic)
+    router.set_streams([shallow, deep])
+    router.on_frame(book("KRW-BTC", 5), 10)  # still the old 5-level stream
+    assert [t for t, _ in socket.sent] == ["orderbook/KRW-BTC/5/0/"]
+    router.on_frame(book("KRW-BTC", 15, "SNAPSHOT"), 11)
+    assert [t for t, _ in socket.sent][1:] == ["orderbook/KRW-BTC/15/0/", "orderbook/KRW-BTC/5/0/"]
+
+
+def test_a_trade_is_published_once_whichever_source_brings_it() -> None:
+    router, _, socket = make(StreamSpec("trade", "KRW-BTC"))
+    router.on_frame(json.dumps(trade("KRW-BTC", 7)).encode(), 10)
+    router.route(msgspec.convert(trade("KRW-BTC", 7), Trade), 11, "rest")
+    router.route(msgspec.convert(trade("KRW-BTC", 8), Trade), 12, "rest")
+    router.on_frame(json.dumps([trade("KRW-BTC", 8), trade("KRW-BTC", 9)]).encode(), 13)
+    assert [(e.data.sequential_id, e.source) for _, e in socket.sent] == [  # type: ignore[union-attr]
+        (7, "websocket"),
+        (8, "rest"),
+        (9, "websocket"),
+    ]
+    assert router.duplicates == 2
+
+
+def test_bad_frames_are_counted_not_raised_and_errors_go_back_to_the_link() -> None:
+    router, _, socket = make(StreamSpec("trade", "KRW-BTC"))
+    assert router.on_frame(b"\xff{not json", 1) is None
+    assert router.on_frame(b'{"type":"trade","code":"KRW-BTC"}', 1) is None
+    assert router.decode_errors == 2
+    assert "missing" in router.last_decode_error.lower() or "$" in router.last_decode_error
+    assert router.on_frame(b'{"status":"UP"}', 1) is None
+    extra = router.on_frame(b'{"error":{"name":"INVALID_PARAM","message":"bad"}}', 1)
+    assert extra is not None
+    assert extra == decode_frame(b'{"error":{"name":"INVALID_PARAM","message":"bad"}}')
+    assert socket.sent == []
+
+
+def test_a_full_pub_queue_drops_and_counts_instead_of_blocking() -> None:
+    socket = RecordingSocket(fail=True)
+    publisher = Publisher(socket, "e")  # type: ignore[arg-type]
+    router = DataRouter(publisher, UpbitExchange(Settings()))
+    publisher.activate("trade/KRW-BTC/")
+    router.on_frame(json.dumps(trade("KRW-BTC", 1)).encode(), 1)
+    assert publisher.send_errors == 1
+    assert publisher.published == 0
+
+
+def test_deactivating_a_topic_forgets_its_last_value_but_not_its_sequence() -> None:
+    router, publisher, socket = make(StreamSpec("trade", "KRW-BTC"))
+    router.on_frame(json.dumps(trade("KRW-BTC", 1)).encode(), 1)
+    publisher.deactivate("trade/KRW-BTC/")
+    assert publisher.cached("trade/KRW-BTC/") is None
+    publisher.activate("trade/KRW-BTC/")
+    router.on_frame(json.dumps(trade("KRW-BTC", 2)).encode(), 2)
+    assert [e.seq for _, e in socket.sent] == [1, 2]
