@@ -143,7 +143,9 @@ class Broker:
     def _bind(self) -> None:
         for sock in (self._pub, self._router):
             sock.setsockopt(zmq.LINGER, 0)
-        self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        # Per subscriber: past it, that subscriber loses messages (and sees the gap in
+        # its sequence numbers) while the broker's memory stays bounded.
+        self._pub.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.SNDHWM, 10_000)
         self._pub.bind(self.settings.data_endpoint)
@@ -216,6 +218,7 @@ class Broker:
 
     async def _housekeeping(self) -> None:
         interval = self.settings.heartbeat_interval
+        last_heartbeat = 0.0
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
@@ -223,8 +226,11 @@ class Broker:
             for client_id in self.clients.expired(now, interval, self.settings.liveness):
                 self._log.info("client expired", client=client_id)
                 self.drop_client(client_id)
-            if now - self.publisher.last_publish >= interval:
+            if now - last_heartbeat >= interval:
+                # Every interval, busy or not: a client whose own topics are quiet must
+                # still be able to tell a silent market from a dead broker.
                 self.publisher.heartbeat(HEARTBEAT_TOPIC)
+                last_heartbeat = now
 
     def drop_client(self, client_id: str) -> None:
         """Forget a client and release its streams."""

@@ -63,10 +63,14 @@ def _run(settings: Settings) -> int:
 
 
 def _query(command: str) -> int:
-    from clients.sync import SyncBrokerClient
+    from clients import ClientError, SyncBrokerClient
 
-    with SyncBrokerClient(name=f"upbit-broker {command}") as client:
-        value = client.health() if command == "health" else client.metrics()
+    try:
+        with SyncBrokerClient(name=f"upbit-broker {command}") as client:
+            value = client.health() if command == "health" else client.metrics()
+    except ClientError as exc:
+        print(f"upbit-broker {command}: {exc}", file=sys.stderr)
+        return 1
     print(msgspec.json.encode(value).decode())
     return 0
 

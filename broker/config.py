@@ -13,6 +13,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_HEARTBEAT  1.0      seconds between client heartbeats
     UPBIT_BROKER_LIVENESS   3        missed heartbeats before a client is expired
     UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
+    UPBIT_BROKER_COALESCE_MS 50      window that merges subscription changes
+    UPBIT_BROKER_SEND_HWM   10000    messages queued per client before it loses some
     UPBIT_BROKER_LOG_FORMAT console | json
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
 
@@ -199,6 +201,8 @@ class Settings:
     log_level: str = "info"
     coalesce_window: float = 0.05
     """Seconds during which subscription changes are merged into one Upbit request."""
+    send_hwm: int = 10_000
+    """Messages queued per client on the data socket before that client loses messages."""
 
     @property
     def has_keys(self) -> bool:
@@ -233,4 +237,5 @@ class Settings:
                 env, "UPBIT_BROKER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
             coalesce_window=_number(env, "UPBIT_BROKER_COALESCE_MS", 50, minimum=0) / 1000,
+            send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
         )

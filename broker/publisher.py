@@ -30,7 +30,6 @@ class Publisher:
         self.epoch = epoch
         self.published = 0
         self.send_errors = 0
-        self.last_publish = time.monotonic()
         self._socket = socket
         self._encode = msgspec.msgpack.Encoder().encode
         self._seq: dict[str, int] = {}
@@ -89,7 +88,6 @@ class Publisher:
             self.send_errors += 1
             return
         self.published += 1
-        self.last_publish = time.monotonic()
 
     # -------------------------------------------------------------- cache
 

@@ -107,7 +107,7 @@ class UpstreamLink:
         on_frame: Callable[[bytes | str, int], list[UpbitMessage] | None],
         on_status: Callable[[ConnectionName, str, str], None],
         on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
-        keepalive: float = 5.0,
+        keepalive: float = 4.0,
         coalesce: float = 0.05,
         compression: bool = True,
         message_limits: list[tuple[int, float]] | None = None,
@@ -254,6 +254,13 @@ class UpstreamLink:
         return ws
 
     async def _serve(self, ws: ClientConnection) -> None:
+        # A handshake proves little: a stalled server may still accept upgrades. The link
+        # counts as up only once the server answers a ping.
+        try:
+            await asyncio.wait_for(await ws.ping(), self._keepalive)
+        except (TimeoutError, ConnectionClosed):
+            self._log.warning("no pong after connecting; retrying")
+            return
         self._set_state("up", "connected")
         self._limiter.reset()  # Upbit counts messages per connection
         self._changed.set()  # a new connection carries nothing: send the full request
