@@ -1,0 +1,48 @@
+"""Exceptions raised by the client library, one hierarchy, each saying whose fault it was.
+
+Hierarchy::
+
+    Exception
+     └── ClientError                 base of everything raised by :mod:`clients`
+          ├── BrokerError            the broker refused a request: ``code`` + ``message``
+          ├── BrokerTimeout          no reply within ``request_timeout`` (also TimeoutError)
+          ├── BrokerUnavailable      no broker answered hello (also ConnectionError)
+          └── ClientClosed           the client was closed; make a new one
+
+``BrokerError.code`` is one of :data:`schemas.bus.ErrorCode` (``unknown_code``,
+``private_unavailable``, ...): branch on it, not on the message text.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BrokerError", "BrokerTimeout", "BrokerUnavailable", "ClientClosed", "ClientError"]
+
+
+class ClientError(Exception):
+    """Base class of every exception the client library raises."""
+
+
+class BrokerError(ClientError):
+    """The broker answered a request with an error (the request was at fault)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        """Machine-readable reason, one of :data:`schemas.bus.ErrorCode`."""
+        self.message = message
+        """Human-readable explanation from the broker."""
+
+    def __repr__(self) -> str:
+        return f"BrokerError({self.code!r}, {self.message!r})"
+
+
+class BrokerTimeout(ClientError, TimeoutError):
+    """The broker did not answer a request within ``request_timeout`` seconds."""
+
+
+class BrokerUnavailable(ClientError, ConnectionError):
+    """No broker welcomed this client (none running at the endpoint, or it is down)."""
+
+
+class ClientClosed(ClientError):
+    """The client (or the subscription) was closed; no more requests are possible."""
