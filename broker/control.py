@@ -117,7 +117,9 @@ class ControlServer:
             return
         broker.clients.touch(client, now)
         if isinstance(message, Heartbeat):
-            broker.clients.report(client, message.received, message.gaps, message.lag_ms)
+            broker.clients.report(
+                client, message.received, message.gaps, message.lag_ms, message.dropped
+            )
         elif isinstance(message, Subscribe):
             if broker.markets is None:
                 self._spawn(self._subscribe_when_ready(identity, client, message))

@@ -11,7 +11,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Literal
 
-from schemas.bus import ClientMetrics, ConnectionHealth, Health, Metrics
+from schemas.bus import ConnectionHealth, Health, Metrics
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -98,15 +98,7 @@ def compute_metrics(broker: Broker) -> Metrics:
     """The broker's metrics right now, with one row per client."""
     now = time.monotonic()
     rows = [
-        ClientMetrics(
-            client_id=info.client_id,
-            name=info.name,
-            streams=len(broker.state.streams_of(info.client_id)),
-            received=info.received,
-            gaps=info.gaps,
-            lag_ms=info.lag_ms,
-            last_seen_seconds=now - info.last_seen,
-        )
+        info.metrics(now, len(broker.state.streams_of(info.client_id)))
         for info in broker.clients.all()
     ]
     lags = [row.lag_ms for row in rows if row.lag_ms > 0]

@@ -31,6 +31,8 @@ class ClientInfo:
     """Sequence gaps the client says it saw."""
     lag_ms: float = 0.0
     """The client's reported lag behind the broker's receive time."""
+    dropped: int = 0
+    """Messages the client says its own full queues discarded."""
     heartbeats: int = 0
 
     def metrics(self, now: float, streams: int) -> ClientMetrics:
@@ -43,6 +45,7 @@ class ClientInfo:
             gaps=self.gaps,
             lag_ms=self.lag_ms,
             last_seen_seconds=max(0.0, now - self.last_seen),
+            dropped=self.dropped,
         )
 
 
@@ -89,7 +92,9 @@ class ClientTable:
         """True when ``client_id`` is registered (else reply ``unknown_client``)."""
         return client_id in self._clients
 
-    def report(self, client_id: str, received: int, gaps: int, lag_ms: float) -> bool:
+    def report(
+        self, client_id: str, received: int, gaps: int, lag_ms: float, dropped: int = 0
+    ) -> bool:
         """Store the counters a heartbeat carries; False when ``client_id`` is unknown.
 
         Does not refresh last-seen: call :meth:`touch` for every message (or use
@@ -101,6 +106,7 @@ class ClientTable:
         info.received = received
         info.gaps = gaps
         info.lag_ms = lag_ms
+        info.dropped = dropped
         info.heartbeats += 1
         return True
 

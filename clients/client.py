@@ -507,7 +507,15 @@ class BrokerClient:
             return interval
         d = self._dispatcher
         with contextlib.suppress(BrokerUnavailable, ClientClosed):
-            self._send(Heartbeat(received=d.received, gaps=d.gaps, lag_ms=round(self._lag_ms, 3)))
+            dropped = sum(sub.dropped for sub in d.subscriptions)
+            self._send(
+                Heartbeat(
+                    received=d.received,
+                    gaps=d.gaps,
+                    lag_ms=round(self._lag_ms, 3),
+                    dropped=dropped,
+                )
+            )
         silent = io.loop.time() - self._last_rx
         if silent > interval * welcome.liveness and self._probe_task is None:
             self._probe_task = self._spawn(_probe(self._ref))

@@ -234,6 +234,8 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="op", omit_defaults=T
     received: int = 0
     gaps: int = 0
     lag_ms: float = 0.0
+    dropped: int = 0
+    """Messages the client discarded itself (its bounded queues were full)."""
 
 
 class HealthRequest(msgspec.Struct, tag="health", tag_field="op"):
@@ -330,6 +332,7 @@ class ClientMetrics(msgspec.Struct):
     gaps: int
     lag_ms: float
     last_seen_seconds: float
+    dropped: int = 0
 
 
 class Metrics(msgspec.Struct):
