@@ -133,7 +133,9 @@ class UpstreamLink:
         self._sent_at = 0.0
         self._changed = asyncio.Event()
         self._ws: ClientConnection | None = None
-        self._backoff = Backoff(first=0.2, cap=30.0)
+        # Capped at 10 s: REST fallback carries the data meanwhile, and 0.1 connects/s
+        # is far inside Upbit's 5/s.
+        self._backoff = Backoff(first=0.2, cap=10.0)
         self._log = get_logger("upstream", link=name)
 
     # ------------------------------------------------------------------ public API
@@ -229,7 +231,9 @@ class UpstreamLink:
                 open_timeout=10,
                 ping_interval=self._keepalive,
                 ping_timeout=self._keepalive,
-                close_timeout=2,
+                # A peer that stopped answering pings will not answer a close either:
+                # waiting long for it only delays the reconnect.
+                close_timeout=0.5,
                 max_size=2**24,
                 max_queue=64,
                 compression="deflate" if self._compression else None,

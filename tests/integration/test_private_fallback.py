@@ -1,0 +1,222 @@
+"""Private streams survive an outage: orders placed meanwhile still reach the client.
+
+The broker runs with the simulator's keys (fixture ``private_broker``); a client in
+this process subscribes to myOrder (every market) and myAsset. The private WebSocket is
+dropped and its upgrades refused, so it stays down; an order is placed at the simulator
+meanwhile (``POST /_sim/orders``, no JWT needed). Upbit never replays what a socket
+missed, so the broker must find the order over REST: by polling after the grace while
+the link is down, or by reconciling once it is back. Figures are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from clients import BrokerClient, Subscription
+from schemas.bus import StatusEvent
+from schemas.upbit import MyAsset, MyOrder
+from tests.integration.conftest import BrokerProc, Sim
+from tests.support import async_wait_until, scaled
+
+PRIVATE = "/websocket/v1/private"
+GRACE = 3.0
+"""The private REST fallback starts after the link has been down this long."""
+
+
+@dataclass
+class Seen:
+    """What the client received: (receive time, payload, source) and status events."""
+
+    orders: list[tuple[float, MyOrder, str]] = field(default_factory=list)
+    assets: list[tuple[float, MyAsset, str]] = field(default_factory=list)
+    statuses: list[tuple[float, StatusEvent]] = field(default_factory=list)
+
+    def order(self, uuid: str) -> tuple[float, MyOrder, str] | None:
+        return next((o for o in self.orders if o[1].uuid == uuid), None)
+
+    def asset_after(self, at: float) -> tuple[float, MyAsset, str] | None:
+        return next((a for a in self.assets if a[0] >= at), None)
+
+    def status(self, state: str, after: float) -> float | None:
+        """Broker time (s) of the first private ``state`` event stamped after ``after``."""
+        stamps = [
+            e.timestamp / 1000
+            for _, e in self.statuses
+            if e.state == state and e.connection == "private" and e.timestamp / 1000 >= after
+        ]
+        return min(stamps) if stamps else None
+
+    def states(self, after: float) -> set[str]:
+        return {e.state for _, e in self.statuses if e.timestamp / 1000 >= after}
+
+
+async def _pump(sub: Subscription[Any], into: list[tuple[float, Any, str]]) -> None:
+    async for payload in sub:
+        env = sub.last_envelope
+        assert env is not None
+        into.append((time.time(), payload, env.source))
+
+
+@pytest.fixture
+async def watcher(private_broker: BrokerProc, sim: Sim) -> AsyncIterator[Seen]:
+    """A client subscribed to myOrder and myAsset, the private link up and synced."""
+    seen = Seen()
+
+    def on_status(event: StatusEvent) -> None:
+        seen.statuses.append((time.time(), event))
+
+    async with BrokerClient(name="order-watcher") as client:
+        orders = await client.subscribe_my_order(on_status=on_status)
+        assets = await client.subscribe_my_asset(on_status=on_status)
+        pumps = [
+            asyncio.create_task(_pump(orders, seen.orders)),
+            asyncio.create_task(_pump(assets, seen.assets)),
+        ]
+        try:
+            await async_wait_until(
+                lambda: private_types(sim) == {"myOrder", "myAsset"},
+                timeout=15,
+                what="the private connection subscribed to myOrder and myAsset",
+            )
+            # The fallback learns the account first (open orders, then balances), so
+            # that what changes during an outage is a difference it can publish.
+            await async_wait_until(
+                lambda: rest_ok(sim, "default") >= 2,
+                timeout=15,
+                what="the broker's first private REST sync",
+            )
+            yield seen
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def private_types(sim: Sim) -> set[str]:
+    """Types the one open private connection is subscribed to (empty if not exactly one)."""
+    conns = [c for c in sim.connections(PRIVATE) if not c.get("closed")]
+    if len(conns) != 1:
+        return set()
+    return {
+        i["type"] for i in conns[0]["subscription"] or [] if isinstance(i, dict) and "type" in i
+    }
+
+
+def rest_ok(sim: Sim, group: str) -> int:
+    """Successful REST calls of ``group`` the simulator answered."""
+    groups = sim.control("stats")["rest"]["groups"]
+    return int(groups.get(group, {}).get("ok", 0))
+
+
+def place_resting_bid(sim: Sim) -> dict[str, Any]:
+    """A limit bid on KRW-BTC far below the market: it rests (``wait``) and locks KRW."""
+    price = Decimal(str(sim.rest("/v1/ticker?markets=KRW-BTC")[0]["trade_price"]))
+    bid = (price / 2).quantize(Decimal("1000"))
+    order: dict[str, Any] = sim.control(
+        "orders",
+        {
+            "market": "KRW-BTC",
+            "side": "bid",
+            "ord_type": "limit",
+            "price": str(bid),
+            "volume": "0.001",
+        },
+    )
+    assert order["state"] == "wait", order
+    return order
+
+
+def krw_locked(asset: MyAsset) -> Decimal | None:
+    return next((a.locked for a in asset.assets if a.currency == "KRW"), None)
+
+
+async def outage(sim: Sim, seen: Seen, refuse: float) -> tuple[float, float]:
+    """Drop the private link with upgrades refused for ``refuse`` s; (fault, down) times."""
+    fault_at = time.time()
+    sim.control("refuse_upgrades", {"seconds": refuse, "status": 429})
+    assert sim.control("drop", {"path": PRIVATE})["dropped"] == 1
+    down = await async_wait_until(
+        lambda: seen.status("down", fault_at), timeout=10, what="the private link down"
+    )
+    assert down is not None
+    return fault_at, down
+
+
+async def test_an_order_placed_during_a_long_private_outage_arrives_over_rest(
+    sim: Sim, watcher: Seen
+) -> None:
+    refuse = 10.0
+    fault_at, down = await outage(sim, watcher, refuse)
+    order = place_resting_bid(sim)
+    placed = time.time()
+
+    got = await async_wait_until(
+        lambda: watcher.order(order["uuid"]), timeout=GRACE + 10, what="the order's event"
+    )
+    asset = await async_wait_until(
+        lambda: watcher.asset_after(placed), timeout=10, what="a myAsset change"
+    )
+    assert got is not None
+    assert asset is not None
+    outage_left = fault_at + refuse - got[0]
+    restored = await async_wait_until(
+        lambda: watcher.status("source_websocket", fault_at),
+        timeout=refuse + 35,  # the reconnect backoff may reach its 30 s cap
+        what="the private stream back (source_websocket)",
+    )
+    assert restored is not None
+    print(
+        f"\n[private] long outage: down {down - fault_at:.3f} s after the drop; order "
+        f"placed {placed - down:.3f} s after down, seen {got[0] - placed:.3f} s later "
+        f"(source {got[2]}, state {got[1].state}) with {outage_left:.1f} s of refusal left; "
+        f"myAsset {asset[0] - placed:.3f} s after the order (source {asset[2]}, KRW locked "
+        f"{krw_locked(asset[1])}); stream back {restored - fault_at:.3f} s after the drop; "
+        f"status events {sorted(watcher.states(fault_at))}"
+    )
+    assert got[1].state == "wait"
+    assert got[2] == "rest"
+    assert got[0] < fault_at + refuse, "the order came only after the outage"
+    assert got[0] - down <= scaled(GRACE + 3)
+    assert krw_locked(asset[1]) == Decimal(order["locked"])
+    assert {"down", "reconnecting", "source_rest", "source_websocket"} <= watcher.states(fault_at)
+
+
+async def test_an_order_placed_during_a_short_private_outage_is_reconciled_after_it(
+    sim: Sim, watcher: Seen
+) -> None:
+    refuse = 1.0
+    fault_at, down = await outage(sim, watcher, refuse)
+    order = place_resting_bid(sim)
+    placed = time.time()
+
+    got = await async_wait_until(
+        lambda: watcher.order(order["uuid"]), timeout=20, what="the order's event"
+    )
+    asset = await async_wait_until(
+        lambda: watcher.asset_after(placed), timeout=10, what="a myAsset change"
+    )
+    assert got is not None
+    assert asset is not None
+    back = watcher.status("restored", down)
+    print(
+        f"\n[private] short outage: down {down - fault_at:.3f} s after the drop; restored "
+        f"{'n/a' if back is None else f'{back - fault_at:.3f}'} s after it; order seen "
+        f"{got[0] - placed:.3f} s after placing (source {got[2]}); myAsset "
+        f"{asset[0] - placed:.3f} s after it (KRW locked {krw_locked(asset[1])}); status "
+        f"events {sorted(watcher.states(fault_at))}"
+    )
+    assert got[1].state == "wait"
+    assert krw_locked(asset[1]) == Decimal(order["locked"])
+    assert {"down", "reconnecting", "restored"} <= watcher.states(fault_at)
+    await async_wait_until(
+        lambda: private_types(sim) == {"myOrder", "myAsset"},
+        timeout=15,
+        what="the private stream subscribed again",
+    )
