@@ -20,6 +20,7 @@ Tests and benchmarks use it to look inside the simulator and to inject failures:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from simulator.app import Simulator
 
 __all__ = ["Faults", "Stats", "add_control_routes"]
+
+UPGRADE_LOG_MAX = 2_000
+"""Upgrade attempts remembered for /_sim/stats (tests count them per second)."""
 
 
 class Faults:
@@ -115,8 +119,17 @@ class Stats:
     ws_dropped: int = 0
     ws_slow_disconnects: int = 0
     rest: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    upgrade_log: collections.deque[tuple[float, str, int]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=UPGRADE_LOG_MAX)
+    )
+    """Every upgrade attempt: (wall time, path, status; 101 = accepted), newest last."""
+
+    def upgrade_accepted(self, path: str) -> None:
+        self.upgrades_accepted += 1
+        self.upgrade_log.append((time.time(), path, 101))
 
     def upgrade_refused(self, status: int, path: str) -> None:
+        self.upgrade_log.append((time.time(), path, status))
         key = str(status)
         self.upgrades_refused_by_status[key] = self.upgrades_refused_by_status.get(key, 0) + 1
         self.upgrades_refused_by_path[path] = self.upgrades_refused_by_path.get(path, 0) + 1
@@ -138,6 +151,7 @@ class Stats:
                 "refused": refused,
                 "refused_by_status": dict(self.upgrades_refused_by_status),
                 "refused_by_path": dict(self.upgrades_refused_by_path),
+                "log": [{"t": t, "path": p, "status": s} for t, p, s in self.upgrade_log],
             },
             "ws": {
                 "requests": self.ws_requests,

@@ -1195,7 +1195,7 @@ async def _upgrade(request: web.Request, *, private: bool) -> web.StreamResponse
     conn = Connection(
         sim, ws, request, private=private, access_key=access_key, auth_error=auth_error
     )
-    sim.stats.upgrades_accepted += 1
+    sim.stats.upgrade_accepted(path)
     sim.hub.add(conn)
     conn.start()
     log.info("ws_open", conn=conn.id, path=path, remote=conn.remote, compressed=conn.compressed)

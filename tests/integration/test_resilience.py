@@ -234,6 +234,7 @@ class StatsSampler:
     """
 
     def __init__(self, sim: Sim, period: float = 0.05) -> None:
+        self._sim = sim
         self._url = f"{sim.urls['control']}/stats"
         self._period = period
         self._stop = threading.Event()
@@ -274,17 +275,17 @@ class StatsSampler:
         return self.samples[-1]
 
     def max_in_one_second(self) -> tuple[int, float, float]:
-        """Most attempts provably made within one second: (count, from, to)."""
-        samples = list(self.samples)
+        """Most upgrade attempts within any one second, from the simulator's exact log:
+        (count, first attempt's time, last attempt's time)."""
+        log = self._sim.control("stats")["upgrades"]["log"]
+        times = sorted(entry["t"] for entry in log)
         best = (0, 0.0, 0.0)
-        j = 0
-        for i, first in enumerate(samples):
-            j = max(j, i)
-            while j + 1 < len(samples) and samples[j + 1].got - first.sent <= 1.0:
-                j += 1
-            count = samples[j].attempts - first.attempts
-            if count > best[0]:
-                best = (count, first.sent, samples[j].got)
+        start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= 1.0:
+                start += 1
+            if end - start + 1 > best[0]:
+                best = (end - start + 1, times[start], t)
         return best
 
     def first_change(self, after: float, attr: str = "attempts") -> Sample | None:

@@ -97,6 +97,7 @@ async def test_refuse_upgrades_for_a_while(
     assert b"blocked for" in (info.value.response.body or b"")
     stats = await control(sim, "stats")
     assert stats["upgrades"]["refused_by_status"] == {"418": 1}
+    assert [(e["path"], e["status"]) for e in stats["upgrades"]["log"]] == [("/websocket/v1", 418)]
     await control(sim, "refuse_upgrades", {"seconds": 0, "status": 429})
     async with open_ws(sim.urls["ws"]):
         pass
