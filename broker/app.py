@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import signal
 import time
 from collections.abc import Iterable
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -35,7 +35,7 @@ from broker.publisher import Publisher
 from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
-from broker.subscriptions import SubscriptionState, UpstreamStream, upstream_plan
+from broker.subscriptions import SubscriptionState, UpstreamStream, carries, upstream_plan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import HEARTBEAT_TOPIC, StatusEvent, StreamSpec, status_topic
 
@@ -74,6 +74,8 @@ class Broker:
         )
         self.public_fallback = PublicFallback(self)
         self.control = ControlServer(self)
+        self._lingering: set[StreamSpec] = set()
+        """Released streams Upbit still sends (their topics stay published and cached)."""
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
         for name in ("public", "private") if self.exchange.has_private() else ("public",):
@@ -84,6 +86,7 @@ class Broker:
                 on_frame=self.router.on_frame,
                 on_status=self._on_link_status,
                 on_rejected=self._on_rejected,
+                on_carried=functools.partial(self._on_carried, name),
                 coalesce=settings.coalesce_window,
             )
 
@@ -154,21 +157,42 @@ class Broker:
     # ------------------------------------------------------------------ state changes
 
     def apply(self, added: Iterable[StreamSpec], removed: Iterable[StreamSpec]) -> None:
-        """Reflect streams whose reference count crossed zero on topics and upstream."""
+        """Reflect streams whose reference count crossed zero on topics and upstream.
+
+        A released stream's topic stays published (and its last value cached) for as
+        long as Upbit still sends it: see :meth:`_on_carried`.
+        """
         changed = False
         for spec in added:
-            self.publisher.activate(spec.topic)
+            if spec in self._lingering:
+                self._lingering.discard(spec)
+            else:
+                self.publisher.activate(spec.topic)
             changed = True
         for spec in removed:
-            self.publisher.deactivate(spec.topic)
-            self.router.forget(spec)
+            self._lingering.add(spec)
             changed = True
         if changed:
             self._replan()
 
+    def _on_carried(self, link: ConnectionName, carried: frozenset[UpstreamStream]) -> None:
+        """The link's upstream request changed: retire released topics it no longer carries."""
+        private = link == "private"
+        retired = [
+            spec
+            for spec in self._lingering
+            if spec.is_private == private and not carries(carried, spec)
+        ]
+        for spec in retired:
+            self._lingering.discard(spec)
+            self.publisher.deactivate(spec.topic)
+            self.router.forget(spec)
+        if retired:
+            self.router.set_streams(self.state.all_streams() | self._lingering)
+
     def _replan(self) -> None:
         streams = self.state.all_streams()
-        self.router.set_streams(streams)
+        self.router.set_streams(streams | self._lingering)
         plan = upstream_plan(streams)
         public = frozenset(plan.public)
         private = frozenset(plan.private)
@@ -252,8 +276,3 @@ class Broker:
             self._log.info("market list loaded", markets=len(self.markets))
             delay = 1.0
             await asyncio.sleep(_MARKET_REFRESH)
-
-
-def encode_json(value: object) -> bytes:
-    """JSON for the CLI's health and metrics commands."""
-    return msgspec.json.encode(value)

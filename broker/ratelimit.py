@@ -133,6 +133,12 @@ class WindowLimiter:
         self._stamps: deque[float] = deque(maxlen=max(c for c, _ in self._windows))
         self._blocked_until = -math.inf
 
+    def headroom(self, now: float) -> int:
+        """Events still allowed by the longest window right now (budget left this minute)."""
+        count, seconds = max(self._windows, key=lambda w: w[1])
+        used = sum(1 for stamp in self._stamps if stamp > now - seconds)
+        return max(0, count - used)
+
     @classmethod
     def ws_messages(cls) -> WindowLimiter:
         """A limiter for the requests sent on one WebSocket connection."""

@@ -43,11 +43,13 @@ __all__ = [
     "SubscriptionState",
     "UpstreamPlan",
     "UpstreamStream",
+    "carries",
     "fan_out_orderbook",
     "fan_out_orderbook_depths",
     "normalize_code",
     "normalize_spec",
     "orderbook_key",
+    "request_target",
     "spec_sort_key",
     "truncate_orderbook",
     "upstream_plan",
@@ -386,3 +388,48 @@ def truncate_orderbook(ob: Orderbook, depth: int) -> Orderbook:
 def fan_out_orderbook(ob: Orderbook, depths: Iterable[int]) -> list[tuple[int, Orderbook]]:
     """``(depth, book)`` for every requested depth, truncating the one upstream book."""
     return [(depth, truncate_orderbook(ob, depth)) for depth in depths]
+
+
+def carries(carried: frozenset[UpstreamStream], spec: StreamSpec) -> bool:
+    """Whether an upstream request that carries ``carried`` delivers ``spec``'s data."""
+    for stream in carried:
+        if stream.type != spec.type:
+            continue
+        if spec.type == "orderbook":
+            if (
+                stream.code == spec.code
+                and (stream.level or 0.0) == (spec.level or 0.0)
+                and (stream.depth or 30) >= (spec.depth or 30)
+            ):
+                return True
+        elif stream.code == spec.code or (spec.type == "myOrder" and stream.code is None):
+            return True
+    return False
+
+
+def request_target(
+    wanted: frozenset[UpstreamStream],
+    sent: frozenset[UpstreamStream] | None,
+    *,
+    headroom: int,
+    min_headroom: int = 45,
+    max_lingering: int = 300,
+) -> frozenset[UpstreamStream]:
+    """What one connection's next request should ask for.
+
+    Upbit has no unsubscribe, so dropping a stream costs a full request from a budget of
+    100 a minute. With at least ``min_headroom`` requests left this minute that is
+    affordable and the answer is ``wanted``. Below it, streams already ``sent`` but no
+    longer wanted stay in the request (their data is simply not published) so the
+    budget goes to additions, and a stream re-subscribed meanwhile costs nothing; at
+    most ``max_lingering`` are kept, and never next to a wanted stream of the same
+    (type, code, level), since Upbit's handling of one code twice is unknown.
+    """
+    if not sent or headroom >= min_headroom:
+        return wanted
+    keys = {(s.type, s.code, s.level) for s in wanted}
+    extras = sorted(
+        (s for s in sent - wanted if (s.type, s.code, s.level) not in keys),
+        key=lambda s: (s.type, s.code or "", s.depth or 0, s.level or 0.0),
+    )
+    return wanted.union(extras[:max_lingering])

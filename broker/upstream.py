@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.ratelimit import Backoff, BanStore, WindowLimiter, parse_block_seconds
-from broker.subscriptions import UpstreamStream
+from broker.subscriptions import UpstreamStream, request_target
 from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
 
 __all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
@@ -36,6 +36,12 @@ __all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
 LinkState = Literal["idle", "connecting", "up", "down"]
 ConnectionName = Literal["public", "private"]
 BAN_KIND = "ws-connect"
+REMOVAL_HEADROOM = 45
+"""Requests left this minute below which released streams are not dropped upstream."""
+REMOVAL_RETRY = 2.0
+"""Seconds before a deferred removal is tried again."""
+MAX_LINGERING = 300
+"""Released streams kept in a request at most (bounds the request's size)."""
 
 
 class ConnectGate:
@@ -107,6 +113,7 @@ class UpstreamLink:
         on_frame: Callable[[bytes | str, int], list[UpbitMessage] | None],
         on_status: Callable[[ConnectionName, str, str], None],
         on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
+        on_carried: Callable[[frozenset[UpstreamStream]], None] | None = None,
         keepalive: float = 4.0,
         coalesce: float = 0.05,
         compression: bool = True,
@@ -120,6 +127,7 @@ class UpstreamLink:
         self._on_frame = on_frame
         self._on_status = on_status
         self._on_rejected = on_rejected
+        self._on_carried = on_carried
         self._keepalive = keepalive
         self._coalesce = coalesce
         self._compression = compression
@@ -132,6 +140,7 @@ class UpstreamLink:
         self._rejected: frozenset[UpstreamStream] | None = None
         self._sent_at = 0.0
         self._changed = asyncio.Event()
+        self._retry: asyncio.Future[None] | None = None
         self._ws: ClientConnection | None = None
         # Capped at 10 s: REST fallback carries the data meanwhile, and 0.1 connects/s
         # is far inside Upbit's 5/s.
@@ -188,7 +197,7 @@ class UpstreamLink:
                 await self._serve(ws)
             finally:
                 self._ws = None
-                self._sent = None
+                self._set_sent(None)
                 with contextlib.suppress(Exception):
                     await ws.close()
             if self._wanted:
@@ -312,16 +321,43 @@ class UpstreamLink:
                 # Upbit has no unsubscribe: the only way to carry nothing is to close.
                 await ws.close()
                 return
+            target = self._target(wanted)
+            if target == self._sent:
+                self._retry_later(REMOVAL_RETRY)  # only removals, and budget is scarce
+                continue
             await self._acquire_message_slot()
-            wanted = self._wanted
-            new = wanted - (self._sent or frozenset())
-            message = self._exchange.subscription_message(sorted(wanted, key=_sort_key), new)
+            target = self._target(self._wanted)
+            new = target - (self._sent or frozenset())
+            message = self._exchange.subscription_message(sorted(target, key=_sort_key), new)
             await ws.send(message)
             self.stats.requests_sent += 1
             self._last_good = self._sent or frozenset()
-            self._sent = wanted
+            self._set_sent(target)
             self._sent_at = time.monotonic()
             self._log.debug("subscription sent", streams=len(wanted), new=len(new))
+
+    def _target(self, wanted: frozenset[UpstreamStream]) -> frozenset[UpstreamStream]:
+        """What to request: ``wanted``, plus released streams while budget is scarce."""
+        return request_target(
+            wanted,
+            self._sent,
+            headroom=self._limiter.headroom(time.time()),
+            min_headroom=REMOVAL_HEADROOM,
+            max_lingering=MAX_LINGERING,
+        )
+
+    def _retry_later(self, delay: float) -> None:
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.ensure_future(self._wake_after(delay))
+
+    async def _wake_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._changed.set()
+
+    def _set_sent(self, streams: frozenset[UpstreamStream] | None) -> None:
+        self._sent = streams
+        if self._on_carried is not None:
+            self._on_carried(streams or frozenset())
 
     async def _verifier(self, ws: ClientConnection) -> None:
         """Ask Upbit what it serves now and then, and repair any difference."""
@@ -362,7 +398,7 @@ class UpstreamLink:
         if self._sent is not None and time.monotonic() - self._sent_at < 10:
             rejected = self._sent
             self._rejected = rejected
-            self._sent = self._last_good
+            self._set_sent(self._last_good)
             if self._on_rejected is not None:
                 self._on_rejected(rejected - self._last_good)
 

@@ -12,10 +12,12 @@ from broker.subscriptions import (
     SubscriptionState,
     UpstreamPlan,
     UpstreamStream,
+    carries,
     fan_out_orderbook,
     fan_out_orderbook_depths,
     normalize_spec,
     orderbook_key,
+    request_target,
     truncate_orderbook,
     upstream_plan,
 )
@@ -351,3 +353,54 @@ def test_one_upstream_book_is_published_at_every_requested_depth() -> None:
 def test_orderbook_key_ignores_a_suffix_echo_and_a_missing_level() -> None:
     assert orderbook_key(book(1, level=None, code="KRW-BTC.5")) == ("KRW-BTC", 0.0)
     assert orderbook_key(book(1, level=10000)) == ("KRW-BTC", 10000.0)
+
+
+# ----------------------------------------------------------- request budget and carrying
+
+
+def _ticker(code: str) -> UpstreamStream:
+    return UpstreamStream("ticker", code, None, None)
+
+
+def test_with_budget_to_spare_the_request_is_exactly_what_is_wanted() -> None:
+    sent = frozenset({_ticker("KRW-BTC"), _ticker("KRW-ETH")})
+    wanted = frozenset({_ticker("KRW-BTC")})
+    assert request_target(wanted, sent, headroom=80) == wanted
+
+
+def test_when_budget_is_scarce_released_streams_stay_and_cost_nothing_to_re_add() -> None:
+    sent = frozenset({_ticker("KRW-BTC"), _ticker("KRW-ETH")})
+    wanted = frozenset({_ticker("KRW-BTC")})
+    # Only a removal: the target equals what was sent, so no request is needed.
+    assert request_target(wanted, sent, headroom=10) == sent
+    # An addition carries the released stream along instead of dropping it.
+    grown = wanted | {_ticker("KRW-XRP")}
+    assert request_target(grown, sent, headroom=10) == sent | {_ticker("KRW-XRP")}
+
+
+def test_lingering_streams_are_bounded_and_never_doubled_with_another_depth() -> None:
+    deep = UpstreamStream("orderbook", "KRW-BTC", 15, 0.0)
+    shallow = UpstreamStream("orderbook", "KRW-BTC", 5, 0.0)
+    many = frozenset(_ticker(f"KRW-C{i}") for i in range(50))
+    target = request_target(frozenset({shallow}), many | {deep}, headroom=0, max_lingering=10)
+    assert shallow in target
+    assert deep not in target
+    assert len(target) == 11
+    assert request_target(frozenset({shallow}), None, headroom=0) == {shallow}
+
+
+def test_carries_matches_what_an_upstream_request_delivers() -> None:
+    carried = frozenset(
+        {
+            UpstreamStream("orderbook", "KRW-BTC", 15, 0.0),
+            UpstreamStream("myOrder", None, None, None),
+            _ticker("KRW-ETH"),
+        }
+    )
+    assert carries(carried, StreamSpec("orderbook", "KRW-BTC", 5, 0.0))
+    assert not carries(carried, StreamSpec("orderbook", "KRW-BTC", 30, 0.0))
+    assert not carries(carried, StreamSpec("orderbook", "KRW-BTC", 5, 1000.0))
+    assert carries(carried, StreamSpec("myOrder", "KRW-XRP"))
+    assert carries(carried, StreamSpec("ticker", "KRW-ETH"))
+    assert not carries(carried, StreamSpec("ticker", "KRW-ETHW"))
+    assert not carries(carried, StreamSpec("myAsset"))
