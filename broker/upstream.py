@@ -119,6 +119,7 @@ class UpstreamLink:
         compression: bool = True,
         message_limits: list[tuple[int, float]] | None = None,
         verify_interval: float = 60.0,
+        idle_close: float = 30.0,
     ) -> None:
         self.name: ConnectionName = name
         self.stats = LinkStats(since=time.time())
@@ -134,6 +135,7 @@ class UpstreamLink:
         self._message_limits = message_limits or [(4, 1.0), (90, 60.0)]
         self._limiter = WindowLimiter(self._message_limits)
         self._verify_interval = verify_interval
+        self._idle_close = idle_close
         self._wanted: frozenset[UpstreamStream] = frozenset()
         self._sent: frozenset[UpstreamStream] | None = None
         self._last_good: frozenset[UpstreamStream] = frozenset()
@@ -318,9 +320,15 @@ class UpstreamLink:
             if wanted in (self._sent, self._rejected):
                 continue
             if not wanted:
-                # Upbit has no unsubscribe: the only way to carry nothing is to close.
-                await ws.close()
-                return
+                # Upbit has no unsubscribe: the only way to carry nothing is to close. A
+                # new subscription often follows soon, so keep the connection (and the
+                # streams, unpublished) for a while rather than spend connects on it.
+                try:
+                    await asyncio.wait_for(self._wanted_again(), self._idle_close)
+                except TimeoutError:
+                    await ws.close()
+                    return
+                continue
             target = self._target(wanted)
             if target == self._sent:
                 self._retry_later(REMOVAL_RETRY)  # only removals, and budget is scarce
@@ -345,6 +353,12 @@ class UpstreamLink:
             min_headroom=REMOVAL_HEADROOM,
             max_lingering=MAX_LINGERING,
         )
+
+    async def _wanted_again(self) -> None:
+        while not self._wanted:
+            self._changed.clear()
+            await self._changed.wait()
+        self._changed.set()
 
     def _retry_later(self, delay: float) -> None:
         if self._retry is None or self._retry.done():
