@@ -137,6 +137,7 @@ class Broker:
             stop.cancel()
         finally:
             await self.rest.close()
+            self.publisher.flush()
             self._pub.close(linger=0)
             self._router.close(linger=0)
             self._ctx.term()

@@ -12,6 +12,7 @@ topic's deactivation so a re-subscriber never sees a number repeat within one ep
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
@@ -21,6 +22,9 @@ import zmq
 from schemas.bus import BrokerHeartbeat, Envelope, Payload, Source, StatusEvent
 
 __all__ = ["Publisher"]
+
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Publisher:
@@ -35,6 +39,8 @@ class Publisher:
         self._seq: dict[str, int] = {}
         self._cache: dict[str, Envelope] = {}
         self._active: set[str] = set()
+        self._pending: list[tuple[str, bytes]] = []
+        self._topic_bytes: dict[str, bytes] = {}
 
     # -------------------------------------------------------------- activity
 
@@ -82,12 +88,33 @@ class Publisher:
         self.publish(topic, BrokerHeartbeat(timestamp=int(time.time() * 1000)), time.time_ns())
 
     def _send(self, topic: str, data: bytes) -> None:
-        try:
-            self._socket.send_multipart((topic.encode(), data), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.send_errors += 1
-            return
-        self.published += 1
+        # Queued, then sent together at the end of this event-loop turn: the frames one
+        # socket read delivers go out in one burst, so ZeroMQ's I/O thread wakes once
+        # per burst rather than once per message (+20 % throughput, bench/variants.py).
+        self._pending.append((topic, data))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running (shutdown, unit tests): send now
+                self.flush()
+
+    def flush(self) -> None:
+        """Send everything queued; a message past a client's high-water mark is dropped."""
+        pending, self._pending = self._pending, []
+        send = self._socket.send
+        names = self._topic_bytes
+        for topic, data in pending:
+            name = names.get(topic)
+            if name is None:
+                name = names[topic] = topic.encode()
+            try:
+                # Plain int flags: send_multipart's enum arithmetic costs microseconds.
+                send(name, _MORE_NOBLOCK)
+                send(data, _NOBLOCK)
+            except zmq.ZMQError:
+                self.send_errors += 1
+                continue
+            self.published += 1
 
     # -------------------------------------------------------------- cache
 

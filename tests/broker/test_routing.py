@@ -22,11 +22,17 @@ class RecordingSocket:
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[tuple[str, Envelope]] = []
         self.fail = fail
+        self._topic: bytes | None = None
 
-    def send_multipart(self, frames: tuple[bytes, bytes], flags: int = 0) -> None:
+    def send(self, frame: bytes, flags: int = 0) -> None:
         if self.fail:
             raise zmq.Again()
-        self.sent.append((frames[0].decode(), decode_envelope(frames[1])))
+        if flags & zmq.SNDMORE:
+            self._topic = frame
+            return
+        assert self._topic is not None, "a data frame without its topic frame"
+        self.sent.append((self._topic.decode(), decode_envelope(frame)))
+        self._topic = None
 
 
 def make(*specs: StreamSpec) -> tuple[DataRouter, Publisher, RecordingSocket]:
