@@ -25,8 +25,6 @@ import structlog
 
 __all__ = [
     "DEFAULT_BALANCES",
-    "MYASSET_SIMPLE_KEYS",
-    "MYORDER_SIMPLE_KEYS",
     "Account",
     "Balance",
     "Fill",
@@ -34,7 +32,6 @@ __all__ = [
     "OrderError",
     "decimal_str",
     "encode_event",
-    "to_simple",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -275,67 +272,6 @@ _ENCODER = msgspec.json.Encoder()
 def encode_event(event: Mapping[str, object]) -> bytes:
     """JSON bytes for a private event, decimals written as plain JSON numbers (exact)."""
     return _ENCODER.encode(_plain(dict(event)))
-
-
-# SIMPLE-format key abbreviations (PROTOCOL.md sections 3.5 and 3.6).
-MYORDER_SIMPLE_KEYS: dict[str, str] = {
-    "type": "ty",
-    "code": "cd",
-    "uuid": "uid",
-    "ask_bid": "ab",
-    "order_type": "ot",
-    "state": "s",
-    "trade_uuid": "tuid",
-    "price": "p",
-    "avg_price": "ap",
-    "volume": "v",
-    "remaining_volume": "rv",
-    "executed_volume": "ev",
-    "trades_count": "tc",
-    "reserved_fee": "rsf",
-    "remaining_fee": "rmf",
-    "paid_fee": "pf",
-    "locked": "l",
-    "executed_funds": "ef",
-    "time_in_force": "tif",
-    "trade_fee": "tf",
-    "is_maker": "im",
-    "identifier": "id",
-    "smp_type": "smpt",
-    "prevented_volume": "pv",
-    "prevented_locked": "pl",
-    "trade_timestamp": "ttms",
-    "order_timestamp": "otms",
-    "timestamp": "tms",
-    "stream_type": "st",
-}
-MYASSET_SIMPLE_KEYS: dict[str, str] = {
-    "type": "ty",
-    "asset_uuid": "astuid",
-    "assets": "ast",
-    "currency": "cu",
-    "balance": "b",
-    "locked": "l",
-    "asset_timestamp": "asttms",
-    "timestamp": "tms",
-    "stream_type": "st",
-}
-
-
-def to_simple(event: Mapping[str, object]) -> dict[str, object]:
-    """The SIMPLE-format form of a DEFAULT myOrder/myAsset event."""
-    keys = MYASSET_SIMPLE_KEYS if event.get("type") == "myAsset" else MYORDER_SIMPLE_KEYS
-    out: dict[str, object] = {}
-    for key, value in event.items():
-        if key == "assets" and isinstance(value, list):
-            out[keys[key]] = [
-                {MYASSET_SIMPLE_KEYS.get(k, k): v for k, v in item.items()}
-                for item in value
-                if isinstance(item, dict)
-            ]
-        else:
-            out[keys.get(key, key)] = value
-    return out
 
 
 class Account:

@@ -13,8 +13,8 @@ from simulator.account import (
     OrderError,
     decimal_str,
     encode_event,
-    to_simple,
 )
+from simulator.ws import simplify
 
 ASKS = [(100_000_000.0, 0.5), (100_100_000.0, 1.0), (100_200_000.0, 2.0)]
 BIDS = [(99_900_000.0, 0.5), (99_800_000.0, 1.0), (99_700_000.0, 2.0)]
@@ -578,7 +578,7 @@ def test_simple_form(account: Account, events: list[dict[str, object]]) -> None:
     account.place_order(
         market="KRW-BTC", side="bid", ord_type="limit", price=D("99000000"), volume=D("0.1")
     )
-    order_simple, asset_simple = to_simple(events[0]), to_simple(events[1])
+    order_simple, asset_simple = simplify(events[0]), simplify(events[1])
     assert order_simple["ty"] == "myOrder"
     assert order_simple["ab"] == "BID"
     assert "tuid" in order_simple
