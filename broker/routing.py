@@ -20,7 +20,12 @@ from broker.dedupe import TradeDeduper, orderbook_fingerprint, ticker_fingerprin
 from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.publisher import Publisher
-from broker.subscriptions import truncate_orderbook
+from broker.subscriptions import (
+    OrderbookKey,
+    fan_out_orderbook_depths,
+    orderbook_key,
+    truncate_orderbook,
+)
 from schemas.bus import Payload, Source, StreamSpec, format_level, topic_for
 from schemas.errors import DecodeError
 from schemas.upbit import (
@@ -53,8 +58,8 @@ class DataRouter:
         self._publisher = publisher
         self._exchange = exchange
         self._on_private = on_private
-        self._depths: dict[tuple[str, str], tuple[int, ...]] = {}
-        self._deepening: dict[tuple[str, str], int] = {}
+        self._depths: dict[OrderbookKey, tuple[int, ...]] = {}
+        self._deepening: dict[OrderbookKey, int] = {}
         """(code, level) whose upstream depth just grew -> the old depth still in flight."""
         self.trades = TradeDeduper()
         self.messages = 0
@@ -70,12 +75,7 @@ class DataRouter:
         still in flight until Upbit answers the new request with a SNAPSHOT: until then
         they only feed the depths they can fill, never a deeper topic.
         """
-        depths: dict[tuple[str, str], set[int]] = {}
-        for spec in streams:
-            if spec.type == "orderbook" and spec.code is not None:
-                key = (spec.code, format_level(spec.level))
-                depths.setdefault(key, set()).add(spec.depth or 30)
-        new = {k: tuple(sorted(v, reverse=True)) for k, v in depths.items()}
+        new = fan_out_orderbook_depths(streams)
         for key, old in self._depths.items():
             if key in new and new[key][0] > old[0]:
                 self._deepening[key] = min(old[0], self._deepening.get(key, old[0]))
@@ -153,8 +153,7 @@ class DataRouter:
         )
 
     def _publish_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
-        level = format_level(book.level)
-        key = (book.code, level)
+        key = orderbook_key(book)
         depths = self._depths.get(key)
         if not depths:
             return
@@ -168,8 +167,9 @@ class DataRouter:
                 del self._deepening[key]
             else:
                 depths = tuple(d for d in depths if d <= limit)
+        level = format_level(key[1])
         for depth in depths:
-            topic = f"orderbook/{book.code}/{depth}/{level}/"
+            topic = f"orderbook/{key[0]}/{depth}/{level}/"
             if not self._publisher.is_active(topic):
                 continue
             payload = (

@@ -44,7 +44,6 @@ __all__ = [
     "UpstreamPlan",
     "UpstreamStream",
     "carries",
-    "fan_out_orderbook",
     "fan_out_orderbook_depths",
     "normalize_code",
     "normalize_spec",
@@ -383,11 +382,6 @@ def truncate_orderbook(ob: Orderbook, depth: int) -> Orderbook:
         total_ask_size=math.fsum(u.ask_size for u in kept),
         total_bid_size=math.fsum(u.bid_size for u in kept),
     )
-
-
-def fan_out_orderbook(ob: Orderbook, depths: Iterable[int]) -> list[tuple[int, Orderbook]]:
-    """``(depth, book)`` for every requested depth, truncating the one upstream book."""
-    return [(depth, truncate_orderbook(ob, depth)) for depth in depths]
 
 
 def carries(carried: frozenset[UpstreamStream], spec: StreamSpec) -> bool:

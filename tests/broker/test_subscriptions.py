@@ -13,7 +13,6 @@ from broker.subscriptions import (
     UpstreamPlan,
     UpstreamStream,
     carries,
-    fan_out_orderbook,
     fan_out_orderbook_depths,
     normalize_spec,
     orderbook_key,
@@ -343,11 +342,6 @@ def test_truncating_a_book_already_that_shallow_returns_it_unchanged() -> None:
     shallow = book(3)
     assert truncate_orderbook(shallow, 5) is shallow
     assert truncate_orderbook(shallow, 3) is shallow
-
-
-def test_one_upstream_book_is_published_at_every_requested_depth() -> None:
-    results = fan_out_orderbook(book(15), (15, 5, 1))
-    assert [(d, len(b.orderbook_units)) for d, b in results] == [(15, 15), (5, 5), (1, 1)]
 
 
 def test_orderbook_key_ignores_a_suffix_echo_and_a_missing_level() -> None:
