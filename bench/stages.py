@@ -8,10 +8,7 @@ on them in this process, one stage more at a time:
 2. ``Envelope`` + msgpack encode alone (what the publisher encodes);
 3. ``DataRouter.on_frame`` with a Publisher on a socket that drops everything
    (decode + route + encode, no ZeroMQ);
-4. the same with a real PUB socket and one SUB draining it in another process;
-5. as 4, but sending with two ``Socket.send`` calls and int flags
-   (the :mod:`bench.variants` ``publish-int`` change);
-6. as 5, flushing once per batch of 64 (what ``publish-batch`` does per loop turn).
+4. the same with a real PUB socket and one SUB draining it in another process.
 
 The frames' WebSocket parsing is measured by the throughput benchmark's bare readers
 (CPU per message), not here. Baseline of each row: the stage before it.
@@ -63,37 +60,6 @@ class _NullSocket:
 
     def send(self, data: Any, flags: int = 0) -> None:
         return None
-
-
-class _IntFlags:
-    """Publisher socket stand-in: two ``send`` calls with int flags."""
-
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
-        self._send = sock.send
-
-    def send_multipart(self, parts: Any, flags: int = 0) -> None:
-        self._send(parts[0], _MORE_NB)
-        self._send(parts[1], _NB)
-
-
-class _Batched(_IntFlags):
-    """As :class:`_IntFlags`, sending in batches of 64."""
-
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
-        super().__init__(sock)
-        self.queue: list[Any] = []
-
-    def send_multipart(self, parts: Any, flags: int = 0) -> None:
-        self.queue.append(parts)
-        if len(self.queue) >= 64:
-            self.flush()
-
-    def flush(self) -> None:
-        send = self._send
-        for topic, data in self.queue:
-            send(topic, _MORE_NB)
-            send(data, _NB)
-        self.queue.clear()
 
 
 def _router(socket: Any, codes: list[str]) -> Any:
@@ -197,15 +163,10 @@ def main() -> None:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
-        results["on_frame + send_multipart (as is)"] = _time(
+        # Outside an event loop the publisher sends each message at once; the broker
+        # sends a loop turn's messages together (the throughput bench measures that).
+        results["on_frame + ZeroMQ PUB (the broker's publisher)"] = _time(
             run_router(_router(pub, codes)), n, repeat
-        )
-        results["on_frame + 2 sends, int flags"] = _time(
-            run_router(_router(_IntFlags(pub), codes)), n, repeat
-        )
-        batched = _Batched(pub)
-        results["on_frame + int flags, batches of 64"] = _time(
-            run_router(_router(batched, codes), batched.flush), n, repeat
         )
     finally:
         sub.stop()
