@@ -303,7 +303,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.0, help="churn phase length")
     p.add_argument("--idle-seconds", type=float, default=0.0, help="no-churn phase length")
     p.add_argument("--churn-interval", type=float, default=0.05)
-    p.add_argument("--probe-interval", type=float, default=0.5)
+    p.add_argument("--probe-interval", type=float, default=1.0)
     p.add_argument("--rate", type=float, default=2.0, help="events/s per active market")
     args = p.parse_args()
     quick = args.quick
