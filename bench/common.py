@@ -288,6 +288,27 @@ class Sim:
             raise ValueError(f"the simulator lists {len(codes)} {prefix} markets, need {skip + n}")
         return codes[skip : skip + n]
 
+    def quiesce(self, timeout: float = 20.0, grace: float = 1.0) -> None:
+        """Return once no WebSocket is open; abort what is still open after ``grace`` s.
+
+        The broker keeps an idle upstream connection for 30 s after its last stream goes,
+        and the simulator keeps sending it the old streams (a firehose at full speed):
+        left alone it would load the machine during the next measurement.
+        """
+        t0 = time.monotonic()
+        quiet_since: float | None = None
+        while time.monotonic() - t0 < timeout:
+            now = time.monotonic()
+            if self.stats()["connections_open"] == 0:
+                quiet_since = quiet_since or now
+                if now - quiet_since >= 0.3:
+                    return
+            else:
+                quiet_since = None
+                if now - t0 >= grace:
+                    self.control("drop", {})
+            time.sleep(0.1)
+
     def krw_codes(self, n: int, skip: int = 0) -> list[str]:
         """``n`` KRW market codes (the simulator lists the well-known ones first)."""
         return self.codes("KRW-", n, skip)

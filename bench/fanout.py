@@ -176,13 +176,13 @@ def main() -> None:
             with stage(f"N={n}: broker path"):
                 b = run_broker(sim, broker, n, codes, warmup, seconds)
             print(f"     per-client median {median(b['rates']):,.0f} msgs/s, loss {b['loss']}")
-            _wait_connections(sim, 0)
+            sim.quiesce()  # the broker's idle upstream connection would linger for 30 s
             y: dict[str, Any] | None = None
             if not args.no_pyupbit:
                 with stage(f"N={n}: pyupbit ({3 * n} connections)"):
                     y = run_pyupbit(sim, n, codes, warmup, seconds)
                 print(f"     per-process median {median(y['rates']):,.0f} msgs/s")
-                _wait_connections(sim, 0)
+                sim.quiesce()
             results[n] = {"broker": b, "pyupbit": y}
     finally:
         if broker is not None:

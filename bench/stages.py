@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -172,6 +173,7 @@ def main() -> None:
         sub.stop()
         pub.close(linger=0)
         ctx.term()
+        Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
     rows: list[Row] = []
     previous: float | None = None
     for name, (wall, cpu) in results.items():

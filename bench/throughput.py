@@ -82,11 +82,9 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-tp-", dir="/tmp"))
         self.dumps: dict[str, Path] = {}
 
-    def wait_quiet(self, timeout: float = 15.0) -> None:
-        """Wait until no WebSocket is open on the simulator (the previous path is gone)."""
-        deadline = time.monotonic() + timeout
-        while self.sim.stats()["connections_open"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def wait_quiet(self) -> None:
+        """No WebSocket open on the simulator: the previous path (and its load) is gone."""
+        self.sim.quiesce()
 
     def _sim_sent(self) -> int:
         return sum(int(c["messages_sent"]) for c in self.sim.connections())
