@@ -42,6 +42,8 @@ upstream: a removal is worth a request only when the budget is nearly untouched,
 under churn every request goes to additions (bench/agility.py)."""
 REMOVAL_RETRY = 2.0
 """Seconds before a deferred removal is tried again."""
+STABLE_FRAMES = 16
+"""Frames on one connection after which it counts as working and backoff starts over."""
 MAX_LINGERING = 300
 """Released streams kept in a request at most (bounds the request's size)."""
 
@@ -295,13 +297,16 @@ class UpstreamLink:
     async def _reader(self, ws: ClientConnection) -> None:
         on_frame = self._on_frame
         stats = self.stats
+        received = 0
         try:
             async for frame in ws:
+                now_ns = time.time_ns()  # one clock read per frame (hot path)
                 stats.frames += 1
-                stats.last_frame_at = time.time()
-                if stats.frames > 16:
-                    self._backoff.reset()
-                extra = on_frame(frame, time.time_ns())
+                stats.last_frame_at = now_ns / 1e9
+                received += 1
+                if received == STABLE_FRAMES:
+                    self._backoff.reset()  # this connection works: start backoff afresh
+                extra = on_frame(frame, now_ns)
                 if extra:
                     self._on_control_messages(extra)
         except ConnectionClosed as exc:
