@@ -21,17 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from aiohttp import WSMsgType
 
 from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.ratelimit import Backoff, BanStore, WindowLimiter, parse_block_seconds
 from broker.subscriptions import UpstreamStream, request_target
+from broker.wsclient import ConnectFailed, UpgradeRefused, WebSocket, WsClient
 from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
 
 __all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
+
+_BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+_PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
 
 LinkState = Literal["idle", "connecting", "up", "down"]
 ConnectionName = Literal["public", "private"]
@@ -147,7 +151,8 @@ class UpstreamLink:
         self._sent_at = 0.0
         self._changed = asyncio.Event()
         self._retry: asyncio.Future[None] | None = None
-        self._ws: ClientConnection | None = None
+        self._ws: WebSocket | None = None
+        self._pong = asyncio.Event()
         # Capped at 10 s: REST fallback carries the data meanwhile, and 0.1 connects/s
         # is far inside Upbit's 5/s.
         self._backoff = Backoff(first=0.2, cap=10.0)
@@ -188,6 +193,13 @@ class UpstreamLink:
 
     async def run(self) -> None:
         """Connect, subscribe, read; reconnect forever until cancelled."""
+        client = WsClient()
+        try:
+            await self._run(client)
+        finally:
+            await client.close()
+
+    async def _run(self, client: WsClient) -> None:
         while True:
             if not self._wanted:
                 self._set_state("idle", "no streams to carry")
@@ -195,7 +207,7 @@ class UpstreamLink:
                 continue
             await self._gate.acquire()
             self._set_state("connecting", "connecting")
-            ws = await self._connect()
+            ws = await self._connect(client)
             if ws is None:
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
@@ -236,48 +248,30 @@ class UpstreamLink:
         self._log.info("link state", state=event, previous=previous, detail=detail)
         self._on_status(self.name, event, detail)
 
-    async def _connect(self) -> ClientConnection | None:
-        url = self._exchange.ws_url(self.name == "private")
+    async def _connect(self, client: WsClient) -> WebSocket | None:
+        private = self.name == "private"
         try:
-            headers = self._exchange.connect_headers(self.name == "private")
-            ws = await connect(
-                url,
-                additional_headers=headers,
-                open_timeout=10,
-                ping_interval=self._keepalive,
-                ping_timeout=self._keepalive,
-                # A peer that stopped answering pings will not answer a close either:
-                # waiting long for it only delays the reconnect.
-                close_timeout=0.5,
-                max_size=2**24,
-                max_queue=64,
-                compression="deflate" if self._compression else None,
+            ws = await client.connect(
+                self._exchange.ws_url(private),
+                self._exchange.connect_headers(private),
+                compression=self._compression,
             )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
-            self._log.warning("upgrade refused", status=status)
-            if status == 418:
-                self._gate.on_banned(parse_block_seconds(body) or 60.0)
+        except UpgradeRefused as exc:
+            self._log.warning("upgrade refused", status=exc.status)
+            if exc.status == 418:
+                self._gate.on_banned(parse_block_seconds(exc.body) or 60.0)
             return None
-        except (
-            OSError,
-            TimeoutError,
-            InvalidHandshake,
-            websockets.exceptions.WebSocketException,
-        ) as exc:
-            self._log.warning("connect failed", error=type(exc).__name__, detail=str(exc)[:200])
+        except ConnectFailed as exc:
+            self._log.warning("connect failed", detail=str(exc))
             return None
         self.stats.connects += 1
         self._ws = ws
         return ws
 
-    async def _serve(self, ws: ClientConnection) -> None:
+    async def _serve(self, ws: WebSocket) -> None:
         # A handshake proves little: a stalled server may still accept upgrades. The link
         # counts as up only once the server answers a ping.
-        try:
-            await asyncio.wait_for(await ws.ping(), self._keepalive)
-        except (TimeoutError, ConnectionClosed):
+        if not await self._first_pong(ws):
             self._log.warning("no pong after connecting; retrying")
             return
         self._set_state("up", "connected")
@@ -286,6 +280,7 @@ class UpstreamLink:
         helpers = [
             asyncio.create_task(self._sender(ws), name=f"{self.name}-sender"),
             asyncio.create_task(self._verifier(ws), name=f"{self.name}-verifier"),
+            asyncio.create_task(self._keepalive_loop(ws), name=f"{self.name}-keepalive"),
         ]
         try:
             await self._reader(ws)
@@ -294,23 +289,68 @@ class UpstreamLink:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _reader(self, ws: ClientConnection) -> None:
+    async def _first_pong(self, ws: WebSocket) -> bool:
+        """Ping, and read until the pong (True) or close/timeout (False)."""
+        try:
+            await ws.ping()
+            async with asyncio.timeout(self._keepalive):
+                while True:
+                    msg = await ws.receive()
+                    if msg.type is _PONG:
+                        return True
+                    if msg.type is _PING:
+                        await ws.pong(msg.data)
+                    elif msg.type is not _BINARY and msg.type is not _TEXT:
+                        return False
+                    # Data before the first request is impossible; nothing to lose here.
+        except (TimeoutError, ConnectionError):
+            return False
+
+    async def _keepalive_loop(self, ws: WebSocket) -> None:
+        """Ping every ``keepalive`` s; close when a pong does not come within that time.
+
+        A stalled connection (socket open, nothing arriving) is closed within
+        ``2 x keepalive`` of its last sign of life.
+        """
+        while True:
+            await asyncio.sleep(self._keepalive)
+            self._pong.clear()
+            try:
+                await ws.ping()
+                await asyncio.wait_for(self._pong.wait(), self._keepalive)
+            except ConnectionError:
+                return  # the reader sees the close too
+            except TimeoutError:
+                self._log.warning("no pong within keepalive; closing", seconds=self._keepalive)
+                await ws.close()
+                return
+
+    async def _reader(self, ws: WebSocket) -> None:
         on_frame = self._on_frame
         stats = self.stats
+        receive = ws.receive
         received = 0
-        try:
-            async for frame in ws:
+        while True:
+            msg = await receive()
+            kind = msg.type
+            if kind is _BINARY or kind is _TEXT:
                 now_ns = time.time_ns()  # one clock read per frame (hot path)
                 stats.frames += 1
                 stats.last_frame_at = now_ns / 1e9
                 received += 1
                 if received == STABLE_FRAMES:
                     self._backoff.reset()  # this connection works: start backoff afresh
-                extra = on_frame(frame, now_ns)
+                extra = on_frame(msg.data, now_ns)
                 if extra:
                     self._on_control_messages(extra)
-        except ConnectionClosed as exc:
-            self._log.warning("connection closed", code=exc.rcvd.code if exc.rcvd else None)
+            elif kind is _PONG:
+                self._pong.set()
+            elif kind is _PING:
+                with contextlib.suppress(ConnectionError):
+                    await ws.pong(msg.data)
+            else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
+                self._log.warning("connection closed", code=ws.close_code, kind=kind.name)
+                return
 
     async def _acquire_message_slot(self) -> None:
         """Wait for a token of Upbit's per-connection message budget (5/s, 100/min)."""
@@ -318,7 +358,7 @@ class UpstreamLink:
         while not limiter.try_acquire(time.time()):
             await asyncio.sleep(max(limiter.delay(time.time()), 0.01))
 
-    async def _sender(self, ws: ClientConnection) -> None:
+    async def _sender(self, ws: WebSocket) -> None:
         while True:
             await self._changed.wait()
             await asyncio.sleep(self._coalesce)
@@ -344,7 +384,7 @@ class UpstreamLink:
             target = self._target(self._wanted)
             new = target - (self._sent or frozenset())
             message = self._exchange.subscription_message(sorted(target, key=_sort_key), new)
-            await ws.send(message)
+            await ws.send_str(message)
             self.stats.requests_sent += 1
             self._last_good = self._sent or frozenset()
             self._set_sent(target)
@@ -380,14 +420,14 @@ class UpstreamLink:
         if self._on_carried is not None:
             self._on_carried(streams or frozenset())
 
-    async def _verifier(self, ws: ClientConnection) -> None:
+    async def _verifier(self, ws: WebSocket) -> None:
         """Ask Upbit what it serves now and then, and repair any difference."""
         while True:
             await asyncio.sleep(self._verify_interval)
             if self._sent is None or self._changed.is_set():
                 continue
             await self._acquire_message_slot()
-            await ws.send(self._exchange.list_subscriptions_message())
+            await ws.send_str(self._exchange.list_subscriptions_message())
             self.stats.verifications += 1
 
     def _on_control_messages(self, messages: list[UpbitMessage]) -> None:

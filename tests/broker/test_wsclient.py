@@ -1,0 +1,100 @@
+"""The upstream WebSocket opener against a real aiohttp server on loopback.
+
+What matters to the broker: a refused upgrade keeps its status *and body* (Upbit's 418
+body carries the block time), text frames arrive as bytes, the requested headers are
+sent, and every other failure is one :class:`ConnectFailed`.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import WSMsgType, web
+
+from broker.wsclient import ConnectFailed, UpgradeRefused, WsClient
+
+BAN_BODY = '{"error":{"name":"too_many_requests","message":"blocked for 42 seconds"}}'
+
+
+async def _upgrade(request: web.Request) -> web.StreamResponse:
+    if request.query.get("refuse"):
+        status = int(request.query["refuse"])
+        return web.Response(status=status, text=BAN_BODY, content_type="application/json")
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str('{"auth":"' + request.headers.get("Authorization", "") + '"}')
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+    return ws
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/ws", _upgrade)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [418, 429])
+async def test_refused_upgrade_keeps_status_and_body(server: str, status: int) -> None:
+    client = WsClient()
+    try:
+        with pytest.raises(UpgradeRefused) as info:
+            await client.connect(f"{server}?refuse={status}", {}, compression=False)
+    finally:
+        await client.close()
+    assert info.value.status == status
+    assert info.value.body == BAN_BODY
+
+
+async def test_connects_sends_headers_and_reads_text_as_bytes(server: str) -> None:
+    client = WsClient()
+    try:
+        # A refusal first: the next connection must not inherit its body or fail.
+        with pytest.raises(UpgradeRefused):
+            await client.connect(f"{server}?refuse=429", {}, compression=True)
+        ws = await client.connect(server, {"Authorization": "Bearer x"}, compression=True)
+        first = await ws.receive()
+        assert first.type is WSMsgType.TEXT
+        assert first.data == b'{"auth":"Bearer x"}'
+        await ws.send_str("echo")
+        assert (await ws.receive()).data == b"echo"
+        await ws.close()
+    finally:
+        await client.close()
+
+
+async def test_unreachable_port_is_connect_failed() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, not listening: connection refused
+        client = WsClient()
+        try:
+            with pytest.raises(ConnectFailed, match="ClientConnectorError"):
+                await client.connect(f"ws://127.0.0.1:{port}/ws", {}, compression=False)
+        finally:
+            await client.close()
+
+
+async def test_silent_server_times_out_as_connect_failed() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts TCP, never answers the upgrade
+        port = listener.getsockname()[1]
+        client = WsClient(open_timeout=0.3)
+        try:
+            with pytest.raises(ConnectFailed, match="TimeoutError"):
+                await client.connect(f"ws://127.0.0.1:{port}/ws", {}, compression=False)
+        finally:
+            await client.close()
