@@ -366,8 +366,10 @@ def broker_env(sim: Sim, extra: dict[str, str] | None = None) -> tuple[dict[str,
 
 def start_broker(sim: Sim, extra: dict[str, str] | None = None, *, variant: str = "") -> Broker:
     """``python -m broker`` against ``sim`` (or a :mod:`bench.variants` variant of it)."""
+    from bench.variants import broker_argv
+
     env, rundir = broker_env(sim, extra)
-    args = ["-m", "bench.variants", variant] if variant else ["-m", "broker"]
+    args = broker_argv(variant) if variant else ["-m", "broker"]
     proc = Proc(f"broker-{variant}" if variant else "broker", args, env=env)
     broker = Broker(proc, env, rundir)
     try:

@@ -270,7 +270,7 @@ def main() -> None:
     p.add_argument(
         "--variant",
         default="",
-        help="also measure a bench.variants broker on the mix workload (e.g. publish-batch)",
+        help="also measure another commit's broker on the mix workload (commit:REV)",
     )
     args = p.parse_args()
     quick = args.quick

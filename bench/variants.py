@@ -1,91 +1,64 @@
-"""Broker variants for A/B runs: the broker with a proposed change patched in at start.
+"""Broker variants for A/B runs: another commit's broker, measured in the same run.
 
-``python -m bench.variants publish-batch`` runs ``broker.cli.main()`` after replacing
-``broker.publisher.Publisher._send``, so a benchmark can measure a recommended change in
-the same run as the unmodified broker, before anyone edits ``broker/``. Once a change is
-applied for real, its variant here is obsolete.
+``--variant commit:REV`` (throughput) starts a second broker whose ``broker`` and
+``schemas`` packages come from ``git archive REV``, next to the working tree's broker,
+against the same simulator and with the same client library. That is how a change is
+shown against its baseline in one run, the only comparison this 2-vCPU host allows
+(absolute rates swing by +-30 % between runs).
 
-- ``publish-batch``: send ``[topic, envelope]`` with two ``Socket.send`` calls and
-  precomputed int flags (``send_multipart`` ORs ``zmq.SNDMORE`` into the flags per part:
-  Python-level ``enum.Flag`` arithmetic costing microseconds), cache each topic's bytes,
-  and flush everything published during one event-loop iteration together
-  (``loop.call_soon``), so ZeroMQ's I/O thread wakes once per burst, not per message.
-- ``publish-int``: only the int flags and cached topic bytes.
+The bus protocol must be the same in both commits: the client is the working tree's.
+
+Earlier variants patched a proposed change into the broker at start (``publish-int``,
+``publish-batch``); both are in the broker now (:meth:`broker.publisher.Publisher.flush`),
+so they are gone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from typing import Any
+import io
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
 
-import zmq
+__all__ = ["broker_argv", "checkout"]
 
-VARIANTS = ("publish-int", "publish-batch")
-_MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
-_NB = int(zmq.NOBLOCK)
-_TOPICS: dict[str, bytes] = {}
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("broker", "schemas")
 
 
-def _send_now(self: Any, topic: str, data: bytes) -> None:
-    raw = _TOPICS.get(topic)
-    if raw is None:
-        raw = _TOPICS[topic] = topic.encode()
-    sock = self._socket
+def checkout(rev: str) -> Path:
+    """Extract ``broker/`` and ``schemas/`` of ``rev`` into a fresh directory."""
     try:
-        sock.send(raw, _MORE_NB)
-        sock.send(data, _NB)
-    except zmq.ZMQError:
-        self.send_errors += 1
-        return
-    self.published += 1
+        sha = subprocess.run(
+            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", sha, *PACKAGES],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"variant commit:{rev}: {exc.stderr!s:.300}") from None
+    target = Path(tempfile.mkdtemp(prefix=f"bench-tree-{sha[:10]}-", dir="/tmp"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
 
 
-def _send_batched(self: Any, topic: str, data: bytes) -> None:
-    queue: list[tuple[str, bytes]] | None = getattr(self, "_bench_queue", None)
-    if queue is None:
-        queue = []
-        self._bench_queue = queue
-    queue.append((topic, data))
-    if len(queue) == 1:
-        try:
-            asyncio.get_running_loop().call_soon(_flush, self)
-        except RuntimeError:  # no loop (tests, shutdown): send at once
-            _flush(self)
-
-
-def _flush(self: Any) -> None:
-    queue: list[tuple[str, bytes]] = self._bench_queue
-    self._bench_queue = []
-    for topic, data in queue:
-        _send_now(self, topic, data)
-
-
-def apply(variant: str) -> None:
-    """Patch the broker in this process."""
-    from broker.publisher import Publisher
-
-    if not hasattr(Publisher, "_send"):
-        raise SystemExit("broker.publisher.Publisher._send is gone: this variant is obsolete")
-    if variant.startswith("publish-") and hasattr(Publisher, "flush"):
-        # The broker batches its sends itself now (Publisher.flush): nothing to compare.
-        raise SystemExit(f"{variant}: the broker already has this change (Publisher.flush)")
-    if variant == "publish-int":
-        Publisher._send = _send_now  # type: ignore[method-assign]
-    elif variant == "publish-batch":
-        Publisher._send = _send_batched  # type: ignore[method-assign]
-    else:
-        raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-
-
-def main() -> int:
-    if len(sys.argv) < 2:
-        raise SystemExit(f"usage: python -m bench.variants {{{','.join(VARIANTS)}}} [broker args]")
-    apply(sys.argv[1])
-    from broker.cli import main as broker_main
-
-    return broker_main(sys.argv[2:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def broker_argv(variant: str) -> list[str]:
+    """Python arguments that run the broker of ``variant`` (``commit:REV``)."""
+    kind, _, rev = variant.partition(":")
+    if kind != "commit" or not rev:
+        raise SystemExit(f"unknown variant {variant!r}; use commit:REV (a git revision)")
+    tree = checkout(rev)
+    code = (
+        f"import sys; sys.path.insert(0, {str(tree)!r}); "
+        "from broker.cli import main; sys.exit(main())"
+    )
+    return ["-c", code]
