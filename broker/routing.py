@@ -14,7 +14,8 @@ brings it first) and the private-state observer that reconciliation relies on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import cast
+from functools import partial
+from typing import Any
 
 from broker.dedupe import TradeDeduper, orderbook_fingerprint, ticker_fingerprint
 from broker.exchange import Exchange
@@ -26,7 +27,7 @@ from broker.subscriptions import (
     orderbook_key,
     truncate_orderbook,
 )
-from schemas.bus import Payload, Source, StreamSpec, format_level, topic_for
+from schemas.bus import Source, StreamSpec, format_level, topic_for
 from schemas.errors import DecodeError
 from schemas.upbit import (
     DATA_TYPES,
@@ -41,8 +42,6 @@ from schemas.upbit import (
 )
 
 __all__ = ["DataRouter"]
-
-_TYPE_OF: dict[type, str] = {cls: name for name, cls in DATA_TYPES.items()}
 
 
 class DataRouter:
@@ -67,6 +66,28 @@ class DataRouter:
         self.decode_errors = 0
         self.last_decode_error = ""
         self._log = get_logger("router")
+        # Hot-path shortcuts: bound methods and the publisher's live set of topics.
+        self._decode = exchange.decode
+        self._publish = publisher.publish
+        self._active = publisher.active_set
+        self._ticker_topics: dict[str, str] = {}
+        self._trade_topics: dict[str, str] = {}
+        self._topics: dict[str, dict[str, str]] = {
+            "ticker": self._ticker_topics,
+            "trade": self._trade_topics,
+            "myOrder": {},
+        }
+        self._handlers: dict[type, Callable[[Any, int, Source], None]] = {
+            Ticker: self._route_ticker,
+            Trade: self._route_trade,
+            Orderbook: self._route_orderbook,
+            MyOrder: self._route_my_order,
+            MyAsset: self._route_my_asset,
+        }
+        for kind, cls in DATA_TYPES.items():  # candles: plain ``kind/code/`` topics
+            if cls not in self._handlers:
+                self._topics[kind] = {}
+                self._handlers[cls] = partial(self._route_per_code, kind)
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
         """Learn which orderbook depths each (code, level) must be published at.
@@ -87,62 +108,87 @@ class DataRouter:
 
         Returns the messages that are not data (errors, subscription listings) for the
         link that received them, or None (the common case).
+
+        This is the broker's hot path (every upstream frame): one decode, then a
+        dispatch on the exact payload class to a handler with its topic strings cached.
         """
         try:
-            messages = self._exchange.decode(frame)
+            messages = self._decode(frame)
         except DecodeError as exc:
-            self.decode_errors += 1
-            self.last_decode_error = str(exc)[:300]
-            if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
-                self._log.warning(
-                    "undecodable upstream frame",
-                    error=self.last_decode_error,
-                    count=self.decode_errors,
-                )
+            self._on_decode_error(exc)
             return None
         extra: list[UpbitMessage] | None = None
+        handlers = self._handlers
         for message in messages:
-            if type(message) in _TYPE_OF:
-                self.route(cast(UpbitData, message), recv_ns, "websocket")
+            handler = handlers.get(type(message))
+            if handler is not None:
+                handler(message, recv_ns, "websocket")
             elif not isinstance(message, Status):  # keepalive answers need nothing
                 extra = [*(extra or ()), message]
         return extra
 
+    def _on_decode_error(self, exc: DecodeError) -> None:
+        self.decode_errors += 1
+        self.last_decode_error = str(exc)[:300]
+        if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
+            self._log.warning(
+                "undecodable upstream frame",
+                error=self.last_decode_error,
+                count=self.decode_errors,
+            )
+
     def route(self, message: UpbitData, recv_ns: int, source: Source) -> None:
         """Publish one payload on its topic(s), if anyone subscribed."""
+        self._handlers[type(message)](message, recv_ns, source)
+
+    def _topic(self, kind: str, code: str) -> str:
+        """``kind/code/``, built once per (kind, code)."""
+        topics = self._topics[kind]
+        topic = topics.get(code)
+        if topic is None:
+            topic = topics[code] = topic_for(kind, code)
+        return topic
+
+    def _route_ticker(self, ticker: Ticker, recv_ns: int, source: Source) -> None:
         self.messages += 1
-        publisher = self._publisher
-        if isinstance(message, Orderbook):
-            self._publish_orderbook(message, recv_ns, source)
+        topic = self._ticker_topics.get(ticker.code) or self._topic("ticker", ticker.code)
+        if topic not in self._active:
             return
-        if isinstance(message, MyOrder | MyAsset):
-            if self._on_private is not None:
-                self._on_private(message)
-            if isinstance(message, MyAsset):
-                topic = "myAsset/"
-            else:
-                topic = topic_for("myOrder", message.code)
-                if not publisher.is_active("myOrder/"):
-                    if not publisher.is_active(topic):
-                        return
-                    publisher.publish(topic, message, recv_ns, source)
-                    return
-                publisher.publish(topic, message, recv_ns, source)
-                return
-        else:
-            topic = f"{_TYPE_OF[type(message)]}/{message.code}/"
-        if not publisher.is_active(topic):
+        if source == "rest" and self._unchanged_ticker(topic, ticker):
             return
-        if isinstance(message, Trade) and self.trades.seen(message.code, message.sequential_id):
+        self._publish(topic, ticker, recv_ns, source)
+
+    def _route_trade(self, trade: Trade, recv_ns: int, source: Source) -> None:
+        self.messages += 1
+        topic = self._trade_topics.get(trade.code) or self._topic("trade", trade.code)
+        if topic not in self._active:
+            return
+        if self.trades.seen(trade.code, trade.sequential_id):
             self.duplicates += 1
             return
-        if (
-            source == "rest"
-            and isinstance(message, Ticker)
-            and self._unchanged_ticker(topic, message)
-        ):
-            return
-        publisher.publish(topic, cast(Payload, message), recv_ns, source)
+        self._publish(topic, trade, recv_ns, source)
+
+    def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
+        self.messages += 1
+        topic = self._topic(kind, message.code)
+        if topic in self._active:
+            self._publish(topic, message, recv_ns, source)
+
+    def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
+        self.messages += 1
+        if self._on_private is not None:
+            self._on_private(order)
+        # Published on its market's topic; "myOrder/" subscribers match it by prefix.
+        topic = self._topic("myOrder", order.code)
+        if "myOrder/" in self._active or topic in self._active:
+            self._publish(topic, order, recv_ns, source)
+
+    def _route_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
+        self.messages += 1
+        if self._on_private is not None:
+            self._on_private(asset)
+        if "myAsset/" in self._active:
+            self._publish("myAsset/", asset, recv_ns, source)
 
     def _unchanged_ticker(self, topic: str, ticker: Ticker) -> bool:
         cached = self._publisher.cached(topic)
@@ -152,7 +198,8 @@ class DataRouter:
             and ticker_fingerprint(cached.data) == ticker_fingerprint(ticker)
         )
 
-    def _publish_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
+    def _route_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
+        self.messages += 1
         key = orderbook_key(book)
         depths = self._depths.get(key)
         if not depths:
@@ -170,7 +217,7 @@ class DataRouter:
         level = format_level(key[1])
         for depth in depths:
             topic = f"orderbook/{key[0]}/{depth}/{level}/"
-            if not self._publisher.is_active(topic):
+            if topic not in self._active:
                 continue
             payload = (
                 book if depth >= len(book.orderbook_units) else truncate_orderbook(book, depth)
@@ -183,7 +230,7 @@ class DataRouter:
                     and orderbook_fingerprint(cached.data) == orderbook_fingerprint(payload)
                 ):
                     continue
-            self._publisher.publish(topic, payload, recv_ns, source)
+            self._publish(topic, payload, recv_ns, source)
 
     def forget(self, spec: StreamSpec) -> None:
         """A stream was released: drop what was remembered for de-duplication."""

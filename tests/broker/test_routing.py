@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -13,7 +14,16 @@ from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
 from broker.routing import DataRouter
 from schemas.bus import Envelope, StreamSpec, decode_envelope
-from schemas.upbit import Orderbook, Trade, decode_frame
+from schemas.upbit import (
+    DATA_TYPES,
+    AssetBalance,
+    MyAsset,
+    MyOrder,
+    Orderbook,
+    Ticker,
+    Trade,
+    decode_frame,
+)
 
 
 class RecordingSocket:
@@ -165,3 +175,115 @@ def test_deactivating_a_topic_forgets_its_last_value_but_not_its_sequence() -> N
     publisher.activate("trade/KRW-BTC/")
     router.on_frame(json.dumps(trade("KRW-BTC", 2)).encode(), 2)
     assert [e.seq for _, e in socket.sent] == [1, 2]
+
+
+CANDLE = {
+    "type": "candle.1m",
+    "code": "KRW-BTC",
+    "candle_date_time_utc": "2026-08-26T08:08:00",
+    "candle_date_time_kst": "2026-08-26T17:08:00",
+    "opening_price": 109715000.0,
+    "high_price": 109756000.0,
+    "low_price": 109714000.0,
+    "trade_price": 109756000.0,
+    "candle_acc_trade_volume": 0.71326612,
+    "candle_acc_trade_price": 78269528.64757,
+    "timestamp": 1787731717049,
+    "stream_type": "SNAPSHOT",
+}
+
+
+def test_candles_are_published_on_their_type_and_market() -> None:
+    router, _, socket = make(StreamSpec("candle.1m", "KRW-BTC"))
+    router.on_frame(json.dumps(CANDLE).encode(), 5)
+    router.on_frame(json.dumps({**CANDLE, "code": "KRW-ETH"}).encode(), 6)
+    router.on_frame(json.dumps({**CANDLE, "type": "candle.5m"}).encode(), 7)
+    assert [(t, e.seq, e.recv_ns) for t, e in socket.sent] == [("candle.1m/KRW-BTC/", 1, 5)]
+
+
+def test_every_upbit_data_type_has_a_route() -> None:
+    router, _, _ = make()
+    assert set(DATA_TYPES.values()) <= set(router._handlers)
+
+
+def my_order(code: str) -> MyOrder:
+    return MyOrder(
+        code=code,
+        uuid=f"u-{code}",
+        ask_bid="BID",
+        order_type="limit",
+        state="wait",
+        executed_volume=Decimal("0"),
+        remaining_volume=Decimal("1"),
+        timestamp=1,
+    )
+
+
+def test_private_messages_reach_the_observer_and_their_topics() -> None:
+    seen: list[MyOrder | MyAsset] = []
+    socket = RecordingSocket()
+    publisher = Publisher(socket, "e")  # type: ignore[arg-type]
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=seen.append)
+    asset = MyAsset(
+        asset_uuid="a",
+        assets=[AssetBalance(currency="KRW", balance=Decimal("1"), locked=Decimal("0"))],
+        asset_timestamp=1,
+        timestamp=1,
+    )
+    router.route(my_order("KRW-BTC"), 1, "websocket")
+    router.route(asset, 1, "websocket")
+    assert socket.sent == []  # nobody subscribed, yet the observer saw both
+    assert seen == [my_order("KRW-BTC"), asset]
+
+    publisher.activate("myOrder/KRW-ETH/")  # one market only
+    router.route(my_order("KRW-BTC"), 2, "websocket")
+    router.route(my_order("KRW-ETH"), 2, "websocket")
+    assert [t for t, _ in socket.sent] == ["myOrder/KRW-ETH/"]
+
+    publisher.activate("myOrder/")  # every market, on per-market topics
+    publisher.activate("myAsset/")
+    router.route(my_order("KRW-BTC"), 3, "rest")
+    router.route(asset, 3, "rest")
+    assert [(t, e.source) for t, e in socket.sent[1:]] == [
+        ("myOrder/KRW-BTC/", "rest"),
+        ("myAsset/", "rest"),
+    ]
+
+
+def test_a_rest_ticker_equal_to_the_last_one_is_not_published_again() -> None:
+    router, _, socket = make(StreamSpec("ticker", "KRW-BTC"))
+    frame = json.dumps(
+        {
+            "type": "ticker",
+            "code": "KRW-BTC",
+            "opening_price": 1.0,
+            "high_price": 1.0,
+            "low_price": 1.0,
+            "trade_price": 1.0,
+            "prev_closing_price": 1.0,
+            "change": "EVEN",
+            "change_price": 0.0,
+            "signed_change_price": 0.0,
+            "change_rate": 0.0,
+            "signed_change_rate": 0.0,
+            "trade_volume": 1.0,
+            "acc_trade_volume": 1.0,
+            "acc_trade_volume_24h": 1.0,
+            "acc_trade_price": 1.0,
+            "acc_trade_price_24h": 1.0,
+            "trade_date": "20261126",
+            "trade_time": "000000",
+            "trade_timestamp": 1,
+            "timestamp": 1,
+        }
+    ).encode()
+    router.on_frame(frame, 1)
+    same = msgspec.json.decode(frame, type=Ticker)
+    router.route(same, 2, "rest")  # REST saw nothing new: no message
+    router.route(msgspec.structs.replace(same, trade_price=2.0), 3, "rest")
+    router.on_frame(frame, 4)  # the stream is published even when unchanged
+    assert [(e.seq, e.source) for _, e in socket.sent] == [
+        (1, "websocket"),
+        (2, "rest"),
+        (3, "websocket"),
+    ]
