@@ -1,7 +1,8 @@
 """The data plane: per-topic sequence numbers, the last-value cache and the PUB socket.
 
-Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and sent as
-``[topic, envelope]`` with ``NOBLOCK``: a PUB socket past its high-water mark drops
+Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and sent as one
+frame, ``topic + TOPIC_END + envelope`` (:func:`schemas.bus.pack_published`), with
+``NOBLOCK``: a PUB socket past its high-water mark drops
 for that subscriber instead of blocking the broker, so a slow client loses messages
 (and sees the gap in its sequence numbers) while everybody else keeps streaming.
 
@@ -19,12 +20,11 @@ from collections.abc import Iterable
 import msgspec
 import zmq
 
-from schemas.bus import BrokerHeartbeat, Envelope, Payload, Source, StatusEvent
+from schemas.bus import TOPIC_END, BrokerHeartbeat, Envelope, Payload, Source, StatusEvent
 
 __all__ = ["Publisher"]
 
-_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum arithmetic costs microseconds
 
 
 class Publisher:
@@ -39,8 +39,9 @@ class Publisher:
         self._seq: dict[str, int] = {}
         self._cache: dict[str, Envelope] = {}
         self._active: set[str] = set()
-        self._pending: list[tuple[str, bytes]] = []
-        self._topic_bytes: dict[str, bytes] = {}
+        self._pending: list[bytes] = []
+        self._prefixes: dict[str, bytes] = {}
+        """topic -> ``topic + TOPIC_END`` as bytes, built once per topic."""
 
     # -------------------------------------------------------------- activity
 
@@ -84,8 +85,9 @@ class Publisher:
         # Queued, then sent together at the end of this event-loop turn: the frames one
         # socket read delivers go out in one burst, so ZeroMQ's I/O thread wakes once
         # per burst rather than once per message (+20 % throughput, see bench/README).
+        prefix = self._prefixes.get(topic) or self._prefix(topic)
         pending = self._pending
-        pending.append((topic, self._encode(envelope)))
+        pending.append(prefix + self._encode(envelope))
         if len(pending) == 1:
             self._schedule_flush()
 
@@ -101,9 +103,15 @@ class Publisher:
         seq = self._seq.get(topic, 0) + 1
         self._seq[topic] = seq
         envelope = Envelope(topic, seq, self.epoch, time.time_ns(), "websocket", event)
-        self._pending.append((topic, self._encode(envelope)))
+        self._pending.append(self._prefix(topic) + self._encode(envelope))
         if len(self._pending) == 1:
             self._schedule_flush()
+
+    def _prefix(self, topic: str) -> bytes:
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            prefix = self._prefixes[topic] = topic.encode() + TOPIC_END
+        return prefix
 
     def _schedule_flush(self) -> None:
         try:
@@ -115,15 +123,9 @@ class Publisher:
         """Send everything queued; a message past a client's high-water mark is dropped."""
         pending, self._pending = self._pending, []
         send = self._socket.send
-        names = self._topic_bytes
-        for topic, data in pending:
-            name = names.get(topic)
-            if name is None:
-                name = names[topic] = topic.encode()
+        for message in pending:
             try:
-                # Plain int flags: send_multipart's enum arithmetic costs microseconds.
-                send(name, _MORE_NOBLOCK)
-                send(data, _NOBLOCK)
+                send(message, _NOBLOCK)
             except zmq.ZMQError:
                 self.send_errors += 1
                 continue

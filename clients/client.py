@@ -1,7 +1,7 @@
 """The asyncio client: find the local broker, subscribe, receive, survive its restarts.
 
 Sockets: a DEALER to the broker's control ROUTER (one msgpack frame per message) and a
-SUB to its data PUB (``[topic, envelope]``). Both are plain (synchronous) pyzmq sockets
+SUB to its data PUB (``topic + TOPIC_END + envelope``). Both are plain (synchronous) pyzmq sockets
 watched with ``loop.add_reader``: when one becomes readable, everything available is
 read with ``NOBLOCK`` before returning to the loop, so a burst costs one wake-up, not
 one per message. Routing, sequences and callbacks live in :mod:`clients.dispatch`.
@@ -636,14 +636,10 @@ class BrokerClient:
         n = 0
         try:
             while n < BATCH:
-                # Every message is [topic, envelope] (multipart is atomic). Checking
-                # RCVMORE costs more than the rest of the path, so framing is checked
-                # only when a pair was unusable, to realign after a malformed message.
-                topic = recv(noblock)
+                # One frame per message (topic + TOPIC_END + envelope): nothing to
+                # realign after a malformed one.
+                dispatch(recv(noblock))
                 n += 1
-                if not dispatch(topic, recv(noblock)):
-                    while sock.getsockopt(zmq.RCVMORE):
-                        recv(noblock)
         except zmq.Again:
             pass
         except zmq.ZMQError:  # closed under us (client closing)

@@ -35,6 +35,7 @@ import structlog
 from clients.errors import ClientClosed
 from clients.sequence import ACCEPT, DUPLICATE, SequenceTracker
 from schemas.bus import (
+    TOPIC_END,
     ConnectionName,
     Envelope,
     StatusEvent,
@@ -520,12 +521,16 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ hot path
 
-    def dispatch(self, topic: bytes, body: bytes) -> bool:
-        """Handle one published frame pair ``[topic, envelope]``.
+    def dispatch(self, message: bytes) -> bool:
+        """Handle one published message, ``topic + TOPIC_END + envelope``.
 
-        False when the pair was unusable (unknown topic or undecodable envelope): the
-        caller may then check the socket's framing, which costs too much to check always.
+        False when it was unusable (no topic end, unknown topic, undecodable envelope).
         """
+        end = message.find(TOPIC_END)
+        if end < 0:
+            self.decode_errors += 1
+            return False
+        topic = message[:end]
         route = self._routes.get(topic)
         if route is None:
             route = self._resolve(topic)
@@ -533,7 +538,7 @@ class Dispatcher:
                 self.unrouted += 1
                 return False
         try:
-            env = decode_envelope(body)
+            env = decode_envelope(memoryview(message)[end + 1 :])
         except DecodeError:
             self.decode_errors += 1
             return False

@@ -2,11 +2,14 @@
 
 Two planes, both msgpack-encoded with msgspec:
 
-* **data** — the broker's PUB socket sends multipart ``[topic, envelope]``. ``topic`` is
-  ASCII bytes built by :func:`topic_for`; ``envelope`` is an :class:`Envelope` carrying a
-  per-topic sequence number, the broker epoch, the receive time, the source
-  (``websocket`` or ``rest``) and the typed payload (an Upbit struct from
-  :mod:`schemas.upbit`, a :class:`StatusEvent` or a :class:`BrokerHeartbeat`).
+* **data** — the broker's PUB socket sends single-frame messages
+  ``topic + b"\\x00" + envelope`` (:func:`pack_published` / :func:`split_published`).
+  ``topic`` is ASCII built by :func:`topic_for`, so a SUB subscribes by topic prefix as
+  usual; ``envelope`` is an :class:`Envelope` carrying a per-topic sequence number, the
+  broker epoch, the receive time, the source (``websocket`` or ``rest``) and the typed
+  payload (an Upbit struct from :mod:`schemas.upbit`, a :class:`StatusEvent` or a
+  :class:`BrokerHeartbeat`). One frame rather than ``[topic, envelope]``: a message
+  costs one ``send`` and one ``recv`` instead of two (protocol 2).
 * **control** — a client's DEALER talks to the broker's ROUTER with single-frame
   messages: a :data:`ClientMessage` up, a :data:`BrokerMessage` down.
 
@@ -43,6 +46,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PUBLIC_STREAM_TYPES",
     "STATUS_TOPIC_PREFIX",
+    "TOPIC_END",
     "BrokerHeartbeat",
     "BrokerMessage",
     "Bye",
@@ -76,12 +80,20 @@ __all__ = [
     "decode_envelope",
     "encode",
     "format_level",
+    "pack_published",
+    "split_published",
     "status_topic",
     "topic_for",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""Bumped on any incompatible change; a broker refuses a hello with another version."""
+PROTOCOL_VERSION: Final = 2
+"""Bumped on any incompatible change; a broker refuses a hello with another version.
+
+2: data messages are one frame, ``topic + TOPIC_END + envelope`` (1: two frames).
+"""
+
+TOPIC_END: Final = b"\x00"
+"""Ends the topic in a published message; topics are ASCII and never contain it."""
 
 PUBLIC_STREAM_TYPES: Final[frozenset[str]] = frozenset(
     {"ticker", "trade", "orderbook", *CANDLE_TYPES}
@@ -414,7 +426,20 @@ def decode_broker_message(data: bytes) -> BrokerMessage:
         raise wrap_msgspec_error(exc, "broker message") from None
 
 
-def decode_envelope(data: bytes) -> Envelope:
+def pack_published(topic: bytes, envelope: bytes) -> bytes:
+    """One published message: ``topic``, :data:`TOPIC_END`, then the encoded envelope."""
+    return topic + TOPIC_END + envelope
+
+
+def split_published(message: bytes) -> tuple[bytes, memoryview]:
+    """``(topic, envelope bytes)`` of a published message; raises DecodeError."""
+    end = message.find(TOPIC_END)
+    if end < 0:
+        raise DecodeError("published message without a topic end (protocol 1 sender?)")
+    return message[:end], memoryview(message)[end + 1 :]
+
+
+def decode_envelope(data: bytes | memoryview) -> Envelope:
     """Decode one published data message; raises DecodeError on bad input."""
     try:
         return _envelope_decoder.decode(data)

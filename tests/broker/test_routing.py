@@ -13,7 +13,7 @@ from broker.config import Settings
 from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
 from broker.routing import DataRouter
-from schemas.bus import Envelope, StreamSpec, decode_envelope
+from schemas.bus import Envelope, StreamSpec, decode_envelope, split_published
 from schemas.upbit import (
     DATA_TYPES,
     AssetBalance,
@@ -32,17 +32,15 @@ class RecordingSocket:
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[tuple[str, Envelope]] = []
         self.fail = fail
-        self._topic: bytes | None = None
 
     def send(self, frame: bytes, flags: int = 0) -> None:
         if self.fail:
             raise zmq.Again()
-        if flags & zmq.SNDMORE:
-            self._topic = frame
-            return
-        assert self._topic is not None, "a data frame without its topic frame"
-        self.sent.append((self._topic.decode(), decode_envelope(frame)))
-        self._topic = None
+        assert not flags & zmq.SNDMORE, "a message is one frame"
+        topic, body = split_published(frame)
+        envelope = decode_envelope(body)
+        assert envelope.topic == topic.decode()
+        self.sent.append((envelope.topic, envelope))
 
 
 def make(*specs: StreamSpec) -> tuple[DataRouter, Publisher, RecordingSocket]:

@@ -57,6 +57,7 @@ from schemas.bus import (
     Welcome,
     decode_client_message,
     encode,
+    pack_published,
 )
 from schemas.upbit import Orderbook
 from tests.clients.test_dispatch import ticker
@@ -139,7 +140,7 @@ class FakeBroker:
             self._loop.close()
 
     def _send(self, topic: str, body: bytes) -> None:
-        self._pub.send_multipart([topic.encode(), body])
+        self._pub.send(pack_published(topic.encode(), body))
 
     def send_raw(self, frames: list[bytes]) -> None:
         self._loop.call_soon_threadsafe(self._pub.send_multipart, frames)
@@ -325,13 +326,13 @@ async def test_arguments_are_checked_before_anything_is_sent(client: BrokerClien
         await client.subscribe_ticker(["KRW-BTC", ""])
 
 
-async def test_malformed_frames_do_not_desynchronise_the_stream(
+async def test_malformed_messages_are_counted_and_skipped(
     fake: FakeBroker, client: BrokerClient
 ) -> None:
     got: list[float] = []
     await client.subscribe_ticker("KRW-BTC", lambda t: got.append(t.trade_price))
-    fake.send_raw([b"ticker/KRW-BTC/", b"not msgpack", b"extra frame"])
-    fake.send_raw([b"ticker/KRW-BTC/"])
+    fake.send_raw([b"ticker/KRW-BTC/\x00not msgpack", b"extra frame"])
+    fake.send_raw([b"ticker/KRW-BTC/ without a topic end"])
     for price in (1.0, 2.0, 3.0):
         fake.publish(T_BTC, ticker(price=price))
     await async_wait_until(lambda: got[-1:] == [3.0], 5, what="stream realigned")

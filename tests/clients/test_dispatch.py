@@ -17,6 +17,7 @@ from schemas.bus import (
     StatusEvent,
     StreamSpec,
     encode,
+    pack_published,
 )
 from schemas.upbit import MyOrder, Ticker
 
@@ -62,7 +63,7 @@ def env(topic: str, seq: int, data: Any = None, epoch: str = EPOCH) -> Envelope:
 
 def feed(d: Dispatcher, *envelopes: Envelope) -> None:
     for e in envelopes:
-        d.dispatch(e.topic.encode(), encode(e))
+        d.dispatch(pack_published(e.topic.encode(), encode(e)))
 
 
 def live(d: Dispatcher, sub: Subscription[Any], snapshot: list[Envelope] | None = None) -> None:
@@ -368,9 +369,10 @@ def test_after_a_restart_old_epoch_leftovers_are_ignored(d: Dispatcher) -> None:
 def test_undecodable_frames_are_counted_and_skipped(d: Dispatcher) -> None:
     sub, got = collecting([StreamSpec("ticker", "KRW-BTC")])
     live(d, sub)
-    d.dispatch(T_BTC.encode(), b"\xc1garbage")
+    d.dispatch(pack_published(T_BTC.encode(), b"\xc1garbage"))
+    d.dispatch(T_BTC.encode() + encode(env(T_BTC, 1)))  # no topic end (protocol 1)
     feed(d, env(T_BTC, 1))
-    assert d.decode_errors == 1
+    assert d.decode_errors == 2
     assert len(got) == 1
 
 

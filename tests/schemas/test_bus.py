@@ -48,6 +48,8 @@ from schemas.bus import (
     decode_envelope,
     encode,
     format_level,
+    pack_published,
+    split_published,
     status_topic,
     topic_for,
 )
@@ -719,3 +721,17 @@ def test_decimal_field_with_garbage_is_a_decode_error() -> None:
     with pytest.raises(DecodeError) as info:
         decode_envelope(msgspec.msgpack.encode(raw))
     assert info.value.path == "$[5].price"
+
+
+def test_a_published_message_is_one_frame_that_splits_back_into_topic_and_envelope() -> None:
+    envelope = Envelope("ticker/KRW-ETH/", 3, "e", 1, "websocket", BrokerHeartbeat(timestamp=1))
+    body = encode(envelope)
+    message = pack_published(b"ticker/KRW-ETH/", body)
+    # A SUB matches on the message's first bytes: ETH's topic never prefixes ETHW's.
+    assert message.startswith(b"ticker/KRW-ETH/")
+    assert not pack_published(b"ticker/KRW-ETHW/", body).startswith(b"ticker/KRW-ETH/\x00")
+    topic, rest = split_published(message)
+    assert topic == b"ticker/KRW-ETH/"
+    assert decode_envelope(rest) == envelope
+    with pytest.raises(DecodeError, match="topic end"):
+        split_published(b"ticker/KRW-ETH/" + body.replace(b"\x00", b""))
