@@ -369,7 +369,10 @@ def start_broker(sim: Sim, extra: dict[str, str] | None = None, *, variant: str 
     from bench.variants import broker_argv
 
     env, rundir = broker_env(sim, extra)
-    args = broker_argv(variant) if variant else ["-m", "broker"]
+    args = ["-m", "broker"]
+    if variant:  # its clients (given this env) import the variant's packages too
+        args, tree_env = broker_argv(variant)
+        env.update(tree_env)
     proc = Proc(f"broker-{variant}" if variant else "broker", args, env=env)
     broker = Broker(proc, env, rundir)
     try:
@@ -380,9 +383,13 @@ def start_broker(sim: Sim, extra: dict[str, str] | None = None, *, variant: str 
     return broker
 
 
+class ProtocolMismatch(RuntimeError):
+    """The broker speaks another bus protocol (a ``--variant`` of another commit)."""
+
+
 def _request(env: dict[str, str], make: Callable[[int], Any], timeout: float = 5.0) -> Any:
     """Hello, then one request on a fresh DEALER; returns the decoded reply."""
-    from schemas.bus import Bye, Hello, Welcome, decode_broker_message, encode
+    from schemas.bus import Bye, ErrorReply, Hello, Welcome, decode_broker_message, encode
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -393,6 +400,8 @@ def _request(env: dict[str, str], make: Callable[[int], Any], timeout: float = 5
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError("no welcome")
         welcome = decode_broker_message(sock.recv())
+        if isinstance(welcome, ErrorReply) and welcome.code == "protocol_version":
+            raise ProtocolMismatch(welcome.message)
         if not isinstance(welcome, Welcome):
             raise RuntimeError(f"unexpected {welcome!r}")
         sock.send(encode(make(1)))
@@ -416,6 +425,8 @@ def wait_ready(env: dict[str, str], proc: Proc | None = None, timeout: float = 3
         try:
             _request(env, HealthRequest, timeout=0.5)
             return
+        except ProtocolMismatch:
+            return  # a --variant broker of another protocol: it answered, it is up
         except (TimeoutError, zmq.ZMQError):
             if time.monotonic() > deadline:
                 tail = proc.tail() if proc else ""
@@ -988,8 +999,15 @@ def _pyupbit_worker(args: argparse.Namespace) -> None:
 
 
 def _zmq_pub_worker(args: argparse.Namespace) -> None:
-    """XPUB with XPUB_NODROP: blocks at the HWM instead of dropping (lossless ceiling)."""
+    """XPUB with XPUB_NODROP: blocks at the HWM instead of dropping (lossless ceiling).
+
+    Sends the ``[topic, envelope]`` pairs of ``--payloads`` as the broker does: one
+    frame each, ``topic + TOPIC_END + envelope``.
+    """
+    from schemas.bus import pack_published
+
     pairs: list[list[bytes]] = msgspec.msgpack.decode(Path(args.payloads).read_bytes())
+    messages = [pack_published(topic, body) for topic, body in pairs]
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.LINGER, 0)
@@ -1013,12 +1031,12 @@ def _zmq_pub_worker(args: argparse.Namespace) -> None:
         ctx.term()
         return
     sent = 0
-    send = sock.send_multipart
+    send = sock.send
     deadline = time.monotonic() + args.max_seconds
-    n = len(pairs)
+    n = len(messages)
     while not stop["flag"]:
         for i in range(1024):
-            send(pairs[(sent + i) % n])
+            send(messages[(sent + i) % n])
         sent += 1024
         if time.monotonic() > deadline:
             break
@@ -1034,8 +1052,10 @@ def _zmq_pub_paced(
     stop: dict[str, bool],
     max_seconds: float,
 ) -> None:
-    """Send ``rate`` messages/s, each body starting with its send time (ns, 8 bytes)."""
-    more, noblock = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+    """Send ``rate`` messages/s, each envelope starting with its send time (ns, 8 bytes)."""
+    from schemas.bus import pack_published
+
+    noblock = int(zmq.NOBLOCK)
     interval = 1.0 / rate
     start = time.perf_counter()
     deadline = time.monotonic() + max_seconds
@@ -1047,8 +1067,8 @@ def _zmq_pub_paced(
         if delay > 0:
             time.sleep(delay)
         topic, body = pairs[sent % n]
-        sock.send(topic, more)
-        sock.send(time.time_ns().to_bytes(8, "little") + body[8:], noblock)
+        stamp = time.time_ns().to_bytes(8, "little")
+        sock.send(pack_published(topic, stamp + body[8:]), noblock)
         sent += 1
     _emit("RESULT", {"sent": sent})
 
@@ -1088,13 +1108,13 @@ def _zmq_sub_worker(args: argparse.Namespace) -> None:
             continue
         for _ in range(1024):
             try:
-                recv(zmq.NOBLOCK)
-                body = recv(zmq.NOBLOCK)
+                message = recv(zmq.NOBLOCK)  # topic + TOPIC_END + envelope
             except zmq.Again:
                 break
             total += 1
             if latency and state["active"] and not t1:
-                lat.append(time.time_ns() - int.from_bytes(body[:8], "little"))
+                stamp = message[message.index(0) + 1 :][:8]
+                lat.append(time.time_ns() - int.from_bytes(stamp, "little"))
         if not ready and total >= args.min_messages:
             _emit("READY", {"pid": os.getpid()})
             ready = True
@@ -1123,7 +1143,7 @@ def _zmq_sub_worker(args: argparse.Namespace) -> None:
 
 def _tap_worker(args: argparse.Namespace) -> None:
     """A raw SUB on the broker's data endpoint: broker + ZeroMQ latency without the library."""
-    from schemas.bus import decode_envelope
+    from schemas.bus import decode_envelope, split_published
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -1152,14 +1172,13 @@ def _tap_worker(args: argparse.Namespace) -> None:
             continue
         while True:
             try:
-                sock.recv(zmq.NOBLOCK)
-                body = sock.recv(zmq.NOBLOCK)
+                message = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             now_ns = time.time_ns()
             total += 1
             if state["active"] and len(lat) < args.max_samples:
-                lat.append(now_ns - decode_envelope(body).recv_ns)
+                lat.append(now_ns - decode_envelope(split_published(message)[1]).recv_ns)
         if not ready and total >= args.min_messages:
             _emit("READY", {"pid": os.getpid()})
             ready = True
@@ -1446,6 +1465,11 @@ def _worker_parser() -> argparse.ArgumentParser:
 
 def worker_main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the worker roles."""
+    from bench.variants import TREE_ENV
+
+    tree = os.environ.get(TREE_ENV)
+    if tree:  # a client of a --variant broker: that commit's client library and schemas
+        sys.path.insert(0, tree)
     args = _worker_parser().parse_args(argv)
     if args.role == "client":
         _run_async(lambda: _client_worker(args), not args.no_uvloop)

@@ -1,12 +1,11 @@
 """Broker variants for A/B runs: another commit's broker, measured in the same run.
 
-``--variant commit:REV`` (throughput) starts a second broker whose ``broker`` and
-``schemas`` packages come from ``git archive REV``, next to the working tree's broker,
-against the same simulator and with the same client library. That is how a change is
-shown against its baseline in one run, the only comparison this 2-vCPU host allows
-(absolute rates swing by +-30 % between runs).
-
-The bus protocol must be the same in both commits: the client is the working tree's.
+``--variant commit:REV`` (throughput) starts a second broker whose ``broker``,
+``schemas`` and ``clients`` packages come from ``git archive REV``, next to the working
+tree's broker, against the same simulator. Its client worker imports that commit's
+client library too (``BENCH_TREE``), so commits with different bus protocols compare.
+That is how a change is shown against its baseline in one run, the only comparison
+this 2-vCPU host allows (absolute rates swing by +-30 % between runs).
 
 Earlier variants patched a proposed change into the broker at start (``publish-int``,
 ``publish-batch``); both are in the broker now (:meth:`broker.publisher.Publisher.flush`),
@@ -21,14 +20,16 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-__all__ = ["broker_argv", "checkout"]
+__all__ = ["TREE_ENV", "broker_argv", "checkout"]
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("broker", "schemas")
+PACKAGES = ("broker", "schemas", "clients")
+TREE_ENV = "BENCH_TREE"
+"""Environment variable: a checkout whose packages a worker imports first."""
 
 
 def checkout(rev: str) -> Path:
-    """Extract ``broker/`` and ``schemas/`` of ``rev`` into a fresh directory."""
+    """Extract the packages of ``rev`` into a fresh directory."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
@@ -51,14 +52,13 @@ def checkout(rev: str) -> Path:
     return target
 
 
-def broker_argv(variant: str) -> list[str]:
-    """Python arguments that run the broker of ``variant`` (``commit:REV``)."""
+def broker_argv(variant: str) -> tuple[list[str], dict[str, str]]:
+    """Python arguments and extra environment that run the broker of ``commit:REV``."""
     kind, _, rev = variant.partition(":")
     if kind != "commit" or not rev:
         raise SystemExit(f"unknown variant {variant!r}; use commit:REV (a git revision)")
-    tree = checkout(rev)
+    tree = str(checkout(rev))
     code = (
-        f"import sys; sys.path.insert(0, {str(tree)!r}); "
-        "from broker.cli import main; sys.exit(main())"
+        f"import sys; sys.path.insert(0, {tree!r}); from broker.cli import main; sys.exit(main())"
     )
-    return ["-c", code]
+    return ["-c", code], {TREE_ENV: tree}
