@@ -50,6 +50,7 @@ __all__ = [
     "PriorityGate",
     "RestJob",
     "RestLimiter",
+    "TokenBucket",
     "WindowLimiter",
     "parse_block_seconds",
     "parse_remaining_req",
@@ -189,6 +190,59 @@ class WindowLimiter:
         """Forget past events and blocks (e.g. a new connection has a fresh budget)."""
         self._stamps.clear()
         self._blocked_until = -math.inf
+
+
+class TokenBucket:
+    """Paces a budget: ``burst`` events at once, then ``rate`` per second on average.
+
+    Upbit's 100 messages a minute is a sliding window: spent greedily (4/s), a busy
+    minute's budget is gone in ~20 s and then nothing may be sent for up to 40 s, so a
+    new subscription waits that long. In front of the window, a bucket with
+    ``burst + 60 * rate`` no larger than the window's count never empties the window
+    and spreads requests evenly when demand exceeds it (bench/agility.py).
+    """
+
+    __slots__ = ("_at", "_burst", "_rate", "_tokens")
+
+    def __init__(self, burst: int, rate: float) -> None:
+        if burst < 1 or not rate > 0:
+            raise ValueError(f"bad token bucket ({burst}, {rate}): need burst >= 1, rate > 0")
+        self._burst = float(burst)
+        self._rate = float(rate)
+        self._tokens = self._burst
+        self._at = -math.inf
+
+    @classmethod
+    def pacing(cls, window: Window, burst: int) -> TokenBucket:
+        """A bucket that spends at most ``window``'s count in any of its spans."""
+        count, seconds = window
+        if burst >= count:
+            raise ValueError(f"burst {burst} leaves nothing to pace in window {window}")
+        return cls(burst, (count - burst) / seconds)
+
+    def _refill(self, now: float) -> None:
+        if now > self._at:
+            elapsed = now - self._at
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+            self._at = now
+
+    def delay(self, now: float) -> float:
+        """Seconds until a token is available (0.0: now)."""
+        self._refill(now)
+        missing = 1.0 - self._tokens
+        return missing / self._rate if missing > 0 else 0.0
+
+    def try_acquire(self, now: float) -> bool:
+        """Take a token at ``now`` if one is available."""
+        if self.delay(now) > 0.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def reset(self) -> None:
+        """Full again (a new connection has a fresh budget)."""
+        self._tokens = self._burst
+        self._at = -math.inf
 
 
 # ------------------------------------------------------------------------------ backoff

@@ -25,7 +25,7 @@ from aiohttp import WSMsgType
 
 from broker.exchange import Exchange
 from broker.logs import get_logger
-from broker.ratelimit import Backoff, BanStore, WindowLimiter, parse_block_seconds
+from broker.ratelimit import Backoff, BanStore, TokenBucket, WindowLimiter, parse_block_seconds
 from broker.subscriptions import UpstreamStream, request_target
 from broker.wsclient import ConnectFailed, UpgradeRefused, WebSocket, WsClient
 from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
@@ -48,6 +48,9 @@ REMOVAL_RETRY = 2.0
 """Seconds before a deferred removal is tried again."""
 STABLE_FRAMES = 16
 """Frames on one connection after which it counts as working and backoff starts over."""
+PACING_BURST = 10
+"""Requests a connection may send back to back before the per-minute budget is paced
+(the rest of it spread evenly over the minute; see :class:`TokenBucket`)."""
 MAX_LINGERING = 300
 """Released streams kept in a request at most (bounds the request's size)."""
 
@@ -142,6 +145,8 @@ class UpstreamLink:
         self._compression = compression
         self._message_limits = message_limits or [(4, 1.0), (90, 60.0)]
         self._limiter = WindowLimiter(self._message_limits)
+        longest = max(self._message_limits, key=lambda w: w[1])
+        self._pace = TokenBucket.pacing(longest, min(PACING_BURST, longest[0] - 1))
         self._verify_interval = verify_interval
         self._idle_close = idle_close
         self._wanted: frozenset[UpstreamStream] = frozenset()
@@ -276,6 +281,7 @@ class UpstreamLink:
             return
         self._set_state("up", "connected")
         self._limiter.reset()  # Upbit counts messages per connection
+        self._pace.reset()
         self._changed.set()  # a new connection carries nothing: send the full request
         helpers = [
             asyncio.create_task(self._sender(ws), name=f"{self.name}-sender"),
@@ -353,10 +359,18 @@ class UpstreamLink:
                 return
 
     async def _acquire_message_slot(self) -> None:
-        """Wait for a token of Upbit's per-connection message budget (5/s, 100/min)."""
-        limiter = self._limiter
-        while not limiter.try_acquire(time.time()):
-            await asyncio.sleep(max(limiter.delay(time.time()), 0.01))
+        """Wait for a slot of Upbit's per-connection message budget (5/s, 100/min).
+
+        Paced by a token bucket in front of the windows, so a busy minute spreads its
+        requests instead of spending them in 20 s and then sending nothing for 40 s.
+        """
+        limiter, pace = self._limiter, self._pace
+        while True:
+            now = time.time()
+            wait = max(limiter.delay(now), pace.delay(now))
+            if wait <= 0.0 and limiter.try_acquire(now) and pace.try_acquire(now):
+                return
+            await asyncio.sleep(max(wait, 0.01))
 
     async def _sender(self, ws: WebSocket) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
 from collections.abc import Iterator
@@ -11,12 +12,14 @@ import pytest
 
 from broker.ratelimit import (
     DEFAULT_BLOCK_SECONDS,
+    WS_MESSAGE_WINDOWS,
     Backoff,
     BanStore,
     Priority,
     PriorityGate,
     RestJob,
     RestLimiter,
+    TokenBucket,
     WindowLimiter,
     parse_block_seconds,
     parse_remaining_req,
@@ -448,3 +451,45 @@ def test_a_banned_group_releases_nothing_until_the_ban_ends() -> None:
 def test_backoff_refuses_a_first_delay_above_the_cap() -> None:
     with pytest.raises(ValueError, match="first"):
         Backoff(first=10.0, cap=1.0)
+
+
+# ------------------------------------------------------------------------ token bucket
+
+
+def test_token_bucket_allows_a_burst_then_paces_at_its_rate() -> None:
+    bucket = TokenBucket(3, 2.0)
+    assert [bucket.try_acquire(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.delay(0.0) == pytest.approx(0.5)
+    assert not bucket.try_acquire(0.4)
+    assert bucket.try_acquire(0.5)
+    assert bucket.try_acquire(10.0)  # refilled, but never beyond the burst
+    assert [bucket.try_acquire(10.0) for _ in range(3)] == [True, True, False]
+    bucket.reset()
+    assert [bucket.try_acquire(10.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_pacing_bucket_in_front_of_upbit_windows_never_empties_a_minute() -> None:
+    """Greedy demand for 5 minutes: within 90/min and no gap longer than the pace."""
+    windows = WindowLimiter(WS_MESSAGE_WINDOWS)
+    bucket = TokenBucket.pacing(WS_MESSAGE_WINDOWS[1], 10)
+    sent: list[float] = []
+    now = 0.0
+    while now < 300.0:
+        if windows.delay(now) == 0.0 and bucket.delay(now) == 0.0:
+            assert windows.try_acquire(now)
+            assert bucket.try_acquire(now)
+            sent.append(now)
+        now = round(now + 0.01, 2)
+    assert max_in_window(sent, 59.999) <= 90
+    assert max_in_window(sent, 0.999) <= 4  # (float steps land on the window edge)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert max(gaps) <= 1.0  # paced: never the 40 s silence of a spent minute
+    assert len(sent) >= 10 + 80 * 5 - 5
+
+
+@pytest.mark.parametrize(("burst", "rate"), [(0, 1.0), (1, 0.0), (2, -1.0)])
+def test_token_bucket_rejects_nonsense(burst: int, rate: float) -> None:
+    with pytest.raises(ValueError, match="token bucket"):
+        TokenBucket(burst, rate)
+    with pytest.raises(ValueError, match="nothing to pace"):
+        TokenBucket.pacing((10, 60.0), 10)
