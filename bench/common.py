@@ -620,6 +620,8 @@ async def _client_worker(args: argparse.Namespace) -> None:
     counts = {"window": 0, "total": 0}
     lat_broker: array.array[int] = array.array("q")
     lat_e2e: array.array[int] = array.array("q")
+    keys: list[str] = []
+    arrivals: array.array[int] = array.array("q")
     max_samples = args.max_samples
     latency = args.latency
     dump: dict[str, bytes] = {}
@@ -642,6 +644,8 @@ async def _client_worker(args: argparse.Namespace) -> None:
                 if latency and len(lat_broker) < max_samples:
                     lat_broker.append(now_ns - env.recv_ns)
                     lat_e2e.append(now_ns - payload.timestamp * 1_000_000)
+                    keys.append(f"{payload.type}|{payload.code}|{payload.timestamp}")
+                    arrivals.append(now_ns)
             if args.dump and len(dump) < 2000 and env.topic not in dump:
                 dump[env.topic] = encode(env)
 
@@ -723,7 +727,15 @@ async def _client_worker(args: argparse.Namespace) -> None:
         result["broker_added_us"] = {k: v / 1000 for k, v in percentiles(lat_broker).items()}
         result["e2e_ms"] = {k: v / 1e6 for k, v in percentiles(lat_e2e).items()}
         if args.samples_out:
-            _write(args.samples_out, [list(lat_broker), list(lat_e2e)])
+            _write(
+                args.samples_out,
+                {
+                    "added": list(lat_broker),
+                    "e2e": list(lat_e2e),
+                    "keys": keys,
+                    "at": list(arrivals),
+                },
+            )
     if args.dump:
         _write(args.dump, [[t.encode(), b] for t, b in dump.items()])
     _emit("RESULT", result)
@@ -735,6 +747,13 @@ async def _client_worker(args: argparse.Namespace) -> None:
 
 class _Stamp(msgspec.Struct):
     timestamp: int
+    type: str = ""
+    code: str = ""
+
+    @property
+    def key(self) -> str:
+        """Which message this is, the same in every reader (pairs their arrival times)."""
+        return f"{self.type}|{self.code}|{self.timestamp}"
 
 
 _stamp_one = msgspec.json.Decoder(_Stamp)
@@ -761,6 +780,8 @@ async def _ws_worker(args: argparse.Namespace) -> None:
     marker = b'"st"' if args.format.startswith("SIMPLE") else b'"stream_type"'
     counts = {"window": 0, "total": 0, "frames": 0}
     lat: array.array[int] = array.array("q")
+    keys: list[str] = []
+    arrivals: array.array[int] = array.array("q")
     latency = args.latency
     max_samples = args.max_samples
 
@@ -772,11 +793,11 @@ async def _ws_worker(args: argparse.Namespace) -> None:
             counts["window"] += n
             counts["frames"] += 1
             if latency and len(lat) < max_samples:
-                if listed:
-                    for item in _stamp_list.decode(frame):
-                        lat.append(now_ns - item.timestamp * 1_000_000)
-                else:
-                    lat.append(now_ns - _stamp_one.decode(frame).timestamp * 1_000_000)
+                items = _stamp_list.decode(frame) if listed else [_stamp_one.decode(frame)]
+                for item in items:
+                    lat.append(now_ns - item.timestamp * 1_000_000)
+                    keys.append(item.key)
+                    arrivals.append(now_ns)
 
     async def wait_ready() -> None:
         t = time.monotonic()
@@ -802,7 +823,7 @@ async def _ws_worker(args: argparse.Namespace) -> None:
         if latency:
             result["e2e_ms"] = {k: v / 1e6 for k, v in percentiles(lat).items()}
             if args.samples_out:
-                _write(args.samples_out, list(lat))
+                _write(args.samples_out, {"e2e": list(lat), "keys": keys, "at": list(arrivals)})
         _emit("RESULT", result)
 
     reported: list[bool] = []
