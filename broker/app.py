@@ -18,15 +18,16 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import zmq
 import zmq.asyncio
 
-from broker.config import Settings
+from broker.config import ConfigError, Settings
 from broker.control import ControlServer
 from broker.exchange import Exchange, UpbitExchange
 from broker.fallback import PrivateFallback, PublicFallback
+from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
 from broker.health import RateMeter
 from broker.instance import InstanceLock
 from broker.liveness import ClientTable
@@ -47,8 +48,26 @@ _MARKET_REFRESH = 3600.0
 class Broker:
     """One broker: the only holder of Upbit connections on this machine."""
 
-    def __init__(self, settings: Settings, exchange: Exchange | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        exchange: Exchange | None = None,
+        *,
+        handlers: Sequence[DataHandler] | None = None,
+    ) -> None:
+        """Build the broker; ``handlers`` replace those named in ``settings.handlers``.
+
+        Raises ConfigError when a configured handler cannot be loaded, HandlerError when
+        a handler given here is not one.
+        """
         self.settings = settings
+        if handlers is None:
+            try:
+                self.handlers = HandlerSet(load_handlers(settings.handlers))
+            except HandlerError as exc:
+                raise ConfigError(f"UPBIT_BROKER_HANDLERS: {exc}") from None
+        else:
+            self.handlers = HandlerSet(handlers)
         self.epoch = secrets.token_hex(8)
         self.started = time.time()
         self.exchange: Exchange = exchange or UpbitExchange(settings)
@@ -71,6 +90,7 @@ class Broker:
             self.publisher,
             self.exchange,
             on_private=self.private_fallback.observe if self.private_fallback else None,
+            handlers=self.handlers,
         )
         self.public_fallback = PublicFallback(self)
         self.control = ControlServer(self)

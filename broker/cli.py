@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 def _run(settings: Settings) -> int:
     from broker.app import Broker
 
-    broker = Broker(settings)
+    try:
+        broker = Broker(settings)
+    except ConfigError as exc:  # a data handler that cannot be loaded
+        print(f"upbit-broker: configuration error: {exc}", file=sys.stderr)
+        return 2
     try:
         try:
             import uvloop

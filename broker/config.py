@@ -155,6 +155,15 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+def _handler_entries(env: Mapping[str, str]) -> tuple[str, ...]:
+    from broker.handlers import HandlerError, parse_entries
+
+    try:
+        return parse_entries(env.get("UPBIT_BROKER_HANDLERS", ""))
+    except HandlerError as exc:
+        raise ConfigError(f"UPBIT_BROKER_HANDLERS: {exc}") from None
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = (env.get(name) or default).lower()
     if value not in choices:
@@ -203,6 +212,8 @@ class Settings:
     """Seconds during which subscription changes are merged into one Upbit request."""
     send_hwm: int = 10_000
     """Messages queued per client on the data socket before that client loses messages."""
+    handlers: tuple[str, ...] = ()
+    """``module:name`` entries of the data handlers to load (broker.handlers)."""
 
     @property
     def has_keys(self) -> bool:
@@ -238,4 +249,5 @@ class Settings:
             ),
             coalesce_window=_number(env, "UPBIT_BROKER_COALESCE_MS", 50, minimum=0) / 1000,
             send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
+            handlers=_handler_entries(env),
         )

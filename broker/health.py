@@ -115,4 +115,5 @@ def compute_metrics(broker: Broker) -> Metrics:
         memory_usage_mb=rss_mb(),
         messages_total=messages,
         clients=rows,
+        handlers=broker.handlers.metrics(),
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 from broker.dedupe import TradeDeduper, orderbook_fingerprint, ticker_fingerprint
 from broker.exchange import Exchange
+from broker.handlers import HandlerChain, HandlerSet
 from broker.logs import get_logger
 from broker.publisher import Publisher
 from broker.subscriptions import (
@@ -53,6 +54,7 @@ class DataRouter:
         exchange: Exchange,
         *,
         on_private: Callable[[MyOrder | MyAsset], None] | None = None,
+        handlers: HandlerSet | None = None,
     ) -> None:
         self._publisher = publisher
         self._exchange = exchange
@@ -77,7 +79,7 @@ class DataRouter:
             "trade": self._trade_topics,
             "myOrder": {},
         }
-        self._handlers: dict[type, Callable[[Any, int, Source], None]] = {
+        self._routes: dict[type, Callable[[Any, int, Source], None]] = {
             Ticker: self._route_ticker,
             Trade: self._route_trade,
             Orderbook: self._route_orderbook,
@@ -85,9 +87,12 @@ class DataRouter:
             MyAsset: self._route_my_asset,
         }
         for kind, cls in DATA_TYPES.items():  # candles: plain ``kind/code/`` topics
-            if cls not in self._handlers:
+            if cls not in self._routes:
                 self._topics[kind] = {}
-                self._handlers[cls] = partial(self._route_per_code, kind)
+                self._routes[cls] = partial(self._route_per_code, kind)
+        # Pluggable handlers run before a type's route; types without any cost nothing.
+        for cls, chain in (handlers.chains if handlers is not None else {}).items():
+            self._routes[cls] = partial(self._transformed, chain, self._routes[cls])
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
         """Learn which orderbook depths each (code, level) must be published at.
@@ -118,11 +123,11 @@ class DataRouter:
             self._on_decode_error(exc)
             return None
         extra: list[UpbitMessage] | None = None
-        handlers = self._handlers
+        routes = self._routes
         for message in messages:
-            handler = handlers.get(type(message))
-            if handler is not None:
-                handler(message, recv_ns, "websocket")
+            route = routes.get(type(message))
+            if route is not None:
+                route(message, recv_ns, "websocket")
             elif not isinstance(message, Status):  # keepalive answers need nothing
                 extra = [*(extra or ()), message]
         return extra
@@ -139,7 +144,7 @@ class DataRouter:
 
     def route(self, message: UpbitData, recv_ns: int, source: Source) -> None:
         """Publish one payload on its topic(s), if anyone subscribed."""
-        self._handlers[type(message)](message, recv_ns, source)
+        self._routes[type(message)](message, recv_ns, source)
 
     def _topic(self, kind: str, code: str) -> str:
         """``kind/code/``, built once per (kind, code)."""
@@ -167,6 +172,18 @@ class DataRouter:
             self.duplicates += 1
             return
         self._publish(topic, trade, recv_ns, source)
+
+    @staticmethod
+    def _transformed(
+        chain: HandlerChain,
+        route: Callable[[Any, int, Source], None],
+        message: Any,
+        recv_ns: int,
+        source: Source,
+    ) -> None:
+        result = chain(message)
+        if result is not None:
+            route(result, recv_ns, source)
 
     def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
         self.messages += 1

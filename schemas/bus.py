@@ -58,6 +58,7 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "GetSnapshot",
+    "HandlerMetrics",
     "Health",
     "HealthReply",
     "HealthRequest",
@@ -347,6 +348,20 @@ class ClientMetrics(msgspec.Struct):
     dropped: int = 0
 
 
+class HandlerMetrics(msgspec.Struct):
+    """What one pluggable data handler did (see :mod:`broker.handlers`)."""
+
+    name: str
+    types: list[str]
+    handled: int
+    """Messages it returned for publishing (changed or not)."""
+    dropped: int
+    """Messages it chose to drop (returned None)."""
+    errors: int
+    """Messages lost because it raised or returned another class."""
+    last_error: str = ""
+
+
 class Metrics(msgspec.Struct):
     """The broker's metrics, as the original design names them, plus per-client rows."""
 
@@ -358,6 +373,7 @@ class Metrics(msgspec.Struct):
     memory_usage_mb: float
     messages_total: int
     clients: list[ClientMetrics]
+    handlers: list[HandlerMetrics] = msgspec.field(default_factory=list)
 
 
 class MetricsReply(msgspec.Struct, tag="metrics", tag_field="op"):

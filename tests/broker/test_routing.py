@@ -201,7 +201,7 @@ def test_candles_are_published_on_their_type_and_market() -> None:
 
 def test_every_upbit_data_type_has_a_route() -> None:
     router, _, _ = make()
-    assert set(DATA_TYPES.values()) <= set(router._handlers)
+    assert set(DATA_TYPES.values()) <= set(router._routes)
 
 
 def my_order(code: str) -> MyOrder:
