@@ -262,12 +262,19 @@ class Sim:
             raw = response.read()
         return json.loads(raw) if raw else None
 
-    def set_rate(self, per_second: float | None = None, firehose: bool | None = None) -> Any:
+    def set_rate(
+        self,
+        per_second: float | None = None,
+        firehose: bool | None = None,
+        firehose_rate: float | None = None,
+    ) -> Any:
         body: dict[str, Any] = {}
         if per_second is not None:
             body["per_second"] = per_second
         if firehose is not None:
             body["firehose"] = firehose
+        if firehose_rate is not None:
+            body["firehose_rate"] = firehose_rate
         return self.control("rate", body)
 
     def stats(self) -> dict[str, Any]:

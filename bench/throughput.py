@@ -14,15 +14,16 @@ subscribed streams as fast as it drains them; no compression, no limits):
                   process), its hardcoded ``wss://api.upbit.com`` URL redirected to the
                   simulator (see :func:`bench.common.load_pyupbit_websocket_api`). It
                   takes one type per connection, so ``mix`` uses three managers
-- ``zmq``         bare pyzmq PUB -> SUB between two processes, sending the [topic,
-                  envelope] bytes the broker published for the same workload (XPUB with
+- ``zmq``         bare pyzmq PUB -> SUB between two processes, sending the messages
+                  (topic + NUL + envelope) the broker published for the same workload (XPUB with
                   XPUB_NODROP so it blocks instead of dropping: the lossless ceiling)
 
 Zero loss is checked with per-topic sequence numbers (independently of the library's
 own tracker), the subscriptions' drop counters and status events. If the firehose
-loses messages, the simulator's rate mode is stepped down to find the highest lossless
-rate, and both are reported. Paths alternate within each round, so every figure has a
-same-run baseline; figures are medians over rounds.
+loses messages, the firehose is capped (the simulator's ``firehose_rate``) at steps
+below the rate reached, to find the highest lossless rate, and both are reported.
+Paths alternate within each round, so every figure has a same-run baseline; figures
+are medians over rounds.
 """
 
 from __future__ import annotations
@@ -60,9 +61,6 @@ WORKLOADS: dict[str, list[str]] = {
     "trade": ["trade"],
     "orderbook": ["orderbook"],
 }
-MSGS_PER_EVENT = {"ticker": 0.5, "trade": 0.5, "orderbook": 1.0}
-"""Messages per market event in the simulator's rate mode (trade_ratio 0.5)."""
-
 TARGET_RATE = 60_000
 TARGET_VS_PYUPBIT = 1.2
 TARGET_VS_WEBSOCKETS = 0.5
@@ -151,17 +149,14 @@ class Bench:
         self.wait_quiet()
         return result
 
-    def run_rate(self, workload: str, target: float, window: float) -> dict[str, Any]:
-        """Broker path in the simulator's rate mode at about ``target`` messages/s."""
-        mpe = sum(MSGS_PER_EVENT[t] for t in WORKLOADS[workload])
-        per_second = target / (len(self.codes) * mpe)
-        self.sim.set_rate(per_second=per_second, firehose=False)
+    def run_capped(self, workload: str, target: float, window: float) -> dict[str, Any]:
+        """Broker path with the firehose held to ``target`` messages/s."""
+        self.sim.set_rate(firehose=True, firehose_rate=target)
         try:
             result = self.run("broker", workload, window=window)
         finally:
-            self.sim.set_rate(per_second=2.0, firehose=True)
+            self.sim.set_rate(firehose=True, firehose_rate=0)
         result["target"] = target
-        result["per_second"] = per_second
         return result
 
     def run_zmq(self, workload: str, window: float) -> dict[str, Any] | None:
@@ -265,7 +260,7 @@ def main() -> None:
     p.add_argument(
         "--search",
         action="store_true",
-        help="step the simulator's rate mode even when the firehose lost nothing",
+        help="step the capped firehose down even when the full firehose lost nothing",
     )
     p.add_argument(
         "--variant",
@@ -334,7 +329,7 @@ def main() -> None:
             if z is not None:
                 runs[workload]["zmq"] = [z]
                 print(f"     {z['rate']:,.0f} msgs/s, lost {z['lost']}")
-        # Loss at the firehose: step the simulator's rate down to the highest lossless one.
+        # Loss at the firehose: cap it lower, step by step, to the highest lossless rate.
         search: dict[str, list[dict[str, Any]]] = {}
         for workload in workloads:
             firehose = runs[workload]["broker"]
@@ -342,8 +337,8 @@ def main() -> None:
                 continue
             top = max(x["rate"] for x in firehose)
             for frac in (0.9, 0.75, 0.6, 0.45, 0.3):
-                with stage(f"{workload}: rate mode at {frac:.0%} of {top:,.0f}"):
-                    res = bench.run_rate(workload, top * frac, args.window)
+                with stage(f"{workload}: firehose capped at {frac:.0%} of {top:,.0f}"):
+                    res = bench.run_capped(workload, top * frac, args.window)
                 search.setdefault(workload, []).append(res)
                 print(f"     {res['rate']:,.0f} msgs/s" + ("  LOSS" if lossy(res) else ""))
                 if not lossy(res):
@@ -371,7 +366,7 @@ def main() -> None:
             lossless = max((x["rate"] for x in ok_runs), default=0.0)
             note = f"firehose lost messages at {med['broker']:,.0f}/s; highest lossless step shown"
             if any(x["sim_rate"] < 0.9 * x["target"] for x in search.get(workload, [])):
-                note += " (the simulator's rate mode could not offer every step)"
+                note += " (the simulator could not offer every step)"
         elif search.get(workload):
             steps = ", ".join(
                 f"{x['rate']:,.0f}/s{' LOSS' if lossy(x) else ''} (asked {x['target']:,.0f}, "
@@ -379,7 +374,7 @@ def main() -> None:
                 + (": simulator-limited)" if x["sim_rate"] < 0.9 * x["target"] else ")")
                 for x in search[workload]
             )
-            note = f"rate-mode steps: {steps}"
+            note = f"capped firehose steps: {steps}"
         cpu_per_msg = median(x["broker_cpu_us_per_msg"] or 0 for x in w["broker"])
         summary[workload] = {
             "median_rate": med,

@@ -83,6 +83,8 @@ class Simulator:
         self.stats = Stats()
         self.hub = Hub(self)
         self.firehose = config.firehose
+        self.firehose_rate = 0.0
+        """Messages/s per connection the firehose is held to (0: as fast as sockets drain)."""
         self.urls: dict[str, Any] = {}
         self.verifier = JwtVerifier(config.access_key, config.secret_key)
         self.account = Account(balances=config.balances)
@@ -176,8 +178,11 @@ class Simulator:
         self.exchange.set_rate(per_second, time.time())
         self.wake_ticker()
 
-    def set_firehose(self, on: bool) -> None:
+    def set_firehose(self, on: bool, rate: float | None = None) -> None:
+        """Switch the firehose; ``rate`` caps it per connection (0 lifts the cap)."""
         self.firehose = on
+        if rate is not None:
+            self.firehose_rate = rate
         self.hub.wake_all()
 
     def reset(self) -> None:
@@ -197,6 +202,7 @@ class Simulator:
         self.exchange.reset(now)
         self.exchange.set_rate(self.config.rate, now)
         self.firehose = self.config.firehose
+        self.firehose_rate = 0.0
         self.hub.wake_all()
         self.wake_ticker()
 

@@ -13,7 +13,8 @@ Tests and benchmarks use it to look inside the simulator and to inject failures:
   or ping frame for N seconds, sockets open; 0 ends a stall
 - ``POST /_sim/refuse_upgrades``  ``{"seconds", "status": 429|418}``
 - ``POST /_sim/rest_fail``        ``{"seconds", "status": 500|429}`` for every /v1 route
-- ``POST /_sim/rate``             ``{"per_second"?: X, "firehose"?: bool}``
+- ``POST /_sim/rate``             ``{"per_second"?: X, "firehose"?: bool, "firehose_rate"?: X}``
+  (``firehose_rate``: messages/s per connection the firehose is held to; 0 = unlimited)
 - ``POST /_sim/reset``            clear faults, limits, counters, request logs, account
 - ``POST /_sim/orders``           registered by ``simulator.rest_private`` (no JWT)
 """
@@ -287,17 +288,31 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         per_second = body.get("per_second")
         firehose = body.get("firehose")
+        cap = body.get("firehose_rate")
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
+        ):
+            return _bad("firehose_rate must be a number >= 0")
         if per_second is not None:
             if isinstance(per_second, bool) or not isinstance(per_second, int | float):
                 return _bad("per_second must be a number")
             if per_second < 0:
                 return _bad("per_second must be >= 0")
             sim.set_rate(float(per_second))
-        if firehose is not None:
-            if not isinstance(firehose, bool):
-                return _bad("firehose must be a boolean")
-            sim.set_firehose(firehose)
-        return web.json_response({"per_second": sim.exchange.rate, "firehose": sim.firehose})
+        if firehose is not None and not isinstance(firehose, bool):
+            return _bad("firehose must be a boolean")
+        if firehose is not None or cap is not None:
+            sim.set_firehose(
+                sim.firehose if firehose is None else firehose,
+                None if cap is None else float(cap),
+            )
+        return web.json_response(
+            {
+                "per_second": sim.exchange.rate,
+                "firehose": sim.firehose,
+                "firehose_rate": sim.firehose_rate,
+            }
+        )
 
     async def reset(request: web.Request) -> web.Response:
         sim.reset()

@@ -922,9 +922,21 @@ class Connection:
         sim = self.sim
         version = -1
         templates: list[_Template] = []
-        batch = max(1, sim.config.firehose_batch)
         counter = 0
+        paced_since = time.monotonic()
+        paced_sent = 0
+        cap = -1.0
         while sim.firehose and not self.closed:
+            if cap != sim.firehose_rate:  # (re)start pacing from now at the new cap
+                cap = sim.firehose_rate
+                paced_since, paced_sent = time.monotonic(), 0
+            batch = max(1, sim.config.firehose_batch)
+            if cap > 0:  # small bursts (~5 ms of the cap) so the pace is smooth
+                batch = max(1, min(batch, int(cap / 200)))
+                due = paced_since + paced_sent / cap - time.monotonic()
+                if due > 0:
+                    await asyncio.sleep(due)
+                    continue
             if self.queue:
                 await self._flush()
             if version != self.version:
@@ -949,6 +961,7 @@ class Connection:
                 else:
                     payloads.append(tpl.payload(ts, b""))
             self.messages_sent += len(payloads)
+            paced_sent += len(payloads)
             sim.stats.ws_firehose_messages += len(payloads)
             await self._write(payloads)
             await asyncio.sleep(0)  # let readers, REST and other connections run

@@ -133,6 +133,7 @@ async def test_rate_changes_the_event_rate(make_sim: SimFactory) -> None:
         assert await control(sim, "rate", {"per_second": 0}) == {
             "per_second": 0.0,
             "firehose": False,
+            "firehose_rate": 0.0,
         }
         while True:  # drain what was in flight, then silence
             try:
@@ -203,6 +204,8 @@ async def test_control_rejects_bad_bodies(
         ("rest_fail", {"seconds": 1, "status": 404}),
         ("rate", {"per_second": -1}),
         ("rate", {"firehose": "yes"}),
+        ("rate", {"firehose_rate": -5}),
+        ("rate", {"firehose_rate": True}),
     ]:
         async with http.post(f"{sim.urls['control']}/{path}", json=body) as resp:
             assert resp.status == 400, path

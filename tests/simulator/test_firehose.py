@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -54,3 +55,28 @@ async def test_firehose_floods_valid_messages_with_unique_trade_ids(
         assert stats["ws"]["firehose_messages"] >= 3000
         conns = await control(sim, "connections")
         assert conns["connections"][0]["compressed"] is (compression == "deflate")
+
+
+async def test_a_capped_firehose_holds_its_rate(make_sim: SimFactory) -> None:
+    """The throughput bench steps the firehose down to find the highest lossless rate."""
+    sim = await make_sim(rate=1.0)
+    async with open_ws(sim.urls["ws"], max_queue=4096) as ws:
+        await send(ws, T, {"type": "ticker", "codes": ["KRW-BTC"], "is_only_realtime": True})
+        reply = await control(sim, "rate", {"firehose": True, "firehose_rate": 2000})
+        assert reply["firehose_rate"] == 2000.0
+        await ws.recv()
+        start = time.monotonic()
+        received = 0
+        while received < 3000:  # ~1.5 s at the cap; an uncapped firehose takes ~20 ms
+            await ws.recv()
+            received += 1
+        elapsed = time.monotonic() - start
+        assert received / elapsed < 2000 * 1.25
+        uncapped = await control(sim, "rate", {"firehose_rate": 0})
+        assert uncapped == {"per_second": 1.0, "firehose": True, "firehose_rate": 0.0}
+        await control(sim, "rate", {"firehose": False})
+        while True:  # read the backlog so the close handshake is not stuck behind it
+            try:
+                await asyncio.wait_for(ws.recv(), 0.2)
+            except TimeoutError:
+                break
