@@ -265,7 +265,7 @@ def main() -> None:
     p.add_argument(
         "--variant",
         default="",
-        help="also measure another commit's broker on the mix workload (commit:REV)",
+        help="also measure a variant broker on the mix workload (commit:REV or asyncio)",
     )
     args = p.parse_args()
     quick = args.quick

@@ -7,6 +7,9 @@ client library too (``BENCH_TREE``), so commits with different bus protocols com
 That is how a change is shown against its baseline in one run, the only comparison
 this 2-vCPU host allows (absolute rates swing by +-30 % between runs).
 
+``--variant asyncio`` runs the working tree's broker on the standard asyncio event loop
+instead of uvloop (uvloop made unimportable), to show what uvloop is worth.
+
 Earlier variants patched a proposed change into the broker at start (``publish-int``,
 ``publish-batch``); both are in the broker now (:meth:`broker.publisher.Publisher.flush`),
 so they are gone.
@@ -53,10 +56,16 @@ def checkout(rev: str) -> Path:
 
 
 def broker_argv(variant: str) -> tuple[list[str], dict[str, str]]:
-    """Python arguments and extra environment that run the broker of ``commit:REV``."""
+    """Python arguments and extra environment that run the broker of ``variant``."""
+    if variant == "asyncio":
+        code = (
+            "import sys; sys.modules['uvloop'] = None; "  # import uvloop -> ImportError
+            "from broker.cli import main; sys.exit(main())"
+        )
+        return ["-c", code], {}
     kind, _, rev = variant.partition(":")
     if kind != "commit" or not rev:
-        raise SystemExit(f"unknown variant {variant!r}; use commit:REV (a git revision)")
+        raise SystemExit(f"unknown variant {variant!r}; use commit:REV or asyncio")
     tree = str(checkout(rev))
     code = (
         f"import sys; sys.path.insert(0, {tree!r}); from broker.cli import main; sys.exit(main())"
