@@ -16,7 +16,7 @@ upstream down/restored, broker lost/restored). This package never imports auth c
 and never sees API keys: only the broker holds them.
 """
 
-from clients.client import BrokerClient, StatusCallback
+from clients.client import BrokerClient
 from clients.dispatch import DEFAULT_MAXSIZE, Subscription
 from clients.errors import (
     BrokerError,
@@ -25,6 +25,7 @@ from clients.errors import (
     ClientClosed,
     ClientError,
 )
+from clients.streams import StatusCallback
 from clients.sync import SyncBrokerClient, SyncSubscription
 
 __all__ = [

@@ -1,10 +1,12 @@
 """The asyncio client: find the local broker, subscribe, receive, survive its restarts.
 
 Sockets: a DEALER to the broker's control ROUTER (one msgpack frame per message) and a
-SUB to its data PUB (``topic + TOPIC_END + envelope``). Both are plain (synchronous) pyzmq sockets
-watched with ``loop.add_reader``: when one becomes readable, everything available is
+SUB to its data PUB (``topic + TOPIC_END + envelope``). Both are plain (synchronous)
+pyzmq sockets watched with ``loop.add_reader``: when one becomes readable, everything available is
 read with ``NOBLOCK`` before returning to the loop, so a burst costs one wake-up, not
-one per message. Routing, sequences and callbacks live in :mod:`clients.dispatch`.
+one per message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the
+sockets and loop callbacks in :mod:`clients.sockets`, the typed ``subscribe_*`` methods
+in :mod:`clients.streams`.
 
 Liveness: the client heartbeats every ``heartbeat_interval`` (from the broker's
 Welcome). Silence on both sockets for ``interval * liveness`` triggers a health probe
@@ -38,13 +40,14 @@ import structlog
 import zmq
 
 from broker.config import bus_endpoints
-from clients.dispatch import DEFAULT_MAXSIZE, Dispatcher, Subscription
+from clients import sockets
+from clients.dispatch import Dispatcher, Subscription
 from clients.errors import BrokerError, BrokerTimeout, BrokerUnavailable, ClientClosed
+from clients.streams import StatusCallback, StreamMethods, candle_type, stream_specs
 from schemas.bus import (
     HEARTBEAT_TOPIC,
     STATUS_TOPIC_PREFIX,
     BrokerMessage,
-    Bye,
     ClientMessage,
     Envelope,
     ErrorReply,
@@ -69,140 +72,27 @@ from schemas.bus import (
     encode,
 )
 from schemas.errors import DecodeError
-from schemas.upbit import CANDLE_TYPES, Candle, MyAsset, MyOrder, Orderbook, Ticker, Trade
 
 __all__ = ["BrokerClient", "StatusCallback"]
 
 R = TypeVar("R")
-StatusCallback = Callable[[StatusEvent], object]
-"""``on_status`` callbacks: sync or async, receive one :class:`StatusEvent`."""
 
 BATCH: Final = 4096
 """Messages read per wake-up before yielding to other tasks (fairness under load)."""
 RCVHWM: Final = 20_000
 """SUB queue bound inside ZeroMQ (~0.3 s at 60k msg/s, ~16 MB of tickers); past it the
 broker's PUB drops for this client only, and the client counts the gap."""
-BYE_LINGER_MS: Final = 100
-"""The control socket lingers this long on close so the Bye gets out (never blocks)."""
 _DOWN_STATES: Final = frozenset({"down", "connecting", "reconnecting"})
 _UP_STATES: Final = frozenset({"up", "idle", "restored", "source_rest", "source_websocket"})
 _CLIENT_TOPIC: Final = "_client/"
 """Topic of status notices the client makes itself (broker lost / restored)."""
 
 
-class _IO:
-    """The resources a finalizer must release; holds no reference to the client."""
-
-    __slots__ = ("ctrl", "data", "dispatcher", "loop", "tasks")
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ctrl: zmq.Socket[bytes],
-        data: zmq.Socket[bytes],
-        dispatcher: Dispatcher,
-    ) -> None:
-        self.loop = loop
-        self.ctrl = ctrl
-        self.data = data
-        self.dispatcher = dispatcher
-        """Its subscriptions are ended too, so a held iterator does not wait forever."""
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-
-def _release(io: _IO) -> None:
-    """Finalizer: cancel tasks, stop watching the sockets, say Bye, close. Idempotent."""
-
-    def shutdown() -> None:
-        if not io.loop.is_closed():
-            io.dispatcher.clear()
-        for task in list(io.tasks):
-            with contextlib.suppress(RuntimeError):  # its loop may be closed already
-                task.cancel()
-        for sock in (io.ctrl, io.data):
-            if not sock.closed and not io.loop.is_closed():
-                with contextlib.suppress(Exception):
-                    io.loop.remove_reader(sock.FD)
-        _close_ctrl(io.ctrl)
-        io.data.close(linger=0)
-
-    try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is io.loop or io.loop.is_closed() or not io.loop.is_running():
-        shutdown()
-    else:  # dropped in another thread while the loop runs: release in the loop's thread
-        with contextlib.suppress(RuntimeError):
-            io.loop.call_soon_threadsafe(shutdown)
-
-
-def _close_ctrl(sock: zmq.Socket[bytes]) -> None:
-    if sock.closed:
-        return
-    with contextlib.suppress(zmq.ZMQError):
-        sock.send(encode(Bye()), zmq.NOBLOCK)
-    sock.close(linger=BYE_LINGER_MS)
-
-
-def _on_ctrl_readable(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        client._drain_control()
-
-
-def _on_data_readable(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        client._drain_data()
-
-
-async def _heartbeat_loop(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    """Beat, watch for silence, re-arm the readers; holds the client only while working."""
-    while True:
-        client = ref()
-        if client is None or client._closed:
-            return
-        try:
-            delay = client._tick()
-        except Exception:  # a bug here must not silence the heartbeats for good
-            client._log.exception("heartbeat tick failed")
-            delay = 0.25
-        del client
-        await asyncio.sleep(delay)
-
-
-async def _probe(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        await client._probe_once()
-
-
-async def _resync_loop(ref: weakref.ReferenceType[BrokerClient], reason: str) -> None:
-    """Hello + re-subscribe until it works, backing off; stops if the client goes away."""
-    delay = 0.1
-    while True:
-        client = ref()
-        if client is None or client._closed:
-            return
-        try:
-            done = await client._resync_once(reason)
-        except Exception:  # keep trying: giving up would leave the client deaf forever
-            client._log.exception("reconnect attempt crashed")
-            done = False
-        if done:
-            client._resync_task = None
-            return
-        del client
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
-
-
 class _Reset(Exception):
     """A request's socket was replaced while it waited (internal: retried once)."""
 
 
-class BrokerClient:
+class BrokerClient(StreamMethods):
     """Asyncio client of the local upbit-broker.
 
     With no arguments the endpoints come from :func:`broker.config.bus_endpoints`
@@ -230,7 +120,7 @@ class BrokerClient:
         self.request_timeout = request_timeout
         self.client_id = uuid.uuid4().hex
         self._dispatcher = Dispatcher()
-        self._io: _IO | None = None
+        self._io: sockets.IO | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._welcome: Welcome | None = None
         self._welcomed = asyncio.Event()
@@ -315,12 +205,12 @@ class BrokerClient:
         data.connect(self.data_endpoint)
         for prefix in (HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes):
             data.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        io = _IO(loop, self._new_ctrl(ctx), data, self._dispatcher)
+        io = sockets.IO(loop, self._new_ctrl(ctx), data, self._dispatcher)
         self._io = io
-        loop.add_reader(io.ctrl.FD, _on_ctrl_readable, self._ref)
-        loop.add_reader(data.FD, _on_data_readable, self._ref)
-        self._finalizer = weakref.finalize(self, _release, io)
-        self._spawn(_heartbeat_loop(self._ref))
+        loop.add_reader(io.ctrl.FD, sockets.on_ctrl_readable, self._ref)
+        loop.add_reader(data.FD, sockets.on_data_readable, self._ref)
+        self._finalizer = weakref.finalize(self, sockets.release, io)
+        self._spawn(sockets.heartbeat_loop(self._ref))
         self._last_rx = loop.time()
 
     def _new_ctrl(self, ctx: zmq.Context[Any]) -> zmq.Socket[bytes]:
@@ -335,14 +225,14 @@ class BrokerClient:
         assert io is not None
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.ctrl.FD)
-        _close_ctrl(io.ctrl)
+        sockets.close_ctrl(io.ctrl)
         io.ctrl = self._new_ctrl(zmq.Context.instance())
-        io.loop.add_reader(io.ctrl.FD, _on_ctrl_readable, self._ref)
+        io.loop.add_reader(io.ctrl.FD, sockets.on_ctrl_readable, self._ref)
         self._fail_pending(_Reset())
 
     def _shutdown_io(self) -> None:
         if self._finalizer is not None:
-            self._finalizer()  # runs _release once and detaches
+            self._finalizer()  # runs sockets.release once and detaches
         self._finalizer = None
         self._io = None
         self._welcome = None
@@ -370,7 +260,7 @@ class BrokerClient:
         except zmq.Again:
             raise BrokerUnavailable("control queue to the broker is full") from None
         # A send can consume the socket's edge-triggered readiness: look again soon.
-        io.loop.call_soon(_on_ctrl_readable, self._ref)
+        io.loop.call_soon(sockets.on_ctrl_readable, self._ref)
 
     def _drain_control(self) -> None:
         io = self._io
@@ -518,7 +408,7 @@ class BrokerClient:
             )
         silent = io.loop.time() - self._last_rx
         if silent > interval * welcome.liveness and self._probe_task is None:
-            self._probe_task = self._spawn(_probe(self._ref))
+            self._probe_task = self._spawn(sockets.probe(self._ref))
         return interval
 
     async def _probe_once(self) -> None:
@@ -552,7 +442,7 @@ class BrokerClient:
         self._public = self._private = False
         self._notify("down", reason)
         self._dispatcher.suspend()
-        self._resync_task = self._spawn(_resync_loop(self._ref, reason))
+        self._resync_task = self._spawn(sockets.resync_loop(self._ref, reason))
 
     async def _resync_once(self, reason: str) -> bool:
         """One recovery attempt: fresh DEALER, hello, re-subscribe with snapshots."""
@@ -652,7 +542,7 @@ class BrokerClient:
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH:  # more may be waiting: continue after other tasks had a turn
-            loop.call_soon(_on_data_readable, self._ref)
+            loop.call_soon(sockets.on_data_readable, self._ref)
         if d.status_events:
             events, d.status_events = d.status_events, []
             self._on_status_events(events)
@@ -685,7 +575,7 @@ class BrokerClient:
             io.data.setsockopt(option, prefix.encode())
             changed = True
         if changed:
-            io.loop.call_soon(_on_data_readable, self._ref)
+            io.loop.call_soon(sockets.on_data_readable, self._ref)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -788,78 +678,6 @@ class BrokerClient:
         """Every live subscription of this client."""
         return self._dispatcher.subscriptions
 
-    async def subscribe_ticker(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Ticker], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[Ticker]:
-        """Tickers of ``codes`` (``"KRW-BTC"`` or a list); snapshot first, then updates."""
-        return await self._subscribe(_streams("ticker", codes), callback, on_status, maxsize)
-
-    async def subscribe_trade(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Trade], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[Trade]:
-        """Trades of ``codes``."""
-        return await self._subscribe(_streams("trade", codes), callback, on_status, maxsize)
-
-    async def subscribe_orderbook(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Orderbook], object] | None = None,
-        *,
-        depth: int | None = None,
-        level: float | None = None,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[Orderbook]:
-        """Orderbooks of ``codes``: top ``depth`` levels (1, 5, 15, 30), grouped by ``level``."""
-        streams = _streams("orderbook", codes, depth=depth, level=level)
-        return await self._subscribe(streams, callback, on_status, maxsize)
-
-    async def subscribe_candle(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Candle], object] | None = None,
-        *,
-        unit: str = "1m",
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[Candle]:
-        """Candles of ``codes``; ``unit`` is one of 1s 1m 3m 5m 10m 15m 30m 60m 240m."""
-        streams = _streams(_candle_type(unit), codes)
-        return await self._subscribe(streams, callback, on_status, maxsize)
-
-    async def subscribe_my_order(
-        self,
-        codes: str | Iterable[str] | None = None,
-        callback: Callable[[MyOrder], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[MyOrder]:
-        """Your order updates (needs keys at the broker); ``codes=None`` means every market."""
-        streams = _streams("myOrder", codes, optional=True)
-        return await self._subscribe(streams, callback, on_status, maxsize)
-
-    async def subscribe_my_asset(
-        self,
-        callback: Callable[[MyAsset], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> Subscription[MyAsset]:
-        """Your balance changes (needs keys at the broker)."""
-        streams = [StreamSpec("myAsset")]
-        return await self._subscribe(streams, callback, on_status, maxsize)
-
     # ------------------------------------------------------------------ requests
 
     async def get_snapshot(
@@ -877,11 +695,13 @@ class BrokerClient:
         Values the broker had to fetch over REST carry ``seq == 0``.
         """
         if type_ == "candle" or unit is not None:
-            type_ = _candle_type(unit or "1m")
+            type_ = candle_type(unit or "1m")
         if type_ == "myAsset":
             streams = [StreamSpec("myAsset")]
         else:
-            streams = _streams(type_, codes, depth=depth, level=level, optional=type_ == "myOrder")
+            streams = stream_specs(
+                type_, codes, depth=depth, level=level, optional=type_ == "myOrder"
+            )
         reply = await self._request(lambda r: GetSnapshot(r, streams), SnapshotReply)
         return reply.items
 
@@ -910,35 +730,3 @@ class BrokerClient:
     def gaps(self) -> int:
         """Sequence gaps seen over all topics."""
         return self._dispatcher.gaps
-
-
-def _candle_type(unit: str) -> str:
-    name = f"candle.{unit}"
-    if name not in CANDLE_TYPES:
-        units = ", ".join(t.removeprefix("candle.") for t in CANDLE_TYPES)
-        raise ValueError(f"candle unit {unit!r} is not one of {units}")
-    return name
-
-
-def _streams(
-    type_: str,
-    codes: str | Iterable[str] | None,
-    *,
-    depth: int | None = None,
-    level: float | None = None,
-    optional: bool = False,
-) -> list[StreamSpec]:
-    """Stream specs for ``codes``; codes are trimmed and upper-cased, duplicates merged."""
-    if codes is None:
-        if optional:
-            return [StreamSpec(type_)]
-        raise ValueError(f"{type_} needs one or more market codes, e.g. 'KRW-BTC'")
-    items = [codes] if isinstance(codes, str) else list(codes)
-    specs: list[StreamSpec] = []
-    for code in dict.fromkeys(items):
-        if not isinstance(code, str) or not code.strip():
-            raise ValueError(f"market codes must be non-empty strings, got {code!r}")
-        specs.append(StreamSpec(type_, code.strip().upper(), depth, level))
-    if not specs:
-        raise ValueError("no market codes given")
-    return list({s.topic: s for s in specs}.values())
