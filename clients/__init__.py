@@ -17,7 +17,6 @@ and never sees API keys: only the broker holds them.
 """
 
 from clients.client import BrokerClient
-from clients.dispatch import DEFAULT_MAXSIZE, Subscription
 from clients.errors import (
     BrokerError,
     BrokerTimeout,
@@ -26,6 +25,7 @@ from clients.errors import (
     ClientError,
 )
 from clients.streams import StatusCallback
+from clients.subscription import DEFAULT_MAXSIZE, Subscription
 from clients.sync import SyncBrokerClient, SyncSubscription
 
 __all__ = [

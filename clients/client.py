@@ -41,9 +41,10 @@ import zmq
 
 from broker.config import bus_endpoints
 from clients import sockets
-from clients.dispatch import Dispatcher, Subscription
+from clients.dispatch import Dispatcher
 from clients.errors import BrokerError, BrokerTimeout, BrokerUnavailable, ClientClosed
 from clients.streams import StatusCallback, StreamMethods, candle_type, stream_specs
+from clients.subscription import Subscription
 from schemas.bus import (
     HEARTBEAT_TOPIC,
     STATUS_TOPIC_PREFIX,

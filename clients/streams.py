@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from clients.dispatch import DEFAULT_MAXSIZE, Subscription
+from clients.subscription import DEFAULT_MAXSIZE, Subscription
 from schemas.bus import StatusEvent, StreamSpec
 from schemas.upbit import CANDLE_TYPES, Candle, MyAsset, MyOrder, Orderbook, Ticker, Trade
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from clients.client import BrokerClient
-from clients.dispatch import DEFAULT_MAXSIZE, Subscription
 from clients.errors import ClientClosed
 from clients.streams import StatusCallback
+from clients.subscription import DEFAULT_MAXSIZE, Subscription
 from schemas.bus import Envelope, Health, Metrics, StatusEvent, StreamSpec
 from schemas.upbit import Candle, MyAsset, MyOrder, Orderbook, Ticker, Trade
 
