@@ -24,6 +24,7 @@ from schemas.upbit import (
     Trade,
     decode_frame,
 )
+from tests.schemas.test_upbit import CANDLE, TICKER
 
 
 class RecordingSocket:
@@ -175,22 +176,6 @@ def test_deactivating_a_topic_forgets_its_last_value_but_not_its_sequence() -> N
     assert [e.seq for _, e in socket.sent] == [1, 2]
 
 
-CANDLE = {
-    "type": "candle.1m",
-    "code": "KRW-BTC",
-    "candle_date_time_utc": "2026-08-26T08:08:00",
-    "candle_date_time_kst": "2026-08-26T17:08:00",
-    "opening_price": 109715000.0,
-    "high_price": 109756000.0,
-    "low_price": 109714000.0,
-    "trade_price": 109756000.0,
-    "candle_acc_trade_volume": 0.71326612,
-    "candle_acc_trade_price": 78269528.64757,
-    "timestamp": 1787731717049,
-    "stream_type": "SNAPSHOT",
-}
-
-
 def test_candles_are_published_on_their_type_and_market() -> None:
     router, _, socket = make(StreamSpec("candle.1m", "KRW-BTC"))
     router.on_frame(json.dumps(CANDLE).encode(), 5)
@@ -250,31 +235,7 @@ def test_private_messages_reach_the_observer_and_their_topics() -> None:
 
 def test_a_rest_ticker_equal_to_the_last_one_is_not_published_again() -> None:
     router, _, socket = make(StreamSpec("ticker", "KRW-BTC"))
-    frame = json.dumps(
-        {
-            "type": "ticker",
-            "code": "KRW-BTC",
-            "opening_price": 1.0,
-            "high_price": 1.0,
-            "low_price": 1.0,
-            "trade_price": 1.0,
-            "prev_closing_price": 1.0,
-            "change": "EVEN",
-            "change_price": 0.0,
-            "signed_change_price": 0.0,
-            "change_rate": 0.0,
-            "signed_change_rate": 0.0,
-            "trade_volume": 1.0,
-            "acc_trade_volume": 1.0,
-            "acc_trade_volume_24h": 1.0,
-            "acc_trade_price": 1.0,
-            "acc_trade_price_24h": 1.0,
-            "trade_date": "20261126",
-            "trade_time": "000000",
-            "trade_timestamp": 1,
-            "timestamp": 1,
-        }
-    ).encode()
+    frame = json.dumps(TICKER).encode()
     router.on_frame(frame, 1)
     same = msgspec.json.decode(frame, type=Ticker)
     router.route(same, 2, "rest")  # REST saw nothing new: no message

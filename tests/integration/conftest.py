@@ -147,10 +147,8 @@ def broker_env(
     return env
 
 
-@pytest.fixture
-def broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
-    """A public-only broker against the simulator; clients in this process find it by env."""
-    env = broker_env(sim)
+def run_broker_proc(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
+    """Start a broker with ``env`` (exported for in-process clients); stop it, show its log."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     proc = BrokerProc(Child("broker", ["-m", "broker"], env=env), env)
@@ -160,18 +158,15 @@ def broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
     finally:
         proc.child.stop()
         print(proc.child.output())
+
+
+@pytest.fixture
+def broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
+    """A public-only broker against the simulator; clients in this process find it by env."""
+    yield from run_broker_proc(broker_env(sim), monkeypatch)
 
 
 @pytest.fixture
 def private_broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
     """A broker with the simulator's API keys (public and private links)."""
-    env = broker_env(sim, keys=True)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    proc = BrokerProc(Child("broker", ["-m", "broker"], env=env), env)
-    try:
-        wait_ready(env)
-        yield proc
-    finally:
-        proc.child.stop()
-        print(proc.child.output())
+    yield from run_broker_proc(broker_env(sim, keys=True), monkeypatch)

@@ -10,9 +10,9 @@ import pytest
 
 from clients import BrokerClient
 from schemas.upbit import Ticker, Trade
-from tests.integration.conftest import BrokerProc, Sim, broker_env, wait_ready
+from tests.integration.conftest import BrokerProc, Sim, broker_env, run_broker_proc
 from tests.integration.test_cli import run_broker
-from tests.support import Child, async_wait_until, scaled
+from tests.support import async_wait_until, scaled
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,14 +24,7 @@ ENTRIES = ",".join(
 @pytest.fixture
 def handled_broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
     env = broker_env(sim, extra={"UPBIT_BROKER_HANDLERS": ENTRIES})
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    proc = BrokerProc(Child("broker", ["-m", "broker"], env=env), env)
-    try:
-        wait_ready(env)
-        yield proc
-    finally:
-        proc.child.stop()
+    yield from run_broker_proc(env, monkeypatch)
 
 
 async def test_handlers_filter_and_a_failing_one_harms_no_other_stream(
