@@ -45,8 +45,8 @@ class ConnectFailed(Exception):
 class WsClient:
     """One aiohttp session for a link's successive connections.
 
-    Create and close it inside the running event loop. ``trust_env`` makes it honour
-    ``HTTPS_PROXY``/``NO_PROXY`` like the rest of the Python ecosystem.
+    Create and close it inside the running event loop. ``trust_env``: a proxy named by
+    ``WSS_PROXY`` / ``WS_PROXY`` (an ``http://`` proxy) is used, ``NO_PROXY`` honoured.
     """
 
     def __init__(self, *, open_timeout: float = 10.0, close_timeout: float = 0.5) -> None:
