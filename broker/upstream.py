@@ -208,6 +208,10 @@ class UpstreamLink:
         while True:
             if not self._wanted:
                 self._set_state("idle", "no streams to carry")
+                # Cleared first: a change already undone (streams added then released
+                # before this task ran) would leave it set, and waiting on a set event
+                # returns at once: the loop would spin and freeze the whole broker.
+                self._changed.clear()
                 await self._changed.wait()
                 continue
             await self._gate.acquire()

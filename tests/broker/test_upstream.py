@@ -1,0 +1,76 @@
+"""The upstream link's run loop, without any server: what it does with no streams."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from broker.ratelimit import BanStore
+from broker.subscriptions import UpstreamStream
+from broker.upstream import ConnectGate, UpstreamLink
+
+
+class NoExchange:
+    """Fails the test if the link ever tries to connect."""
+
+    def ws_url(self, private: bool) -> str:
+        raise AssertionError("the link connected although it carries nothing")
+
+    def connect_headers(self, private: bool) -> dict[str, str]:
+        raise AssertionError("the link connected although it carries nothing")
+
+
+def idle_link(states: list[str]) -> UpstreamLink:
+    return UpstreamLink(
+        "public",
+        NoExchange(),  # type: ignore[arg-type]
+        ConnectGate(BanStore()),
+        on_frame=lambda frame, now: None,
+        on_status=lambda name, state, detail: states.append(state),
+    )
+
+
+@pytest.mark.timeout(10, method="signal")  # a spinning loop never yields: only a signal ends it
+async def test_a_subscribe_undone_before_the_link_runs_leaves_it_waiting_not_spinning() -> None:
+    states: list[str] = []
+    link = idle_link(states)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.sleep(0.01)  # the link waits for streams
+        link.set_streams(frozenset({UpstreamStream("ticker", "KRW-BTC")}))
+        link.set_streams(frozenset())  # released before the link task ran again
+        for _ in range(100):  # the loop must keep turning: the link has to wait again
+            await asyncio.sleep(0)
+        assert not task.done()
+        assert link.stats.state == "idle"
+        assert link.stats.connects == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_streams_wake_an_idle_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    states: list[str] = []
+    link = idle_link(states)
+    attempts: list[Any] = []
+
+    async def no_connect(client: Any) -> None:
+        attempts.append(client)
+        link.set_streams(frozenset())  # nothing to carry any more: back to idle
+
+    monkeypatch.setattr(link, "_connect", no_connect)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.sleep(0.01)
+        link.set_streams(frozenset({UpstreamStream("ticker", "KRW-BTC")}))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if attempts:
+                break
+        assert len(attempts) == 1
+        assert states[:1] == ["connecting"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
