@@ -273,6 +273,9 @@ class UpstreamLink:
         except ConnectFailed as exc:
             self._log.warning("connect failed", detail=str(exc))
             return None
+        except Exception as exc:  # never let one bad attempt end the link for good
+            self._log.exception("connect attempt crashed", error=type(exc).__name__)
+            return None
         self.stats.connects += 1
         self._ws = ws
         return ws
@@ -302,8 +305,8 @@ class UpstreamLink:
     async def _first_pong(self, ws: WebSocket) -> bool:
         """Ping, and read until the pong (True) or close/timeout (False)."""
         try:
-            await ws.ping()
             async with asyncio.timeout(self._keepalive):
+                await ws.ping()  # inside: a peer that stopped reading can block the send
                 while True:
                     msg = await ws.receive()
                     if msg.type is _PONG:
@@ -326,8 +329,11 @@ class UpstreamLink:
             await asyncio.sleep(self._keepalive)
             self._pong.clear()
             try:
-                await ws.ping()
-                await asyncio.wait_for(self._pong.wait(), self._keepalive)
+                async with asyncio.timeout(self._keepalive):
+                    # The ping inside the timeout too: with the send buffer full (a peer
+                    # that stopped reading) it waits for a drain that never comes.
+                    await ws.ping()
+                    await self._pong.wait()
             except ConnectionError:
                 return  # the reader sees the close too
             except TimeoutError:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from types import SimpleNamespace
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["ConnectFailed", "UpgradeRefused", "WebSocket", "WsClient"]
+__all__ = ["ConnectFailed", "UpgradeRefused", "WebSocket", "WsClient", "proxy_for"]
 
 WebSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 """A connection whose text frames arrive as bytes (``decode_text=False``)."""
@@ -42,11 +44,32 @@ class ConnectFailed(Exception):
     """The connection could not be opened (network, TLS, timeout, bad handshake)."""
 
 
+def proxy_for(url: str, env_proxies: dict[str, str] | None = None) -> str | None:
+    """The proxy to reach ``url`` through, from the environment, or None.
+
+    Like the ``websockets`` library: ``wss://`` looks at ``WSS_PROXY`` then
+    ``HTTPS_PROXY``, ``ws://`` at ``WS_PROXY`` then ``HTTP_PROXY``; ``NO_PROXY`` wins.
+    aiohttp tunnels through ``http://`` proxies only: another kind raises ConnectFailed
+    rather than silently connecting directly. Read here instead of aiohttp's
+    ``trust_env``, which would also send ``~/.netrc`` credentials to Upbit as Basic auth.
+    """
+    parts = urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies() if env_proxies is None else env_proxies
+    keys = ("wss", "https") if parts.scheme == "wss" else ("ws", "http")
+    proxy = next((proxies[k] for k in keys if proxies.get(k)), None)
+    if proxy is None:
+        return None
+    if urlsplit(proxy).scheme != "http":
+        raise ConnectFailed(f"proxy {urlsplit(proxy).scheme}:// is not supported (http:// only)")
+    return proxy
+
+
 class WsClient:
     """One aiohttp session for a link's successive connections.
 
-    Create and close it inside the running event loop. ``trust_env``: a proxy named by
-    ``WSS_PROXY`` / ``WS_PROXY`` (an ``http://`` proxy) is used, ``NO_PROXY`` honoured.
+    Create and close it inside the running event loop. Proxies: :func:`proxy_for`.
     """
 
     def __init__(self, *, open_timeout: float = 10.0, close_timeout: float = 0.5) -> None:
@@ -65,13 +88,15 @@ class WsClient:
         if session is None or session.closed:
             trace = aiohttp.TraceConfig()
             trace.on_request_end.append(self._keep_refusal_body)
-            session = self._session = aiohttp.ClientSession(trace_configs=[trace], trust_env=True)
+            session = self._session = aiohttp.ClientSession(trace_configs=[trace])
         self._refusal_body = ""
+        proxy = proxy_for(url)
         try:
             async with asyncio.timeout(self._open_timeout):
                 return await session.ws_connect(
                     url,
                     headers=headers,
+                    proxy=proxy,
                     autoping=False,
                     autoclose=True,
                     # A peer that stopped answering pings will not answer a close either:
@@ -85,7 +110,8 @@ class WsClient:
             if exc.status == 101:  # upgraded, but the handshake headers were wrong
                 raise ConnectFailed(f"bad handshake: {exc.message}") from None
             raise UpgradeRefused(exc.status, self._refusal_body) from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            # ValueError: aiohttp's answer to headers or a URL it cannot use.
             raise ConnectFailed(f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     async def close(self) -> None:

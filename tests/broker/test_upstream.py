@@ -74,3 +74,40 @@ async def test_streams_wake_an_idle_link(monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class ExplodingExchange(NoExchange):
+    """Its headers cannot be built (a bug, or a library refusing them)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def ws_url(self, private: bool) -> str:
+        return "ws://127.0.0.1:9/websocket/v1"
+
+    def connect_headers(self, private: bool) -> dict[str, str]:
+        self.calls += 1
+        raise RuntimeError("cannot sign")
+
+
+async def test_a_crashing_connect_attempt_is_retried_not_fatal() -> None:
+    exchange = ExplodingExchange()
+    link = UpstreamLink(
+        "public",
+        exchange,  # type: ignore[arg-type]
+        ConnectGate(BanStore()),
+        on_frame=lambda frame, now: None,
+        on_status=lambda name, state, detail: None,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        link.set_streams(frozenset({UpstreamStream("ticker", "KRW-BTC")}))
+        for _ in range(300):  # first retry within ~0.2 s (backoff), deadline 3 s
+            await asyncio.sleep(0.01)
+            if exchange.calls >= 2:
+                break
+        assert exchange.calls >= 2
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import WSMsgType, web
 
-from broker.wsclient import ConnectFailed, UpgradeRefused, WsClient
+from broker.wsclient import ConnectFailed, UpgradeRefused, WsClient, proxy_for
 
 BAN_BODY = '{"error":{"name":"too_many_requests","message":"blocked for 42 seconds"}}'
 
@@ -98,3 +99,53 @@ async def test_silent_server_times_out_as_connect_failed() -> None:
                 await client.connect(f"ws://127.0.0.1:{port}/ws", {}, compression=False)
         finally:
             await client.close()
+
+
+async def test_netrc_credentials_are_never_sent(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's trust_env would send ~/.netrc as Basic auth, to Upbit or next to a JWT."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    client = WsClient()
+    try:
+        ws = await client.connect(server, {}, compression=False)
+        assert (await ws.receive()).data == b'{"auth":""}'
+        await ws.close()
+        bearer = await client.connect(server, {"Authorization": "Bearer x"}, compression=False)
+        assert (await bearer.receive()).data == b'{"auth":"Bearer x"}'
+        await bearer.close()
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "proxies", "expected"),
+    [
+        ("wss://api.upbit.com/websocket/v1", {}, None),
+        ("wss://api.upbit.com/websocket/v1", {"https": "http://proxy:3128"}, "http://proxy:3128"),
+        (
+            "wss://api.upbit.com/websocket/v1",
+            {"wss": "http://a:1", "https": "http://b:2"},
+            "http://a:1",
+        ),
+        ("ws://api.upbit.com/websocket/v1", {"https": "http://proxy:3128"}, None),
+        ("ws://api.upbit.com/websocket/v1", {"http": "http://proxy:3128"}, "http://proxy:3128"),
+    ],
+)
+def test_the_proxy_comes_from_the_environment_like_websockets(
+    url: str, proxies: dict[str, str], expected: str | None
+) -> None:
+    assert proxy_for(url, proxies) == expected
+
+
+def test_a_proxy_aiohttp_cannot_use_is_an_error_not_a_direct_connection() -> None:
+    with pytest.raises(ConnectFailed, match="socks5:// is not supported"):
+        proxy_for("wss://api.upbit.com/websocket/v1", {"https": "socks5://proxy:1080"})
+
+
+def test_no_proxy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "api.upbit.com")
+    assert proxy_for("wss://api.upbit.com/x", {"https": "http://proxy:3128"}) is None
