@@ -51,8 +51,13 @@ class HandlerError(ValueError):
 class DataHandler(Protocol):
     """Transforms (or drops) the payloads of the Upbit data types it names."""
 
-    types: Collection[str]
-    """Upbit data type names this handler receives (keys of ``schemas.upbit.DATA_TYPES``)."""
+    @property
+    def types(self) -> Collection[str]:
+        """Upbit data type names this handler receives (keys of ``schemas.upbit.DATA_TYPES``).
+
+        A plain class attribute does: ``types = frozenset({"trade"})``.
+        """
+        ...
 
     def handle(self, message: Any) -> Any | None:
         """The payload to publish instead of ``message`` (same class), or None to drop it."""
@@ -190,6 +195,10 @@ def load_handlers(
             raise HandlerError(f"{entry}: cannot import {module_name!r} ({exc})") from None
         except AttributeError:
             raise HandlerError(f"{entry}: {module_name!r} has no {attr!r}") from None
+        except Exception as exc:  # the module itself failed while being imported
+            raise HandlerError(
+                f"{entry}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
         if not callable(target):
             raise HandlerError(f"{entry}: {attr!r} is not a class or function")
         try:

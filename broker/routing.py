@@ -91,8 +91,18 @@ class DataRouter:
                 self._topics[kind] = {}
                 self._routes[cls] = partial(self._route_per_code, kind)
         # Pluggable handlers run before a type's route; types without any cost nothing.
+        # Private messages reach the reconciliation observer as Upbit sent them: what
+        # a handler drops or rewrites is about publishing, not about the account state.
+        publish_only: dict[type, Callable[[Any, int, Source], None]] = {
+            MyOrder: self._publish_my_order,
+            MyAsset: self._publish_my_asset,
+        }
         for cls, chain in (handlers.chains if handlers is not None else {}).items():
-            self._routes[cls] = partial(self._transformed, chain, self._routes[cls])
+            route = publish_only.get(cls)
+            if route is None:
+                self._routes[cls] = partial(self._transformed, chain, self._routes[cls])
+            else:
+                self._routes[cls] = partial(self._transformed_private, chain, route)
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
         """Learn which orderbook depths each (code, level) must be published at.
@@ -185,6 +195,18 @@ class DataRouter:
         if result is not None:
             route(result, recv_ns, source)
 
+    def _transformed_private(
+        self,
+        chain: HandlerChain,
+        route: Callable[[Any, int, Source], None],
+        message: MyOrder | MyAsset,
+        recv_ns: int,
+        source: Source,
+    ) -> None:
+        if self._on_private is not None:
+            self._on_private(message)
+        self._transformed(chain, route, message, recv_ns, source)
+
     def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
         self.messages += 1
         topic = self._topic(kind, message.code)
@@ -192,18 +214,24 @@ class DataRouter:
             self._publish(topic, message, recv_ns, source)
 
     def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
-        self.messages += 1
         if self._on_private is not None:
             self._on_private(order)
+        self._publish_my_order(order, recv_ns, source)
+
+    def _publish_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
+        self.messages += 1
         # Published on its market's topic; "myOrder/" subscribers match it by prefix.
         topic = self._topic("myOrder", order.code)
         if "myOrder/" in self._active or topic in self._active:
             self._publish(topic, order, recv_ns, source)
 
     def _route_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
-        self.messages += 1
         if self._on_private is not None:
             self._on_private(asset)
+        self._publish_my_asset(asset, recv_ns, source)
+
+    def _publish_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
+        self.messages += 1
         if "myAsset/" in self._active:
             self._publish("myAsset/", asset, recv_ns, source)
 

@@ -16,8 +16,8 @@ from broker.publisher import Publisher
 from broker.routing import DataRouter
 from examples.handlers import LargeTrades
 from schemas.bus import StreamSpec
-from schemas.upbit import Ticker, Trade
-from tests.broker.test_routing import RecordingSocket, trade
+from schemas.upbit import MyOrder, Ticker, Trade
+from tests.broker.test_routing import RecordingSocket, my_order, trade
 
 
 class Doubler:
@@ -173,3 +173,33 @@ def test_large_trades_example_filters_krw_markets_only() -> None:
     assert handler.handle(small) is None
     assert handler.handle(big) is big
     assert handler.handle(btc_market) is btc_market
+
+
+class DropAllOrders:
+    types = ("myOrder",)
+
+    def handle(self, message: MyOrder) -> None:
+        return None
+
+
+def test_reconciliation_sees_private_messages_a_handler_drops() -> None:
+    seen: list[Any] = []
+    socket = RecordingSocket()
+    publisher = Publisher(socket, "e")  # type: ignore[arg-type]
+    hset = HandlerSet([DropAllOrders()])
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=seen.append, handlers=hset)
+    publisher.activate("myOrder/")
+    order = my_order("KRW-BTC")
+    router.route(order, 1, "websocket")
+    assert seen == [order]  # the account state follows Upbit ...
+    assert socket.sent == []  # ... while the bus follows the handler
+    assert hset.metrics()[0].dropped == 1
+
+
+def test_a_module_failing_at_import_is_a_handler_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_handler_mod.py").write_text("raise RuntimeError('no config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(HandlerError, match="importing 'broken_handler_mod' failed: RuntimeError"):
+        load_handlers(["broken_handler_mod:Thing"])
