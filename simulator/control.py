@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -290,9 +291,9 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         firehose = body.get("firehose")
         cap = body.get("firehose_rate")
         if cap is not None and (
-            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
+            isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 <= cap < math.inf
         ):
-            return _bad("firehose_rate must be a number >= 0")
+            return _bad("firehose_rate must be a finite number >= 0")
         if per_second is not None:
             if isinstance(per_second, bool) or not isinstance(per_second, int | float):
                 return _bad("per_second must be a number")

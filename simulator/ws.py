@@ -933,9 +933,13 @@ class Connection:
             batch = max(1, sim.config.firehose_batch)
             if cap > 0:  # small bursts (~5 ms of the cap) so the pace is smooth
                 batch = max(1, min(batch, int(cap / 200)))
-                due = paced_since + paced_sent / cap - time.monotonic()
+                now = time.monotonic()
+                # Time spent idle (no streams, a stall, a slow reader) is no credit: at
+                # most one burst may be owed, never a backlog sent at full speed.
+                paced_since = max(paced_since, now - (paced_sent + batch) / cap)
+                due = paced_since + paced_sent / cap - now
                 if due > 0:
-                    await asyncio.sleep(due)
+                    await asyncio.sleep(min(due, 0.05))  # then look at the cap again
                     continue
             if self.queue:
                 await self._flush()

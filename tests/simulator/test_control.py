@@ -211,3 +211,16 @@ async def test_control_rejects_bad_bodies(
             assert resp.status == 400, path
     async with http.post(f"{sim.urls['control']}/drop", data=b"not json") as resp:
         assert resp.status == 400
+
+
+async def test_a_firehose_cap_must_be_finite(make_sim: SimFactory) -> None:
+    sim = await make_sim()
+    async with aiohttp.ClientSession() as http:
+        for cap in ("Infinity", "NaN"):  # what json.loads accepts beyond JSON
+            async with http.post(
+                f"{sim.urls['control']}/rate",
+                data=f'{{"firehose_rate": {cap}}}',
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                assert resp.status == 400, cap
+                assert "finite" in (await resp.text())
