@@ -376,7 +376,7 @@ class UpstreamLink:
         """
         limiter, pace = self._limiter, self._pace
         while True:
-            now = time.time()
+            now = time.monotonic()  # a wall-clock step must not stall or burst requests
             wait = max(limiter.delay(now), pace.delay(now))
             if wait <= 0.0 and limiter.try_acquire(now) and pace.try_acquire(now):
                 return
@@ -420,7 +420,7 @@ class UpstreamLink:
         return request_target(
             wanted,
             self._sent,
-            headroom=self._limiter.headroom(time.time()),
+            headroom=self._limiter.headroom(time.monotonic()),
             min_headroom=REMOVAL_HEADROOM,
             max_lingering=MAX_LINGERING,
         )
