@@ -58,7 +58,6 @@ class DataRouter:
     ) -> None:
         self._publisher = publisher
         self._exchange = exchange
-        self._on_private = on_private
         self._depths: dict[OrderbookKey, tuple[int, ...]] = {}
         self._deepening: dict[OrderbookKey, int] = {}
         """(code, level) whose upstream depth just grew -> the old depth still in flight."""
@@ -90,19 +89,14 @@ class DataRouter:
             if cls not in self._routes:
                 self._topics[kind] = {}
                 self._routes[cls] = partial(self._route_per_code, kind)
-        # Pluggable handlers run before a type's route; types without any cost nothing.
-        # Private messages reach the reconciliation observer as Upbit sent them: what
-        # a handler drops or rewrites is about publishing, not about the account state.
-        publish_only: dict[type, Callable[[Any, int, Source], None]] = {
-            MyOrder: self._publish_my_order,
-            MyAsset: self._publish_my_asset,
-        }
+        # Layers around a type's route, innermost first: pluggable handlers (types
+        # without any cost nothing), then the private-state observer, so reconciliation
+        # sees myOrder/myAsset as Upbit sent them whatever a handler drops or rewrites.
         for cls, chain in (handlers.chains if handlers is not None else {}).items():
-            route = publish_only.get(cls)
-            if route is None:
-                self._routes[cls] = partial(self._transformed, chain, self._routes[cls])
-            else:
-                self._routes[cls] = partial(self._transformed_private, chain, route)
+            self._routes[cls] = partial(self._transformed, chain, self._routes[cls])
+        if on_private is not None:
+            for cls in (MyOrder, MyAsset):
+                self._routes[cls] = partial(self._observed, on_private, self._routes[cls])
 
     def set_streams(self, streams: Iterable[StreamSpec]) -> None:
         """Learn which orderbook depths each (code, level) must be published at.
@@ -195,17 +189,16 @@ class DataRouter:
         if result is not None:
             route(result, recv_ns, source)
 
-    def _transformed_private(
-        self,
-        chain: HandlerChain,
+    @staticmethod
+    def _observed(
+        observe: Callable[[MyOrder | MyAsset], None],
         route: Callable[[Any, int, Source], None],
         message: MyOrder | MyAsset,
         recv_ns: int,
         source: Source,
     ) -> None:
-        if self._on_private is not None:
-            self._on_private(message)
-        self._transformed(chain, route, message, recv_ns, source)
+        observe(message)
+        route(message, recv_ns, source)
 
     def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
         self.messages += 1
@@ -214,11 +207,6 @@ class DataRouter:
             self._publish(topic, message, recv_ns, source)
 
     def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
-        if self._on_private is not None:
-            self._on_private(order)
-        self._publish_my_order(order, recv_ns, source)
-
-    def _publish_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
         self.messages += 1
         # Published on its market's topic; "myOrder/" subscribers match it by prefix.
         topic = self._topic("myOrder", order.code)
@@ -226,11 +214,6 @@ class DataRouter:
             self._publish(topic, order, recv_ns, source)
 
     def _route_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
-        if self._on_private is not None:
-            self._on_private(asset)
-        self._publish_my_asset(asset, recv_ns, source)
-
-    def _publish_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
         self.messages += 1
         if "myAsset/" in self._active:
             self._publish("myAsset/", asset, recv_ns, source)
