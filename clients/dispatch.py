@@ -1,7 +1,7 @@
 """Client-side routing: topic -> subscriptions, the Clone pattern, sequences.
 
 Pure enough to test without sockets: :class:`Dispatcher` takes published messages
-(``topic + TOPIC_END + envelope``) and hands envelopes to
+(``topic + TOPIC_END + envelope``, :func:`schemas.bus.split_published`) and hands envelopes to
 :class:`clients.subscription.Subscription` objects; the I/O shell
 (:mod:`clients.client`) only reads the sockets and acts on what the dispatcher records
 (:attr:`Dispatcher.foreign_epoch`, :attr:`Dispatcher.status_events`).
@@ -26,7 +26,7 @@ import msgspec
 
 from clients.sequence import ACCEPT, DUPLICATE, SequenceTracker
 from clients.subscription import DEFAULT_MAXSIZE, BoundedQueue, Subscription, is_async_callable
-from schemas.bus import TOPIC_END, Envelope, StatusEvent, decode_envelope
+from schemas.bus import Envelope, StatusEvent, decode_envelope, split_published
 from schemas.errors import DecodeError
 
 __all__ = [
@@ -164,11 +164,11 @@ class Dispatcher:
 
         False when it was unusable (no topic end, unknown topic, undecodable envelope).
         """
-        end = message.find(TOPIC_END)
-        if end < 0:
+        try:
+            topic, body = split_published(message)
+        except DecodeError:
             self.decode_errors += 1
             return False
-        topic = message[:end]
         route = self._routes.get(topic)
         if route is None:
             route = self._resolve(topic)
@@ -176,7 +176,7 @@ class Dispatcher:
                 self.unrouted += 1
                 return False
         try:
-            env = decode_envelope(memoryview(message)[end + 1 :])
+            env = decode_envelope(body)
         except DecodeError:
             self.decode_errors += 1
             return False
