@@ -290,17 +290,30 @@ class UpstreamLink:
         self._limiter.reset()  # Upbit counts messages per connection
         self._pace.reset()
         self._changed.set()  # a new connection carries nothing: send the full request
-        helpers = [
+        reader = asyncio.create_task(self._reader(ws), name=f"{self.name}-reader")
+        tasks = [
+            reader,
             asyncio.create_task(self._sender(ws), name=f"{self.name}-sender"),
             asyncio.create_task(self._verifier(ws), name=f"{self.name}-verifier"),
             asyncio.create_task(self._keepalive_loop(ws), name=f"{self.name}-keepalive"),
         ]
         try:
-            await self._reader(ws)
+            # The reader ends with the connection; a helper only ends by closing it. A
+            # helper that fails (a bug) must not leave a link that reads but never sends
+            # again: the connection is dropped and the next one starts afresh.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = None if task.cancelled() else task.exception()
+                if error is not None and task is not reader:
+                    self._log.error(
+                        "link task failed; reconnecting", task=task.get_name(), error=repr(error)
+                    )
+            if reader in done:
+                reader.result()  # the reader's own failure propagates, as before
         finally:
-            for task in helpers:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _first_pong(self, ws: WebSocket) -> bool:
         """Ping, and read until the pong (True) or close/timeout (False)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+from aiohttp import WSMsgType, web
 
 from broker.ratelimit import BanStore
 from broker.subscriptions import UpstreamStream
@@ -111,3 +113,69 @@ async def test_a_crashing_connect_attempt_is_retried_not_fatal() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class FlakyRequestExchange(NoExchange):
+    """Points at a local server; building the first subscription request fails (a bug)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.built = 0
+
+    def ws_url(self, private: bool) -> str:
+        return self.url
+
+    def connect_headers(self, private: bool) -> dict[str, str]:
+        return {}
+
+    def subscription_message(self, streams: Any, new: Any) -> str:
+        self.built += 1
+        if self.built == 1:
+            raise RuntimeError("request builder bug")
+        return '[{"ticket":"t"},{"type":"ticker","codes":["KRW-BTC"]}]'
+
+
+async def test_a_failing_sender_drops_the_connection_and_the_next_one_subscribes() -> None:
+    connections = 0
+    received: list[str] = []
+
+    async def upgrade(request: web.Request) -> web.StreamResponse:
+        nonlocal connections
+        connections += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                received.append(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", upgrade)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    exchange = FlakyRequestExchange(f"ws://127.0.0.1:{port}/ws")
+    link = UpstreamLink(
+        "public",
+        exchange,  # type: ignore[arg-type]
+        ConnectGate(BanStore()),
+        on_frame=lambda frame, now: None,
+        on_status=lambda name, state, detail: None,
+        coalesce=0.0,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        link.set_streams(frozenset({UpstreamStream("ticker", "KRW-BTC")}))
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert received, f"no request after the failed one ({connections} connections)"
+        assert connections == 2
+        assert link.stats.reconnects == 1
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
