@@ -36,7 +36,13 @@ from broker.publisher import Publisher
 from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
-from broker.subscriptions import SubscriptionState, UpstreamStream, carries, upstream_plan
+from broker.subscriptions import (
+    SubscriptionState,
+    UpstreamStream,
+    carries,
+    upstream_plan,
+    widen_request,
+)
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import HEARTBEAT_TOPIC, StatusEvent, StreamSpec, status_topic
 
@@ -107,6 +113,7 @@ class Broker:
                 on_status=self._on_link_status,
                 on_rejected=self._on_rejected,
                 on_carried=functools.partial(self._on_carried, name),
+                widen=self._widen if name == "public" and settings.widen_types else None,
                 coalesce=settings.coalesce_window,
             )
 
@@ -189,6 +196,7 @@ class Broker:
                 self._lingering.discard(spec)
             else:
                 self.publisher.activate(spec.topic)
+                self.router.claim(spec.topic)
             changed = True
         for spec in removed:
             self._lingering.add(spec)
@@ -199,6 +207,8 @@ class Broker:
     def _on_carried(self, link: ConnectionName, carried: frozenset[UpstreamStream]) -> None:
         """The link's upstream request changed: retire released topics it no longer carries."""
         private = link == "private"
+        if not private:
+            self.router.keep_unclaimed(carried)
         retired = [
             spec
             for spec in self._lingering
@@ -210,6 +220,19 @@ class Broker:
             self.router.forget(spec)
         if retired:
             self.router.set_streams(self.state.all_streams() | self._lingering)
+
+    def _widen(
+        self,
+        target: frozenset[UpstreamStream],
+        sent: frozenset[UpstreamStream] | None,
+        limit: int,
+    ) -> frozenset[UpstreamStream]:
+        """The public link's scarce request, widened over the known markets."""
+        if self.markets is None:
+            return target
+        return widen_request(
+            target, sent, markets=self.markets, types=self.settings.widen_types, limit=limit
+        )
 
     def _replan(self) -> None:
         streams = self.state.all_streams()

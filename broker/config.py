@@ -15,6 +15,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
     UPBIT_BROKER_COALESCE_MS 50      window that merges subscription changes
     UPBIT_BROKER_SEND_HWM   10000    messages queued per client before it loses some
+    UPBIT_BROKER_WIDEN      ticker,trade   stream types requested for every market of a
+                                     quote while requests are scarce (``none``: off)
     UPBIT_BROKER_LOG_FORMAT console | json
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
 
@@ -46,6 +48,9 @@ __all__ = [
 DEFAULT_WS_URL: Final = "wss://api.upbit.com/websocket/v1"
 DEFAULT_WS_PRIVATE_URL: Final = "wss://api.upbit.com/websocket/v1/private"
 DEFAULT_REST_URL: Final = "https://api.upbit.com"
+DEFAULT_WIDEN: Final = frozenset({"ticker", "trade"})
+"""Cheap streams (a few messages a second per market) worth carrying ahead of demand;
+orderbooks are not: every market's books would cost far more bandwidth and CPU."""
 IPC_PATH_MAX: Final = 107
 """Longest ``ipc://`` path the kernel accepts (sun_path is 108 bytes with the NUL)."""
 
@@ -164,6 +169,25 @@ def _handler_entries(env: Mapping[str, str]) -> tuple[str, ...]:
         raise ConfigError(f"UPBIT_BROKER_HANDLERS: {exc}") from None
 
 
+def _widen_types(env: Mapping[str, str]) -> frozenset[str]:
+    from schemas.bus import PUBLIC_STREAM_TYPES
+
+    raw = env.get("UPBIT_BROKER_WIDEN")
+    if raw is None or not raw.strip():
+        return DEFAULT_WIDEN
+    if raw.strip().lower() == "none":
+        return frozenset()
+    types = frozenset(t.strip() for t in raw.split(",") if t.strip())
+    unknown = sorted(types - PUBLIC_STREAM_TYPES)
+    if unknown:
+        known = ", ".join(sorted(PUBLIC_STREAM_TYPES))
+        raise ConfigError(
+            f"UPBIT_BROKER_WIDEN={raw!r}: {', '.join(unknown)} is not a public stream type "
+            f"(known: {known}; or none)"
+        )
+    return types
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = (env.get(name) or default).lower()
     if value not in choices:
@@ -214,6 +238,9 @@ class Settings:
     """Messages queued per client on the data socket before that client loses messages."""
     handlers: tuple[str, ...] = ()
     """``module:name`` entries of the data handlers to load (broker.handlers)."""
+    widen_types: frozenset[str] = DEFAULT_WIDEN
+    """Stream types a scarce request carries for every market of the new code's quote
+    (:func:`broker.subscriptions.widen_request`); empty turns widening off."""
 
     @property
     def has_keys(self) -> bool:
@@ -250,4 +277,5 @@ class Settings:
             coalesce_window=_number(env, "UPBIT_BROKER_COALESCE_MS", 50, minimum=0) / 1000,
             send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
             handlers=_handler_entries(env),
+            widen_types=_widen_types(env),
         )

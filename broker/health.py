@@ -56,6 +56,8 @@ def _link_health(link: UpstreamLink, on_rest: bool) -> ConnectionHealth:
         since=stats.since,
         reconnects=stats.reconnects,
         last_message_timestamp=stats.last_frame_at,
+        carried_streams=len(link.carried),
+        requests_left=link.requests_left(time.monotonic()) if link.is_up else None,
     )
 
 

@@ -9,6 +9,12 @@ errors and subscription listings are handed back to the link that received them.
 The same :meth:`DataRouter.route` publishes what the REST fallback fetches, so both
 sources share the trade de-duplication (a trade is published once whichever source
 brings it first) and the private-state observer that reconciliation relies on.
+
+Upbit may carry a ticker, trade or candle stream nobody subscribed to (released, or
+requested ahead of demand while requests are scarce: see
+:func:`broker.subscriptions.widen_request`). Its latest payload is kept "unclaimed",
+and the client that subscribes to it first gets it at once as its snapshot, as Upbit
+would have sent one for a new request (:meth:`DataRouter.claim`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from broker.logs import get_logger
 from broker.publisher import Publisher
 from broker.subscriptions import (
     OrderbookKey,
+    UpstreamStream,
     fan_out_orderbook_depths,
     orderbook_key,
     truncate_orderbook,
@@ -67,6 +74,8 @@ class DataRouter:
         self.decode_errors = 0
         self.last_decode_error = ""
         self._log = get_logger("router")
+        self._unclaimed: dict[str, tuple[Any, int, Source]] = {}
+        """topic -> latest (payload, recv_ns, source) of a carried stream nobody wants."""
         # Hot-path shortcuts: bound methods and the publisher's live set of topics.
         self._decode = exchange.decode
         self._publish = publisher.publish
@@ -162,6 +171,7 @@ class DataRouter:
         self.messages += 1
         topic = self._ticker_topics.get(ticker.code) or self._topic("ticker", ticker.code)
         if topic not in self._active:
+            self._unclaimed[topic] = (ticker, recv_ns, source)
             return
         if source == "rest" and self._unchanged_ticker(topic, ticker):
             return
@@ -171,6 +181,7 @@ class DataRouter:
         self.messages += 1
         topic = self._trade_topics.get(trade.code) or self._topic("trade", trade.code)
         if topic not in self._active:
+            self._unclaimed[topic] = (trade, recv_ns, source)
             return
         if self.trades.seen(trade.code, trade.sequential_id):
             self.duplicates += 1
@@ -205,6 +216,8 @@ class DataRouter:
         topic = self._topic(kind, message.code)
         if topic in self._active:
             self._publish(topic, message, recv_ns, source)
+        else:
+            self._unclaimed[topic] = (message, recv_ns, source)
 
     def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
         self.messages += 1
@@ -259,6 +272,33 @@ class DataRouter:
                 ):
                     continue
             self._publish(topic, payload, recv_ns, source)
+
+    def claim(self, topic: str) -> None:
+        """``topic`` was just activated: publish the payload kept for it, if any.
+
+        Call it before answering the subscribe, so the publisher's last value (the
+        reply's snapshot) already holds it.
+        """
+        item = self._unclaimed.pop(topic, None)
+        if item is None:
+            return
+        payload, recv_ns, source = item
+        if isinstance(payload, Trade) and self.trades.seen(payload.code, payload.sequential_id):
+            return
+        self._publish(topic, payload, recv_ns, source)
+
+    def keep_unclaimed(self, carried: Iterable[UpstreamStream]) -> None:
+        """Forget kept payloads of streams Upbit no longer carries: they would go stale."""
+        if not self._unclaimed:
+            return
+        topics = {topic_for(s.type, s.code) for s in carried if s.code is not None}
+        for topic in [t for t in self._unclaimed if t not in topics]:
+            del self._unclaimed[topic]
+
+    @property
+    def unclaimed(self) -> int:
+        """Number of payloads kept for streams nobody subscribed to."""
+        return len(self._unclaimed)
 
     def forget(self, spec: StreamSpec) -> None:
         """A stream was released: drop what was remembered for de-duplication."""

@@ -52,6 +52,7 @@ __all__ = [
     "spec_sort_key",
     "truncate_orderbook",
     "upstream_plan",
+    "widen_request",
 ]
 
 DEFAULT_DEPTH: Final = 30
@@ -382,6 +383,48 @@ def truncate_orderbook(ob: Orderbook, depth: int) -> Orderbook:
         total_ask_size=math.fsum(u.ask_size for u in kept),
         total_bid_size=math.fsum(u.bid_size for u in kept),
     )
+
+
+def widen_request(
+    target: frozenset[UpstreamStream],
+    sent: frozenset[UpstreamStream] | None,
+    *,
+    markets: Collection[str],
+    types: Collection[str],
+    limit: int,
+) -> frozenset[UpstreamStream]:
+    """``target`` plus the siblings of its new streams: the same stream, every market.
+
+    Upbit charges per request (100 a minute per connection), not per code, so while
+    requests are scarce a request that adds ``ticker`` of ``KRW-XRP`` may as well carry
+    ``ticker`` of every ``KRW-`` market: the next code a client wants is then already
+    flowing and costs no request at all (nobody's topic sees the extra data; the router
+    drops it). Only streams of ``types`` widen, an orderbook only without a ``level``
+    (levels are per market), never onto a (type, code) already in ``target``, and at
+    most ``limit`` streams are added, so the request stays bounded.
+    """
+    # One model stream per (type, quote): for orderbooks the deepest of the new ones.
+    models: dict[tuple[str, str], UpstreamStream] = {}
+    for stream in target - (sent or frozenset()):
+        code = stream.code
+        if stream.type not in types or code is None or "-" not in code or stream.level:
+            continue
+        key = (stream.type, code.split("-", 1)[0] + "-")
+        model = models.get(key)
+        if model is None or (stream.depth or 0) > (model.depth or 0):
+            models[key] = stream
+    if not models or limit <= 0:
+        return target
+    taken = {(s.type, s.code) for s in target}
+    added: list[UpstreamStream] = []
+    for (type_, quote), model in sorted(models.items()):
+        for market in sorted(markets):
+            if market.startswith(quote) and (type_, market) not in taken:
+                taken.add((type_, market))
+                added.append(UpstreamStream(type_, market, model.depth, model.level))
+                if len(added) >= limit:
+                    return target.union(added)
+    return target.union(added)
 
 
 def carries(carried: frozenset[UpstreamStream], spec: StreamSpec) -> bool:

@@ -40,10 +40,15 @@ _PONG = WSMsgType.PONG
 LinkState = Literal["idle", "connecting", "up", "down"]
 ConnectionName = Literal["public", "private"]
 BAN_KIND = "ws-connect"
-REMOVAL_HEADROOM = 80
-"""Requests left this minute (of 90) below which released streams are not dropped
-upstream: a removal is worth a request only when the budget is nearly untouched, so
-under churn every request goes to additions (bench/agility.py)."""
+SCARCE_HEADROOM = 82
+"""Requests left this minute (of 90) below which requests count as scarce: after nine in
+a minute, demand is churning (bench/agility.py). Then released streams are not dropped
+upstream (a removal is not worth a request; every request goes to additions), and a
+request adding a stream carries its siblings too
+(:func:`broker.subscriptions.widen_request`), so the next new code is already flowing.
+The tenth request, the first to widen, is still inside the burst the pacing allows
+(PACING_BURST) and goes out at once. One threshold for both: a request that dropped the
+siblings an earlier request added would only have to add them again."""
 REMOVAL_RETRY = 2.0
 """Seconds before a deferred removal is tried again."""
 STABLE_FRAMES = 16
@@ -51,8 +56,15 @@ STABLE_FRAMES = 16
 PACING_BURST = 10
 """Requests a connection may send back to back before the per-minute budget is paced
 (the rest of it spread evenly over the minute; see :class:`TokenBucket`)."""
-MAX_LINGERING = 300
-"""Released streams kept in a request at most (bounds the request's size)."""
+MAX_LINGERING = 500
+"""Streams nobody wants (released or widened) kept in a request at most: bounds the
+request's size, and fits ``ticker`` and ``trade`` of every KRW market (about 2 x 230)."""
+
+Widen = Callable[
+    [frozenset[UpstreamStream], frozenset[UpstreamStream] | None, int],
+    frozenset[UpstreamStream],
+]
+"""``(target, sent, limit) -> target``: what a scarce request may add ahead of demand."""
 
 
 class ConnectGate:
@@ -107,6 +119,8 @@ class LinkStats:
     upstream_errors: int = 0
     verifications: int = 0
     mismatches: int = 0
+    widened: int = 0
+    """Streams requested ahead of demand, summed over requests (see SCARCE_HEADROOM)."""
     last_frame_at: float | None = None
     down_since: float | None = None
     """Wall-clock time the link stopped carrying data (None while up or idle)."""
@@ -125,6 +139,7 @@ class UpstreamLink:
         on_status: Callable[[ConnectionName, str, str], None],
         on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
         on_carried: Callable[[frozenset[UpstreamStream]], None] | None = None,
+        widen: Widen | None = None,
         keepalive: float = 4.0,
         coalesce: float = 0.05,
         compression: bool = True,
@@ -140,6 +155,8 @@ class UpstreamLink:
         self._on_status = on_status
         self._on_rejected = on_rejected
         self._on_carried = on_carried
+        self._widen = widen
+        self._widened: frozenset[UpstreamStream] = frozenset()
         self._keepalive = keepalive
         self._coalesce = coalesce
         self._compression = compression
@@ -179,6 +196,10 @@ class UpstreamLink:
     def is_up(self) -> bool:
         """True while connected."""
         return self.stats.state == "up"
+
+    def requests_left(self, now: float) -> int:
+        """Requests this connection's budget still allows in the current minute."""
+        return self._limiter.headroom(now)
 
     def down_for(self, now: float) -> float | None:
         """Seconds the link has been unable to carry its streams; None when fine."""
@@ -418,25 +439,41 @@ class UpstreamLink:
                 self._retry_later(REMOVAL_RETRY)  # only removals, and budget is scarce
                 continue
             await self._acquire_message_slot()
-            target = self._target(self._wanted)
+            wanted = self._wanted
+            target = self._target(wanted)
             new = target - (self._sent or frozenset())
+            # Widened streams get their snapshot too: the router keeps it unclaimed for
+            # whoever subscribes next (DataRouter.claim).
             message = self._exchange.subscription_message(sorted(target, key=_sort_key), new)
             await ws.send_str(message)
             self.stats.requests_sent += 1
+            self._widened = new - wanted
+            if self._widened:
+                self.stats.widened += len(self._widened)
+                self._log.info(
+                    "requests are scarce: the request carries siblings ahead of demand",
+                    widened=len(self._widened),
+                    streams=len(target),
+                )
             self._last_good = self._sent or frozenset()
             self._set_sent(target)
             self._sent_at = time.monotonic()
             self._log.debug("subscription sent", streams=len(wanted), new=len(new))
 
     def _target(self, wanted: frozenset[UpstreamStream]) -> frozenset[UpstreamStream]:
-        """What to request: ``wanted``, plus released streams while budget is scarce."""
-        return request_target(
+        """What to request: ``wanted``, plus, while budget is scarce, released streams
+        and the siblings of new ones (see SCARCE_HEADROOM)."""
+        headroom = self._limiter.headroom(time.monotonic())
+        target = request_target(
             wanted,
             self._sent,
-            headroom=self._limiter.headroom(time.monotonic()),
-            min_headroom=REMOVAL_HEADROOM,
+            headroom=headroom,
+            min_headroom=SCARCE_HEADROOM,
             max_lingering=MAX_LINGERING,
         )
+        if self._widen is not None and headroom < SCARCE_HEADROOM:
+            target = self._widen(target, self._sent, MAX_LINGERING - len(target - wanted))
+        return target
 
     async def _wanted_again(self) -> None:
         while not self._wanted:
@@ -496,6 +533,10 @@ class UpstreamLink:
         if self._sent is not None and time.monotonic() - self._sent_at < 10:
             rejected = self._sent
             self._rejected = rejected
+            if self._widened and self._widen is not None:
+                # Upbit refused a request we made bigger than asked: never risk that again.
+                self._widen = None
+                self._log.warning("Upbit refused a widened request; widening is now off")
             self._set_sent(self._last_good)
             if self._on_rejected is not None:
                 self._on_rejected(rejected - self._last_good)

@@ -313,6 +313,12 @@ class ConnectionHealth(msgspec.Struct):
     since: float
     reconnects: int
     last_message_timestamp: float | None
+    carried_streams: int = 0
+    """Streams Upbit sends on it now, counting any nobody subscribed to (released ones,
+    and ones requested ahead of demand while requests are scarce)."""
+    requests_left: int | None = None
+    """Subscription requests the broker still allows itself this minute (of 90; Upbit
+    allows 100 per connection); None when it does not apply."""
 
 
 class Health(msgspec.Struct):

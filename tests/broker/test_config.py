@@ -212,6 +212,19 @@ def test_bad_coalesce_names_the_variable(base: dict[str, str]) -> None:
     assert "UPBIT_BROKER_COALESCE_MS" in config_error(base, UPBIT_BROKER_COALESCE_MS="-5")
 
 
+def test_widen_types_default_and_overrides(base: dict[str, str]) -> None:
+    assert Settings.from_env(base).widen_types == {"ticker", "trade"}
+    assert Settings.from_env({**base, "UPBIT_BROKER_WIDEN": "none"}).widen_types == frozenset()
+    chosen = Settings.from_env({**base, "UPBIT_BROKER_WIDEN": " orderbook, ticker "})
+    assert chosen.widen_types == {"orderbook", "ticker"}
+
+
+def test_a_private_or_unknown_widen_type_names_the_variable(base: dict[str, str]) -> None:
+    message = config_error(base, UPBIT_BROKER_WIDEN="ticker,myOrder,tickr")
+    assert "UPBIT_BROKER_WIDEN" in message
+    assert "myOrder, tickr" in message
+
+
 @pytest.mark.parametrize(
     ("present", "missing"),
     [("UPBIT_ACCESS_KEY", "UPBIT_SECRET_KEY"), ("UPBIT_SECRET_KEY", "UPBIT_ACCESS_KEY")],

@@ -19,6 +19,7 @@ from broker.subscriptions import (
     request_target,
     truncate_orderbook,
     upstream_plan,
+    widen_request,
 )
 from schemas.bus import StreamSpec
 from schemas.upbit import Orderbook, OrderbookUnit
@@ -381,6 +382,43 @@ def test_lingering_streams_are_bounded_and_never_doubled_with_another_depth() ->
     assert deep not in target
     assert len(target) == 11
     assert request_target(frozenset({shallow}), None, headroom=0) == {shallow}
+
+
+WIDE_MARKETS = frozenset({"KRW-BTC", "KRW-ETH", "KRW-XRP", "KRW-SOL", "BTC-ETH", "USDT-BTC"})
+
+
+def _trade(code: str) -> UpstreamStream:
+    return UpstreamStream("trade", code, None, None)
+
+
+def test_a_widened_request_carries_every_market_of_the_new_codes_quote() -> None:
+    sent = frozenset({_ticker("KRW-BTC")})
+    target = sent | {_ticker("KRW-XRP"), _trade("BTC-ETH")}
+    widened = widen_request(
+        target, sent, markets=WIDE_MARKETS, types={"ticker", "trade"}, limit=100
+    )
+    assert widened == target | {_ticker("KRW-ETH"), _ticker("KRW-SOL")}
+    # Nothing new, nothing to widen: a removal-only request stays as it is.
+    assert widen_request(sent, sent, markets=WIDE_MARKETS, types={"ticker"}, limit=100) == sent
+
+
+def test_widening_skips_other_types_levels_and_codes_already_requested() -> None:
+    book = UpstreamStream("orderbook", "KRW-BTC", 15, 0.0)
+    leveled = UpstreamStream("orderbook", "KRW-ETH", 30, 10000.0)
+    held = UpstreamStream("orderbook", "KRW-XRP", 5, None)
+    target = frozenset({book, leveled, held, _trade("KRW-BTC")})
+    assert widen_request(target, None, markets=WIDE_MARKETS, types={"ticker"}, limit=100) == target
+    widened = widen_request(target, None, markets=WIDE_MARKETS, types={"orderbook"}, limit=100)
+    # Same depth and level as the new stream; a (type, code) already asked for keeps
+    # its own depth; a leveled book never widens (levels are per market).
+    assert widened - target == {UpstreamStream("orderbook", "KRW-SOL", 15, 0.0)}
+
+
+def test_widening_stops_at_its_limit() -> None:
+    target = frozenset({_ticker("KRW-BTC"), _trade("KRW-BTC")})
+    widened = widen_request(target, None, markets=WIDE_MARKETS, types={"ticker", "trade"}, limit=4)
+    assert len(widened - target) == 4
+    assert widen_request(target, None, markets=WIDE_MARKETS, types={"ticker"}, limit=0) == target
 
 
 def test_carries_matches_what_an_upstream_request_delivers() -> None:

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from broker.ratelimit import BanStore
 from broker.subscriptions import UpstreamStream
-from broker.upstream import ConnectGate, UpstreamLink
+from broker.upstream import MAX_LINGERING, ConnectGate, UpstreamLink
 
 
 class NoExchange:
@@ -113,6 +113,45 @@ async def test_a_crashing_connect_attempt_is_retried_not_fatal() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_widening_waits_for_scarcity_and_stops_after_upbit_refuses_a_widened_request() -> None:
+    btc = UpstreamStream("ticker", "KRW-BTC")
+    sibling = UpstreamStream("ticker", "KRW-ETH")
+    limits: list[int] = []
+
+    def widen(
+        target: frozenset[UpstreamStream], sent: frozenset[UpstreamStream] | None, limit: int
+    ) -> frozenset[UpstreamStream]:
+        limits.append(limit)
+        return target | {sibling}
+
+    link = UpstreamLink(
+        "public",
+        NoExchange(),  # type: ignore[arg-type]
+        ConnectGate(BanStore()),
+        on_frame=lambda frame, now: None,
+        on_status=lambda name, state, detail: None,
+        message_limits=[(90, 60.0)],
+        widen=widen,
+    )
+    wanted = frozenset({btc})
+    assert link._target(wanted) == wanted, "widened with the budget untouched"
+    now = time.monotonic()
+    for _ in range(8):
+        assert link._limiter.try_acquire(now)
+    assert link._target(wanted) == wanted, "widened after eight requests"
+    assert link._limiter.try_acquire(now)
+    assert link._target(wanted) == {btc, sibling}, "the tenth request was not widened"
+    assert limits == [MAX_LINGERING]
+
+    # Upbit answers the widened request with an error: widening is off from then on.
+    link._set_sent(frozenset({btc, sibling}))
+    link._widened = frozenset({sibling})
+    link._sent_at = time.monotonic()
+    link.on_upstream_error("INVALID_PARAM", "too many codes")
+    assert link.carried == frozenset()
+    assert link._target(wanted) == wanted
 
 
 class FlakyRequestExchange(NoExchange):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from clients import SyncBrokerClient
 from tests.integration.conftest import BrokerProc, Sim
 from tests.support import Child, scaled, short_tmpdir, wait_until
 
@@ -180,6 +181,65 @@ def test_released_killed_and_frozen_clients_leave_the_upstream_request(
     for records in keeper.by_topic().values():
         assert_contiguous(records)
     assert "gap" not in {m.get("status") for m in keeper.messages()}
+
+
+def public_requests(sim: Sim) -> list[dict[str, Any]]:
+    """Every request the one open public connection received, oldest first."""
+    conn = next(c for c in sim.connections(PUBLIC) if not c.get("closed"))
+    requests: list[dict[str, Any]] = conn["requests"]
+    return requests
+
+
+def carried(sim: Sim) -> set[tuple[str, str]]:
+    """Like :func:`upstream_streams`, but empty while no public connection is open."""
+    if not any(not c.get("closed") for c in sim.connections(PUBLIC)):
+        return set()
+    return upstream_streams(sim)
+
+
+def test_when_requests_are_scarce_a_new_code_rides_on_a_widened_request(
+    sim: Sim, broker: BrokerProc
+) -> None:
+    krw = sorted(m["market"] for m in sim.rest("/v1/market/all") if m["market"].startswith("KRW-"))
+    every_krw_ticker = {("ticker", code) for code in krw}
+    with SyncBrokerClient(name="widen-test") as client:
+        # One request per code: after nine in a minute requests count as scarce, and
+        # the tenth carries the ticker of every KRW market.
+        for code in krw[:10]:
+            client.subscribe_ticker(code, lambda t: None)
+            wait_until(
+                lambda: ("ticker", code) in carried(sim),  # noqa: B023
+                timeout=15,
+                what=f"{code} upstream",
+            )
+        wait_until(
+            lambda: upstream_streams(sim) == every_krw_ticker,
+            timeout=15,
+            what="a request widened to every KRW ticker",
+        )
+        # Health tells why: more carried than subscribed, and few requests left.
+        public = client.health().public
+        assert public.carried_streams == len(every_krw_ticker)
+        assert public.requests_left is not None
+        assert public.requests_left < 82
+        # Upbit sends nothing new from here on: only what the broker kept can arrive.
+        sim.control("rate", {"per_second": 0})
+        # A code nobody held before costs no request, and its snapshot (sent by Upbit
+        # for the widened request, kept unclaimed by the broker) comes at once.
+        before = public_requests(sim)
+        got: list[str] = []
+        client.subscribe_ticker(krw[-1], lambda t: got.append(t.code))
+        wait_until(lambda: got, timeout=10, what=f"the kept ticker of {krw[-1]}")
+        assert got == [krw[-1]]
+        # A code of another quote needs a request: exactly one, on the same connection,
+        # so the carried one cost none (and did not upset the link either).
+        client.subscribe_ticker("BTC-ETH", lambda t: None)
+        wait_until(
+            lambda: ("ticker", "BTC-ETH") in carried(sim), timeout=15, what="BTC-ETH upstream"
+        )
+        after = public_requests(sim)
+        assert after[: len(before)] == before, "the public connection was replaced"
+        assert len(after) == len(before) + 1, [r["data"][:120] for r in after[len(before) :]]
 
 
 def test_a_second_broker_on_the_same_endpoints_refuses_to_start(broker: BrokerProc) -> None:
