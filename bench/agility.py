@@ -251,6 +251,17 @@ def request_timeline(conns: list[dict[str, Any]], since: float) -> list[int]:
     return counts
 
 
+def _streams_in(request: dict[str, Any]) -> int:
+    """Streams (type x code) one logged request asked for; 0 for anything else."""
+    try:
+        items = json.loads(str(request.get("data", "")))
+    except ValueError:
+        return 0
+    if not isinstance(items, list):
+        return 0
+    return sum(len(i.get("codes") or ()) for i in items if isinstance(i, dict) and "type" in i)
+
+
 def request_audit(sim: Sim) -> dict[str, Any]:
     """Per broker connection: most requests in any 1 s / 60 s, and rate-limit errors."""
     out: list[dict[str, Any]] = []
@@ -264,6 +275,7 @@ def request_audit(sim: Sim) -> dict[str, Any]:
                 "max_per_second": _max_in_window(times, 1.0) if times else 0,
                 "max_per_minute": _max_in_window(times, 60.0) if times else 0,
                 "errors": sorted({str(r.get("error")) for r in reqs if r.get("error")}),
+                "largest_request_streams": max((_streams_in(r) for r in reqs), default=0),
             }
         )
     return {"connections": out, "sim_stats_ws": sim.stats()["ws"]}
@@ -305,6 +317,11 @@ def main() -> None:
     p.add_argument("--churn-interval", type=float, default=0.05)
     p.add_argument("--probe-interval", type=float, default=1.0)
     p.add_argument("--rate", type=float, default=2.0, help="events/s per active market")
+    p.add_argument(
+        "--widen",
+        default=None,
+        help="the broker's UPBIT_BROKER_WIDEN (default: its own, ticker,trade; none: off)",
+    )
     args = p.parse_args()
     quick = args.quick
     seconds = args.seconds or (12.0 if quick else 80.0)
@@ -318,6 +335,7 @@ def main() -> None:
         "churn_phase_s": seconds,
         "idle_phase_s": idle,
         "simulator": f"--rate {args.rate:g} (limits on)",
+        "broker_widen": args.widen or "default (ticker,trade)",
     }
     print(f"agility ({out['mode']}): idle {idle:g} s, churn {seconds:g} s")
     t_start = time.monotonic()
@@ -333,7 +351,7 @@ def main() -> None:
         pool = krw[100:] + sim.codes("BTC-", 90) + sim.codes("USDT-", 40)
         n_churn = min(len(pool) - 40, int(seconds / args.probe_interval) + 1)
         churn_pool, idle_pool = pool[:n_churn], pool[-40:]
-        broker = start_broker(sim)
+        broker = start_broker(sim, {"UPBIT_BROKER_WIDEN": args.widen} if args.widen else None)
         bare_proc = _role(
             "bare-probe",
             [
@@ -471,6 +489,20 @@ def main() -> None:
             note=f"errors from the simulator: {errors or 'none'}",
         )
     )
+    widest = max((c["largest_request_streams"] for c in audit["connections"]), default=0)
+    rows.append(
+        Row(
+            "broker's largest request (streams)",
+            widest,
+            "streams",
+            "codes churned + probed",
+            len(churn_codes) + len(idle_probe.samples) + len(churn_probe.samples),
+            note="widened while requests were scarce (UPBIT_BROKER_WIDEN): streams nobody "
+            "asked for flow to the broker, which drops them"
+            if widest > len(churn_codes) + 1
+            else "",
+        )
+    )
     print_table(f"agility ({out['mode']} run)", rows)
     out["rows"] = rows
     out["probes"] = {
@@ -492,7 +524,8 @@ def main() -> None:
     if timeline:
         print("broker requests per second during churn:", " ".join(map(str, timeline)))
     print(
-        "\nchurn probes, where the time goes: until the broker's request reaches the "
+        f"\nchurn probes, where the time goes ({split['matched']} of {len(churn_ms)} needed a "
+        "request; the others were carried already): until the broker's request reaches the "
         f"simulator p50/p99 {split['until_request_ms'].get('p50', 0):.0f}/"
         f"{split['until_request_ms'].get('p99', 0):.0f} ms; request -> first message p50/p99 "
         f"{split['request_to_first_message_ms'].get('p50', 0):.0f}/"
@@ -504,6 +537,10 @@ def main() -> None:
         "The broker keeps its own request budget at 4/s and 90/min (margin under Upbit's 5/s "
         "and 100/min); under sustained churn the per-minute budget, not the coalescing, "
         "sets the wait for a new code.",
+        "While requests are scarce (5+ this minute) the broker widens a request adding a "
+        "ticker or trade code to every market of its quote (UPBIT_BROKER_WIDEN) and keeps "
+        "what nobody claimed as the next subscriber's snapshot: a churned or probed code "
+        "then usually costs no request at all. --widen none measures the broker without.",
         "The bare-websockets baseline sends one request per second on its own connection "
         "(no churn on it): it is the floor of a direct subscription, not a churn test.",
     ]
