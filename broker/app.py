@@ -208,7 +208,7 @@ class Broker:
         """The link's upstream request changed: retire released topics it no longer carries."""
         private = link == "private"
         if not private:
-            self.router.keep_unclaimed(carried)
+            self.router.set_carried(carried)
         retired = [
             spec
             for spec in self._lingering

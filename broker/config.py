@@ -50,7 +50,7 @@ DEFAULT_WS_PRIVATE_URL: Final = "wss://api.upbit.com/websocket/v1/private"
 DEFAULT_REST_URL: Final = "https://api.upbit.com"
 DEFAULT_WIDEN: Final = frozenset({"ticker", "trade"})
 """Cheap streams (a few messages a second per market) worth carrying ahead of demand;
-orderbooks are not: every market's books would cost far more bandwidth and CPU."""
+candles may be added; orderbooks cannot (every market's books cost far more)."""
 IPC_PATH_MAX: Final = 107
 """Longest ``ipc://`` path the kernel accepts (sun_path is 108 bytes with the NUL)."""
 
@@ -178,12 +178,15 @@ def _widen_types(env: Mapping[str, str]) -> frozenset[str]:
     if raw.strip().lower() == "none":
         return frozenset()
     types = frozenset(t.strip() for t in raw.split(",") if t.strip())
-    unknown = sorted(types - PUBLIC_STREAM_TYPES)
+    # Not orderbooks: every market's books cost far more, and the router keeps no book
+    # nobody subscribed to, so a widened book would bring bandwidth but no snapshot.
+    allowed = PUBLIC_STREAM_TYPES - {"orderbook"}
+    unknown = sorted(types - allowed)
     if unknown:
-        known = ", ".join(sorted(PUBLIC_STREAM_TYPES))
+        known = ", ".join(sorted(allowed))
         raise ConfigError(
-            f"UPBIT_BROKER_WIDEN={raw!r}: {', '.join(unknown)} is not a public stream type "
-            f"(known: {known}; or none)"
+            f"UPBIT_BROKER_WIDEN={raw!r}: {', '.join(unknown)} cannot be widened "
+            f"(choose from: {known}; or none)"
         )
     return types
 

@@ -76,6 +76,8 @@ class DataRouter:
         self._log = get_logger("router")
         self._unclaimed: dict[str, tuple[Any, int, Source]] = {}
         """topic -> latest (payload, recv_ns, source) of a carried stream nobody wants."""
+        self._carried: frozenset[str] = frozenset()
+        """Topics of the public link's last request: only these keep a payload."""
         # Hot-path shortcuts: bound methods and the publisher's live set of topics.
         self._decode = exchange.decode
         self._publish = publisher.publish
@@ -171,7 +173,8 @@ class DataRouter:
         self.messages += 1
         topic = self._ticker_topics.get(ticker.code) or self._topic("ticker", ticker.code)
         if topic not in self._active:
-            self._unclaimed[topic] = (ticker, recv_ns, source)
+            if topic in self._carried:
+                self._unclaimed[topic] = (ticker, recv_ns, source)
             return
         if source == "rest" and self._unchanged_ticker(topic, ticker):
             return
@@ -181,7 +184,8 @@ class DataRouter:
         self.messages += 1
         topic = self._trade_topics.get(trade.code) or self._topic("trade", trade.code)
         if topic not in self._active:
-            self._unclaimed[topic] = (trade, recv_ns, source)
+            if topic in self._carried:
+                self._unclaimed[topic] = (trade, recv_ns, source)
             return
         if self.trades.seen(trade.code, trade.sequential_id):
             self.duplicates += 1
@@ -216,7 +220,7 @@ class DataRouter:
         topic = self._topic(kind, message.code)
         if topic in self._active:
             self._publish(topic, message, recv_ns, source)
-        else:
+        elif topic in self._carried:
             self._unclaimed[topic] = (message, recv_ns, source)
 
     def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
@@ -287,12 +291,17 @@ class DataRouter:
             return
         self._publish(topic, payload, recv_ns, source)
 
-    def keep_unclaimed(self, carried: Iterable[UpstreamStream]) -> None:
-        """Forget kept payloads of streams Upbit no longer carries: they would go stale."""
-        if not self._unclaimed:
-            return
-        topics = {topic_for(s.type, s.code) for s in carried if s.code is not None}
-        for topic in [t for t in self._unclaimed if t not in topics]:
+    def set_carried(self, carried: Iterable[UpstreamStream]) -> None:
+        """The public link's request changed: keep payloads of exactly these streams.
+
+        A payload of a stream no longer requested is forgotten, and so is any that
+        arrives for it later (Upbit may have sent it before the new request took
+        effect): handed out much later as a snapshot, it would be stale.
+        """
+        self._carried = frozenset(
+            topic_for(s.type, s.code) for s in carried if s.code is not None and not s.is_private
+        )
+        for topic in [t for t in self._unclaimed if t not in self._carried]:
             del self._unclaimed[topic]
 
     @property

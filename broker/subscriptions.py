@@ -399,29 +399,30 @@ def widen_request(
     requests are scarce a request that adds ``ticker`` of ``KRW-XRP`` may as well carry
     ``ticker`` of every ``KRW-`` market: the next code a client wants is then already
     flowing and costs no request at all (nobody's topic sees the extra data; the router
-    drops it). Only streams of ``types`` widen, an orderbook only without a ``level``
-    (levels are per market), never onto a (type, code) already in ``target``, and at
-    most ``limit`` streams are added, so the request stays bounded.
+    drops it, keeping only the latest value for a future subscriber). Only streams of
+    ``types`` widen, never orderbooks (depth and level make them per-client and every
+    market's books cost far more), never onto a (type, code) already in ``target``, and
+    at most ``limit`` streams are added, so the request stays bounded.
     """
-    # One model stream per (type, quote): for orderbooks the deepest of the new ones.
-    models: dict[tuple[str, str], UpstreamStream] = {}
-    for stream in target - (sent or frozenset()):
-        code = stream.code
-        if stream.type not in types or code is None or "-" not in code or stream.level:
-            continue
-        key = (stream.type, code.split("-", 1)[0] + "-")
-        model = models.get(key)
-        if model is None or (stream.depth or 0) > (model.depth or 0):
-            models[key] = stream
-    if not models or limit <= 0:
+    quotes = sorted(
+        {
+            (stream.type, stream.code.split("-", 1)[0] + "-")
+            for stream in target - (sent or frozenset())
+            if stream.type in types
+            and stream.type != "orderbook"
+            and stream.code is not None
+            and "-" in stream.code
+        }
+    )
+    if not quotes or limit <= 0:
         return target
     taken = {(s.type, s.code) for s in target}
     added: list[UpstreamStream] = []
-    for (type_, quote), model in sorted(models.items()):
+    for type_, quote in quotes:
         for market in sorted(markets):
             if market.startswith(quote) and (type_, market) not in taken:
                 taken.add((type_, market))
-                added.append(UpstreamStream(type_, market, model.depth, model.level))
+                added.append(UpstreamStream(type_, market))
                 if len(added) >= limit:
                     return target.union(added)
     return target.union(added)

@@ -156,6 +156,8 @@ class UpstreamLink:
         self._on_rejected = on_rejected
         self._on_carried = on_carried
         self._widen = widen
+        self._widen_off = False
+        """Upbit refused a widened request on this connection: plain requests only."""
         self._widened: frozenset[UpstreamStream] = frozenset()
         self._keepalive = keepalive
         self._coalesce = coalesce
@@ -309,6 +311,7 @@ class UpstreamLink:
             return
         self._set_state("up", "connected")
         self._limiter.reset()  # Upbit counts messages per connection
+        self._widen_off = False
         self._pace.reset()
         self._changed.set()  # a new connection carries nothing: send the full request
         reader = asyncio.create_task(self._reader(ws), name=f"{self.name}-reader")
@@ -327,7 +330,7 @@ class UpstreamLink:
                 error = None if task.cancelled() else task.exception()
                 if error is not None and task is not reader:
                     self._log.error(
-                        "link task failed; reconnecting", task=task.get_name(), error=repr(error)
+                        "link task failed; reconnecting", task=task.get_name(), exc_info=error
                     )
             if reader in done:
                 reader.result()  # the reader's own failure propagates, as before
@@ -440,7 +443,9 @@ class UpstreamLink:
                 continue
             await self._acquire_message_slot()
             wanted = self._wanted
-            target = self._target(wanted)
+            # Judged on the budget before this request, like the check above: counting
+            # the slot just taken would make this request scarce when that one was not.
+            target = self._target(wanted, spent=1)
             new = target - (self._sent or frozenset())
             # Widened streams get their snapshot too: the router keeps it unclaimed for
             # whoever subscribes next (DataRouter.claim).
@@ -459,11 +464,17 @@ class UpstreamLink:
             self._set_sent(target)
             self._sent_at = time.monotonic()
             self._log.debug("subscription sent", streams=len(wanted), new=len(new))
+            if target != wanted:
+                # Extras (released or widened) go once the budget allows: look again.
+                self._retry_later(REMOVAL_RETRY)
 
-    def _target(self, wanted: frozenset[UpstreamStream]) -> frozenset[UpstreamStream]:
+    def _target(
+        self, wanted: frozenset[UpstreamStream], *, spent: int = 0
+    ) -> frozenset[UpstreamStream]:
         """What to request: ``wanted``, plus, while budget is scarce, released streams
-        and the siblings of new ones (see SCARCE_HEADROOM)."""
-        headroom = self._limiter.headroom(time.monotonic())
+        and the siblings of new ones (see SCARCE_HEADROOM). ``spent``: slots already
+        taken for this very request, not counted against it."""
+        headroom = self._limiter.headroom(time.monotonic()) + spent
         target = request_target(
             wanted,
             self._sent,
@@ -471,7 +482,7 @@ class UpstreamLink:
             min_headroom=SCARCE_HEADROOM,
             max_lingering=MAX_LINGERING,
         )
-        if self._widen is not None and headroom < SCARCE_HEADROOM:
+        if self._widen is not None and not self._widen_off and headroom < SCARCE_HEADROOM:
             target = self._widen(target, self._sent, MAX_LINGERING - len(target - wanted))
         return target
 
@@ -533,10 +544,16 @@ class UpstreamLink:
         if self._sent is not None and time.monotonic() - self._sent_at < 10:
             rejected = self._sent
             self._rejected = rejected
-            if self._widened and self._widen is not None:
-                # Upbit refused a request we made bigger than asked: never risk that again.
-                self._widen = None
-                self._log.warning("Upbit refused a widened request; widening is now off")
+            if self._widened:
+                # The request was bigger than clients asked for: what they asked for has
+                # not been refused, so ask again, plainly if the size may be the cause.
+                self._rejected = None
+                self._changed.set()
+                if "too many" not in name.lower() and not self._widen_off:
+                    self._widen_off = True
+                    self._log.warning(
+                        "Upbit refused a widened request; plain requests on this connection"
+                    )
             self._set_sent(self._last_good)
             if self._on_rejected is not None:
                 self._on_rejected(rejected - self._last_good)

@@ -215,14 +215,14 @@ def test_bad_coalesce_names_the_variable(base: dict[str, str]) -> None:
 def test_widen_types_default_and_overrides(base: dict[str, str]) -> None:
     assert Settings.from_env(base).widen_types == {"ticker", "trade"}
     assert Settings.from_env({**base, "UPBIT_BROKER_WIDEN": "none"}).widen_types == frozenset()
-    chosen = Settings.from_env({**base, "UPBIT_BROKER_WIDEN": " orderbook, ticker "})
-    assert chosen.widen_types == {"orderbook", "ticker"}
+    chosen = Settings.from_env({**base, "UPBIT_BROKER_WIDEN": " candle.1m, ticker "})
+    assert chosen.widen_types == {"candle.1m", "ticker"}
 
 
-def test_a_private_or_unknown_widen_type_names_the_variable(base: dict[str, str]) -> None:
-    message = config_error(base, UPBIT_BROKER_WIDEN="ticker,myOrder,tickr")
+def test_a_private_unknown_or_orderbook_widen_type_names_the_variable(base: dict[str, str]) -> None:
+    message = config_error(base, UPBIT_BROKER_WIDEN="ticker,myOrder,tickr,orderbook")
     assert "UPBIT_BROKER_WIDEN" in message
-    assert "myOrder, tickr" in message
+    assert "myOrder, orderbook, tickr cannot be widened" in message
 
 
 @pytest.mark.parametrize(

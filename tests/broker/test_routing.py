@@ -13,6 +13,7 @@ from broker.config import Settings
 from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
 from broker.routing import DataRouter
+from broker.subscriptions import UpstreamStream
 from schemas.bus import Envelope, StreamSpec, decode_envelope, split_published
 from schemas.upbit import (
     DATA_TYPES,
@@ -246,3 +247,43 @@ def test_a_rest_ticker_equal_to_the_last_one_is_not_published_again() -> None:
         (2, "rest"),
         (3, "websocket"),
     ]
+
+
+def test_a_carried_stream_nobody_wants_keeps_its_latest_value_for_the_first_subscriber() -> None:
+    router, publisher, socket = make()
+    router.set_carried({UpstreamStream("trade", "KRW-ETH"), UpstreamStream("ticker", "KRW-ETH")})
+    for sid in (1, 2):
+        router.on_frame(json.dumps(trade("KRW-ETH", sid)).encode(), sid * 10)
+    router.on_frame(json.dumps(trade("KRW-XRP", 1)).encode(), 5)  # not carried: not kept
+    assert socket.sent == []
+    assert router.unclaimed == 1
+
+    publisher.activate("trade/KRW-ETH/")
+    router.claim("trade/KRW-ETH/")
+    cached = publisher.cached("trade/KRW-ETH/")
+    assert cached is not None
+    assert isinstance(cached.data, Trade)
+    assert (cached.data.sequential_id, cached.recv_ns, cached.seq) == (2, 20, 1)
+    assert router.unclaimed == 0
+    # The claimed trade counts as published: Upbit's own copy of it is a duplicate.
+    router.on_frame(json.dumps(trade("KRW-ETH", 2)).encode(), 30)
+    router.on_frame(json.dumps(trade("KRW-ETH", 3)).encode(), 40)
+    assert [e.data.sequential_id for _, e in socket.sent] == [2, 3]  # type: ignore[union-attr]
+    router.claim("trade/KRW-BTC/")  # nothing kept: nothing published
+    assert len(socket.sent) == 2
+
+
+def test_a_stream_no_longer_requested_keeps_nothing_not_even_frames_still_in_flight() -> None:
+    router, publisher, socket = make()
+    router.set_carried({UpstreamStream("trade", "KRW-ETH")})
+    router.on_frame(json.dumps(trade("KRW-ETH", 1)).encode(), 1)
+    assert router.unclaimed == 1
+    router.set_carried(set())  # a narrower request went out
+    assert router.unclaimed == 0
+    # Upbit had sent this before the new request took effect: kept, it would be handed
+    # out as a snapshot much later.
+    router.on_frame(json.dumps(trade("KRW-ETH", 2)).encode(), 2)
+    assert router.unclaimed == 0
+    publisher.activate("trade/KRW-ETH/")
+    router.claim("trade/KRW-ETH/")
+    assert socket.sent == []

@@ -402,16 +402,16 @@ def test_a_widened_request_carries_every_market_of_the_new_codes_quote() -> None
     assert widen_request(sent, sent, markets=WIDE_MARKETS, types={"ticker"}, limit=100) == sent
 
 
-def test_widening_skips_other_types_levels_and_codes_already_requested() -> None:
+def test_widening_skips_other_types_orderbooks_and_codes_already_requested() -> None:
     book = UpstreamStream("orderbook", "KRW-BTC", 15, 0.0)
-    leveled = UpstreamStream("orderbook", "KRW-ETH", 30, 10000.0)
-    held = UpstreamStream("orderbook", "KRW-XRP", 5, None)
-    target = frozenset({book, leveled, held, _trade("KRW-BTC")})
-    assert widen_request(target, None, markets=WIDE_MARKETS, types={"ticker"}, limit=100) == target
-    widened = widen_request(target, None, markets=WIDE_MARKETS, types={"orderbook"}, limit=100)
-    # Same depth and level as the new stream; a (type, code) already asked for keeps
-    # its own depth; a leveled book never widens (levels are per market).
-    assert widened - target == {UpstreamStream("orderbook", "KRW-SOL", 15, 0.0)}
+    target = frozenset({book, _trade("KRW-BTC"), _trade("KRW-ETH"), _ticker("KRW-SOL")})
+    sent = frozenset({_trade("KRW-ETH")})
+    widened = widen_request(
+        target, sent, markets=WIDE_MARKETS, types={"orderbook", "trade"}, limit=100
+    )
+    # Trades of the other KRW markets; no orderbook however configured; no ticker
+    # (not a widened type); KRW-ETH's trade is requested already.
+    assert widened - target == {_trade("KRW-XRP"), _trade("KRW-SOL")}
 
 
 def test_widening_stops_at_its_limit() -> None:

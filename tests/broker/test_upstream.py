@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
 
+from broker import upstream
 from broker.ratelimit import BanStore
-from broker.subscriptions import UpstreamStream
+from broker.subscriptions import UpstreamStream, widen_request
 from broker.upstream import MAX_LINGERING, ConnectGate, UpstreamLink
 
 
@@ -140,7 +143,7 @@ def test_widening_waits_for_scarcity_and_stops_after_upbit_refuses_a_widened_req
     now = time.monotonic()
     for _ in range(8):
         assert link._limiter.try_acquire(now)
-    assert link._target(wanted) == wanted, "widened after eight requests"
+    assert link._target(wanted) == wanted, "the ninth request was widened"
     assert link._limiter.try_acquire(now)
     assert link._target(wanted) == {btc, sibling}, "the tenth request was not widened"
     assert limits == [MAX_LINGERING]
@@ -154,11 +157,55 @@ def test_widening_waits_for_scarcity_and_stops_after_upbit_refuses_a_widened_req
     assert link._target(wanted) == wanted
 
 
-class FlakyRequestExchange(NoExchange):
-    """Points at a local server; building the first subscription request fails (a bug)."""
+class Recorder:
+    """A local WebSocket server that records every text frame it receives."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received: list[str] = []
+        self.url = ""
+
+    async def upgrade(self, request: web.Request) -> web.StreamResponse:
+        self.connections += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                self.received.append(msg.data)
+        return ws
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    app = web.Application()
+    app.router.add_get("/ws", rec.upgrade)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rec.url = f"ws://127.0.0.1:{port}/ws"
+    try:
+        yield rec
+    finally:
+        await runner.cleanup()
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class CodesExchange(NoExchange):
+    """Requests are the JSON list of their codes; the first one may fail to build."""
+
+    def __init__(self, url: str, *, fail_first: bool = False) -> None:
         self.url = url
+        self.fail_first = fail_first
         self.built = 0
 
     def ws_url(self, private: bool) -> str:
@@ -169,36 +216,20 @@ class FlakyRequestExchange(NoExchange):
 
     def subscription_message(self, streams: Any, new: Any) -> str:
         self.built += 1
-        if self.built == 1:
+        if self.fail_first and self.built == 1:
             raise RuntimeError("request builder bug")
-        return '[{"ticket":"t"},{"type":"ticker","codes":["KRW-BTC"]}]'
+        return json.dumps([s.code for s in streams])
+
+    def list_subscriptions_message(self) -> str:
+        return "LIST"
 
 
-async def test_a_failing_sender_drops_the_connection_and_the_next_one_subscribes() -> None:
-    connections = 0
-    received: list[str] = []
-
-    async def upgrade(request: web.Request) -> web.StreamResponse:
-        nonlocal connections
-        connections += 1
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
-                received.append(msg.data)
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", upgrade)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    exchange = FlakyRequestExchange(f"ws://127.0.0.1:{port}/ws")
+async def test_a_failing_sender_drops_the_connection_and_the_next_one_subscribes(
+    recorder: Recorder,
+) -> None:
     link = UpstreamLink(
         "public",
-        exchange,  # type: ignore[arg-type]
+        CodesExchange(recorder.url, fail_first=True),  # type: ignore[arg-type]
         ConnectGate(BanStore()),
         on_frame=lambda frame, now: None,
         on_status=lambda name, state, detail: None,
@@ -207,14 +238,78 @@ async def test_a_failing_sender_drops_the_connection_and_the_next_one_subscribes
     task = asyncio.create_task(link.run())
     try:
         link.set_streams(frozenset({UpstreamStream("ticker", "KRW-BTC")}))
-        deadline = time.monotonic() + 5
-        while not received and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert received, f"no request after the failed one ({connections} connections)"
-        assert connections == 2
+        await until(lambda: recorder.received, "a request after the failed one", timeout=5)
+        assert recorder.connections == 2
         assert link.stats.reconnects == 1
         assert not task.done()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await runner.cleanup()
+
+
+MARKETS = [f"KRW-C{i:02d}" for i in range(40)]
+
+
+def widening_link(url: str, window: float) -> UpstreamLink:
+    return UpstreamLink(
+        "public",
+        CodesExchange(url),  # type: ignore[arg-type]
+        ConnectGate(BanStore()),
+        on_frame=lambda frame, now: None,
+        on_status=lambda name, state, detail: None,
+        coalesce=0.0,
+        message_limits=[(90, window)],
+        verify_interval=1000,
+        widen=lambda target, sent, limit: widen_request(
+            target, sent, markets=MARKETS, types={"ticker"}, limit=limit
+        ),
+    )
+
+
+async def ten_requests(link: UpstreamLink, recorder: Recorder) -> set[UpstreamStream]:
+    """One request per new code, ten of them; returns what is wanted."""
+    wanted: set[UpstreamStream] = set()
+    for i in range(10):
+        wanted.add(UpstreamStream("ticker", MARKETS[i]))
+        link.set_streams(frozenset(wanted))
+        await until(lambda: len(recorder.received) > i, f"request {i + 1}")  # noqa: B023
+    return wanted
+
+
+async def test_the_tenth_request_widens_and_the_request_narrows_once_the_budget_recovers(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "REMOVAL_RETRY", 0.1)
+    # Budget windows of 3 s instead of 60 s: it recovers while the test waits.
+    link = widening_link(recorder.url, 3.0)
+    task = asyncio.create_task(link.run())
+    try:
+        wanted = await ten_requests(link, recorder)
+        sizes = [len(json.loads(r)) for r in recorder.received]
+        assert sizes == [1, 2, 3, 4, 5, 6, 7, 8, 9, len(MARKETS)]
+        await until(lambda: link.carried == wanted, "the request to narrow back", timeout=15)
+        assert json.loads(recorder.received[-1]) == sorted(str(s.code) for s in wanted)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_refused_widened_request_is_sent_again_plainly(recorder: Recorder) -> None:
+    link = widening_link(recorder.url, 60.0)
+    task = asyncio.create_task(link.run())
+    try:
+        wanted = await ten_requests(link, recorder)
+        assert len(json.loads(recorder.received[-1])) == len(MARKETS)
+        # What the reader does with Upbit's answer to it:
+        link.on_upstream_error("INVALID_PARAM", "too many codes")
+        await until(lambda: len(recorder.received) == 11, "the plain request")
+        assert json.loads(recorder.received[-1]) == sorted(str(s.code) for s in wanted)
+        assert link.carried == wanted
+        # Plain from then on, on this connection, although requests are still scarce.
+        wanted.add(UpstreamStream("ticker", MARKETS[10]))
+        link.set_streams(frozenset(wanted))
+        await until(lambda: len(recorder.received) == 12, "the next request")
+        assert link.carried == wanted
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
