@@ -4,6 +4,9 @@ Grabs ``--frames`` frames of the simulator's firehose (ticker+trade+orderbook of
 codes, DEFAULT format) with a bare websockets client, then runs the broker's own code
 on them in this process, one stage more at a time:
 
+0. inflating the frames as Upbit sends them (permessage-deflate, context takeover) with
+   the standard zlib, then with zlib-ng (the ``fast`` extra; aiohttp uses it when the
+   broker finds it installed), on the same bytes;
 1. ``schemas.upbit.decode_frame`` alone;
 2. ``Envelope`` + msgpack encode alone (what the publisher encodes);
 3. ``DataRouter.on_frame`` with a Publisher on a socket that drops everything
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,39 @@ def _router(socket: Any, codes: list[str]) -> Any:
     return router
 
 
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+"""RFC 7692: each message's deflate data ends with this empty block, not sent."""
+
+
+def _deflated(frames: list[bytes]) -> list[bytes]:
+    """``frames`` as a permessage-deflate sender with context takeover emits them."""
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    out = []
+    for frame in frames:
+        data = compressor.compress(frame) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        out.append(data.removesuffix(_DEFLATE_TAIL))
+    return out
+
+
+def _inflater(lib: Any, deflated: list[bytes], frames: list[bytes]) -> Callable[[], None]:
+    """Inflate every message in order with ``lib`` (zlib's API); checks the first pass."""
+    checked = False
+
+    def go() -> None:
+        nonlocal checked
+        inflate = lib.decompressobj(wbits=-zlib.MAX_WBITS).decompress
+        if not checked:
+            got = [inflate(data + _DEFLATE_TAIL) for data in deflated]
+            if got != frames:
+                raise AssertionError(f"{lib.__name__} inflated other bytes")
+            checked = True
+            return
+        for data in deflated:
+            inflate(data + _DEFLATE_TAIL)
+
+    return go
+
+
 def _time(fn: Callable[[], None], n: int, repeat: int) -> tuple[float, float]:
     """Best-of-``repeat`` wall and CPU microseconds per item."""
     best_wall = best_cpu = float("inf")
@@ -120,6 +157,18 @@ def main() -> None:
 
     print(f"stages: {len(frames)} frames, {sum(map(len, frames)) // len(frames)} bytes average")
     results: dict[str, tuple[float, float]] = {}
+    deflated = _deflated(frames)
+    inflate_zlib = _inflater(zlib, deflated, frames)
+    inflate_zlib()  # the first pass checks the bytes
+    results["inflate, zlib"] = _time(inflate_zlib, n, repeat)
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        print("zlib-ng is not installed (pip install -e '.[fast]'): its row is left out")
+    else:
+        inflate_ng = _inflater(zlib_ng, deflated, frames)
+        inflate_ng()
+        results["inflate, zlib-ng"] = _time(inflate_ng, n, repeat)
 
     def decode_all() -> None:
         for f in frames:
@@ -177,6 +226,20 @@ def main() -> None:
     rows: list[Row] = []
     previous: float | None = None
     for name, (wall, cpu) in results.items():
+        if name.startswith("inflate"):
+            base = results["inflate, zlib"][0] if name == "inflate, zlib-ng" else None
+            rows.append(
+                Row(
+                    name,
+                    wall,
+                    "us/msg",
+                    "standard zlib" if base is not None else "",
+                    base,
+                    note=f"CPU {cpu:.2f} us/msg; {sum(map(len, deflated)) // len(deflated)} "
+                    "bytes deflated on average",
+                )
+            )
+            continue
         base = None if name == "decode_frame" or name.startswith("envelope") else previous
         rows.append(
             Row(

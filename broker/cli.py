@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(settings: Settings) -> int:
     from broker.app import Broker
+    from broker.wsclient import use_fast_zlib
+
+    use_fast_zlib()
 
     try:
         broker = Broker(settings)

@@ -20,7 +20,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["ConnectFailed", "UpgradeRefused", "WebSocket", "WsClient", "proxy_for"]
+__all__ = [
+    "ConnectFailed",
+    "UpgradeRefused",
+    "WebSocket",
+    "WsClient",
+    "proxy_for",
+    "use_fast_zlib",
+]
 
 WebSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 """A connection whose text frames arrive as bytes (``decode_text=False``)."""
@@ -29,6 +36,21 @@ MAX_FRAME = 2**24
 """Largest frame accepted (bytes); Upbit's largest, a 30-unit orderbook, is ~4 KB."""
 MAX_REFUSAL_BODY = 4096
 """Bytes of a refused upgrade's body kept for parsing (Upbit's are a few dozen)."""
+
+
+def use_fast_zlib() -> str:
+    """Have aiohttp inflate with zlib-ng when it is installed; returns the backend's name.
+
+    permessage-deflate inflation is a third of the broker's CPU per compressed
+    30-level orderbook: 4.6 us with the standard zlib, 3.5 us with zlib-ng (same bytes
+    out). Process-wide (aiohttp's REST gzip too); call it once before connecting.
+    """
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # optional ("fast" extra): the standard zlib works, just slower
+        return "zlib"
+    aiohttp.set_zlib_backend(zlib_ng)
+    return "zlib-ng"
 
 
 class UpgradeRefused(Exception):

@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
@@ -23,7 +24,7 @@ async def _upgrade(request: web.Request) -> web.StreamResponse:
     if request.query.get("refuse"):
         status = int(request.query["refuse"])
         return web.Response(status=status, text=BAN_BODY, content_type="application/json")
-    ws = web.WebSocketResponse()
+    ws = web.WebSocketResponse(compress=True)  # used only when the client offers it
     await ws.prepare(request)
     await ws.send_str('{"auth":"' + request.headers.get("Authorization", "") + '"}')
     async for msg in ws:
@@ -149,3 +150,32 @@ def test_a_proxy_aiohttp_cannot_use_is_an_error_not_a_direct_connection() -> Non
 def test_no_proxy_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "api.upbit.com")
     assert proxy_for("wss://api.upbit.com/x", {"https": "http://proxy:3128"}) is None
+
+
+async def test_compressed_frames_read_the_same_with_zlib_ng(server: str) -> None:
+    """zlib-ng (the "fast" extra) inflates permessage-deflate to the very same bytes."""
+    from aiohttp.compression_utils import ZLibBackend
+
+    from broker.wsclient import use_fast_zlib
+
+    pytest.importorskip("zlib_ng")
+    before = ZLibBackend._zlib_backend
+    try:
+        assert use_fast_zlib() == "zlib-ng"
+        from zlib_ng import zlib_ng
+
+        assert ZLibBackend._zlib_backend is zlib_ng
+        frames = [b'{"n":%d,"pad":"%s"}' % (i, b"x" * (i * 97 % 3000)) for i in range(50)]
+        client = WsClient()
+        try:
+            ws = await client.connect(server, {}, compression=True)
+            assert ws.compress, "the server did not negotiate permessage-deflate"
+            await ws.receive()  # the greeting
+            for frame in frames:
+                await ws.send_str(frame.decode())
+            assert [(await ws.receive()).data for _ in frames] == frames
+            await ws.close()
+        finally:
+            await client.close()
+    finally:
+        aiohttp.set_zlib_backend(before)
