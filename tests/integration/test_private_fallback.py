@@ -204,10 +204,15 @@ async def test_an_order_placed_during_a_short_private_outage_is_reconciled_after
     )
     assert got is not None
     assert asset is not None
-    back = watcher.status("restored", down)
+    # The stream comes back on its own schedule: retries use full-jitter backoff, so
+    # after four refused upgrades the next may come 3.2 s later, after REST delivered.
+    back = await async_wait_until(
+        lambda: watcher.status("restored", down), timeout=15, what="the stream restored"
+    )
+    assert back is not None
     print(
         f"\n[private] short outage: down {down - fault_at:.3f} s after the drop; restored "
-        f"{'n/a' if back is None else f'{back - fault_at:.3f}'} s after it; order seen "
+        f"{back - fault_at:.3f} s after it; order seen "
         f"{got[0] - placed:.3f} s after placing (source {got[2]}); myAsset "
         f"{asset[0] - placed:.3f} s after it (KRW locked {krw_locked(asset[1])}); status "
         f"events {sorted(watcher.states(fault_at))}"
