@@ -119,8 +119,6 @@ class LinkStats:
     upstream_errors: int = 0
     verifications: int = 0
     mismatches: int = 0
-    widened: int = 0
-    """Streams requested ahead of demand, summed over requests (see SCARCE_HEADROOM)."""
     last_frame_at: float | None = None
     down_since: float | None = None
     """Wall-clock time the link stopped carrying data (None while up or idle)."""
@@ -454,7 +452,6 @@ class UpstreamLink:
             self.stats.requests_sent += 1
             self._widened = new - wanted
             if self._widened:
-                self.stats.widened += len(self._widened)
                 self._log.info(
                     "requests are scarce: the request carries siblings ahead of demand",
                     widened=len(self._widened),
