@@ -1029,8 +1029,9 @@ def _pyupbit_worker(args: argparse.Namespace) -> None:
 def _zmq_pub_worker(args: argparse.Namespace) -> None:
     """XPUB with XPUB_NODROP: blocks at the HWM instead of dropping (lossless ceiling).
 
-    Sends the ``[topic, envelope]`` pairs of ``--payloads`` as the broker does: one
-    frame each, ``topic + TOPIC_END + envelope``.
+    Sends the ``[topic, envelope]`` pairs of ``--payloads`` one per frame,
+    ``topic + TOPIC_END + [envelope]``: the per-message floor of ZeroMQ, without the
+    broker's batching per topic.
     """
     from schemas.bus import pack_published
 
@@ -1080,8 +1081,8 @@ def _zmq_pub_paced(
     stop: dict[str, bool],
     max_seconds: float,
 ) -> None:
-    """Send ``rate`` messages/s, each envelope starting with its send time (ns, 8 bytes)."""
-    from schemas.bus import pack_published
+    """Send ``rate`` messages/s, each starting with its send time (ns, 8 bytes) after the topic."""
+    from schemas.bus import TOPIC_END
 
     noblock = int(zmq.NOBLOCK)
     interval = 1.0 / rate
@@ -1096,7 +1097,7 @@ def _zmq_pub_paced(
             time.sleep(delay)
         topic, body = pairs[sent % n]
         stamp = time.time_ns().to_bytes(8, "little")
-        sock.send(pack_published(topic, stamp + body[8:]), noblock)
+        sock.send(topic + TOPIC_END + stamp + body[8:], noblock)
         sent += 1
     _emit("RESULT", {"sent": sent})
 
@@ -1136,7 +1137,7 @@ def _zmq_sub_worker(args: argparse.Namespace) -> None:
             continue
         for _ in range(1024):
             try:
-                message = recv(zmq.NOBLOCK)  # topic + TOPIC_END + envelope
+                message = recv(zmq.NOBLOCK)  # topic + TOPIC_END + stamp/envelopes
             except zmq.Again:
                 break
             total += 1
@@ -1171,7 +1172,7 @@ def _zmq_sub_worker(args: argparse.Namespace) -> None:
 
 def _tap_worker(args: argparse.Namespace) -> None:
     """A raw SUB on the broker's data endpoint: broker + ZeroMQ latency without the library."""
-    from schemas.bus import decode_envelope, split_published
+    from schemas.bus import decode_batch, split_published
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -1206,7 +1207,8 @@ def _tap_worker(args: argparse.Namespace) -> None:
             now_ns = time.time_ns()
             total += 1
             if state["active"] and len(lat) < args.max_samples:
-                lat.append(now_ns - decode_envelope(split_published(message)[1]).recv_ns)
+                for env in decode_batch(split_published(message)[1]):
+                    lat.append(now_ns - env.recv_ns)
         if not ready and total >= args.min_messages:
             _emit("READY", {"pid": os.getpid()})
             ready = True

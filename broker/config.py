@@ -14,7 +14,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_LIVENESS   3        missed heartbeats before a client is expired
     UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
     UPBIT_BROKER_COALESCE_MS 50      window that merges subscription changes
-    UPBIT_BROKER_SEND_HWM   10000    messages queued per client before it loses some
+    UPBIT_BROKER_SEND_HWM   10000    frames queued per client before it loses some (a frame
+                                     holds 1-16 messages of one topic)
     UPBIT_BROKER_WIDEN      ticker,trade   stream types requested for every market of a
                                      quote while requests are scarce (``none``: off)
     UPBIT_BROKER_LOG_FORMAT console | json

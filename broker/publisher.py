@@ -1,10 +1,24 @@
 """The data plane: per-topic sequence numbers, the last-value cache and the PUB socket.
 
-Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and sent as one
-frame, ``topic + TOPIC_END + envelope`` (:func:`schemas.bus.pack_published`), with
-``NOBLOCK``: a PUB socket past its high-water mark drops
-for that subscriber instead of blocking the broker, so a slow client loses messages
-(and sees the gap in its sequence numbers) while everybody else keeps streaming.
+Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and queued; at
+the end of the event-loop turn each topic's queue goes out as one frame,
+``topic + TOPIC_END + [envelope, ...]`` (:func:`schemas.bus.pack_published`, at most
+:data:`schemas.bus.MAX_BATCH` envelopes each). Under load one socket read brings
+hundreds of Upbit messages, about a dozen per topic, so batching per topic divides
+ZeroMQ's per-message work (``send``, pipes, I/O threads, ``recv`` in every client) by
+that much; at low rates a batch holds one message. Nothing waits for a batch to fill:
+the turn's messages were all received already.
+
+Order: each topic's messages keep their order. Across topics, a turn's messages go out
+grouped by topic, in the order of each topic's first message, which is harmless for
+independent market streams. Where order across topics matters, it is kept exactly:
+status events and heartbeats (:meth:`Publisher.publish_status`) and private streams
+(:meth:`Publisher.publish_in_order`: an order's fill before the balance it changed)
+first send everything queued before them.
+
+Frames are sent with ``NOBLOCK``: a PUB socket past its high-water mark drops for that
+subscriber instead of blocking the broker, so a slow client loses messages (and sees
+the gap in its sequence numbers) while everybody else keeps streaming.
 
 Only *active* topics (someone subscribed) are published and cached, so memory is
 bounded by what clients ask for, not by what Upbit sends. Sequence counters survive a
@@ -20,7 +34,16 @@ from collections.abc import Iterable
 import msgspec
 import zmq
 
-from schemas.bus import TOPIC_END, BrokerHeartbeat, Envelope, Payload, Source, StatusEvent
+from schemas.bus import (
+    MAX_BATCH,
+    TOPIC_END,
+    BrokerHeartbeat,
+    Envelope,
+    Payload,
+    Source,
+    StatusEvent,
+    batch_header,
+)
 
 __all__ = ["Publisher"]
 
@@ -39,7 +62,10 @@ class Publisher:
         self._seq: dict[str, int] = {}
         self._cache: dict[str, Envelope] = {}
         self._active: set[str] = set()
-        self._pending: list[bytes] = []
+        self.batches = 0
+        """Frames sent; ``published / batches`` is the mean batch size."""
+        self._pending: dict[bytes, list[bytes]] = {}
+        """``topic + TOPIC_END`` -> envelopes queued this turn, topics in first-message order."""
         self._prefixes: dict[str, bytes] = {}
         """topic -> ``topic + TOPIC_END`` as bytes, built once per topic."""
 
@@ -82,14 +108,23 @@ class Publisher:
         self._seq[topic] = seq
         envelope = Envelope(topic, seq, self.epoch, recv_ns, source, payload)
         self._cache[topic] = envelope
-        # Queued, then sent together at the end of this event-loop turn: the frames one
-        # socket read delivers go out in one burst, so ZeroMQ's I/O thread wakes once
-        # per burst rather than once per message (+20 % throughput, see bench/README).
+        # Queued per topic, then sent at the end of this event-loop turn (flush).
         prefix = self._prefixes.get(topic) or self._prefix(topic)
         pending = self._pending
-        pending.append(prefix + self._encode(envelope))
+        queued = pending.get(prefix)
+        if queued is not None:
+            queued.append(self._encode(envelope))
+            return
+        pending[prefix] = [self._encode(envelope)]
         if len(pending) == 1:
             self._schedule_flush()
+
+    def publish_in_order(
+        self, topic: str, payload: Payload, recv_ns: int, source: Source = "websocket"
+    ) -> None:
+        """:meth:`publish`, after sending everything queued: kept in order across topics."""
+        self.flush()
+        self.publish(topic, payload, recv_ns, source)
 
     def publish_status(self, topic: str, event: StatusEvent) -> None:
         """Send a status event (not cached) on a status or data topic."""
@@ -103,9 +138,9 @@ class Publisher:
         seq = self._seq.get(topic, 0) + 1
         self._seq[topic] = seq
         envelope = Envelope(topic, seq, self.epoch, time.time_ns(), "websocket", event)
-        self._pending.append(self._prefix(topic) + self._encode(envelope))
-        if len(self._pending) == 1:
-            self._schedule_flush()
+        self.flush()  # after everything queued before it, on any topic
+        self._pending[self._prefix(topic)] = [self._encode(envelope)]
+        self._schedule_flush()
 
     def _prefix(self, topic: str) -> bytes:
         prefix = self._prefixes.get(topic)
@@ -120,16 +155,29 @@ class Publisher:
             self.flush()
 
     def flush(self) -> None:
-        """Send everything queued; a message past a client's high-water mark is dropped."""
-        pending, self._pending = self._pending, []
+        """Send everything queued, a frame per topic (and per :data:`MAX_BATCH`).
+
+        A frame past a client's high-water mark is dropped for that client.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
         send = self._socket.send
-        for message in pending:
-            try:
-                send(message, _NOBLOCK)
-            except zmq.ZMQError:
-                self.send_errors += 1
-                continue
-            self.published += 1
+        for prefix, queued in pending.items():
+            chunks = (
+                (queued,)
+                if len(queued) <= MAX_BATCH
+                else [queued[i : i + MAX_BATCH] for i in range(0, len(queued), MAX_BATCH)]
+            )
+            for chunk in chunks:
+                try:
+                    send(prefix + batch_header(len(chunk)) + b"".join(chunk), _NOBLOCK)
+                except zmq.ZMQError:
+                    self.send_errors += len(chunk)
+                    continue
+                self.batches += 1
+                self.published += len(chunk)
 
     # -------------------------------------------------------------- cache
 

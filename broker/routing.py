@@ -228,12 +228,13 @@ class DataRouter:
         # Published on its market's topic; "myOrder/" subscribers match it by prefix.
         topic = self._topic("myOrder", order.code)
         if "myOrder/" in self._active or topic in self._active:
-            self._publish(topic, order, recv_ns, source)
+            # In order with the other private streams: a fill before its balance change.
+            self._publisher.publish_in_order(topic, order, recv_ns, source)
 
     def _route_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
         self.messages += 1
         if "myAsset/" in self._active:
-            self._publish("myAsset/", asset, recv_ns, source)
+            self._publisher.publish_in_order("myAsset/", asset, recv_ns, source)
 
     def _unchanged_ticker(self, topic: str, ticker: Ticker) -> bool:
         cached = self._publisher.cached(topic)

@@ -1,7 +1,7 @@
 """The asyncio client: find the local broker, subscribe, receive, survive its restarts.
 
 Sockets: a DEALER to the broker's control ROUTER (one msgpack frame per message) and a
-SUB to its data PUB (``topic + TOPIC_END + envelope``). Both are plain (synchronous)
+SUB to its data PUB (``topic + TOPIC_END + [envelope, ...]``). Both are plain (synchronous)
 pyzmq sockets watched with ``loop.add_reader``: when one becomes readable, everything available is
 read with ``NOBLOCK`` before returning to the loop, so a burst costs one wake-up, not
 one per message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the
@@ -527,7 +527,7 @@ class BrokerClient(StreamMethods):
         n = 0
         try:
             while n < BATCH:
-                # One frame per message (topic + TOPIC_END + envelope): nothing to
+                # One frame per message (topic + TOPIC_END + envelopes): nothing to
                 # realign after a malformed one.
                 dispatch(recv(noblock))
                 n += 1

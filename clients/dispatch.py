@@ -1,14 +1,15 @@
 """Client-side routing: topic -> subscriptions, the Clone pattern, sequences.
 
 Pure enough to test without sockets: :class:`Dispatcher` takes published messages
-(``topic + TOPIC_END + envelope``, :func:`schemas.bus.split_published`) and hands envelopes to
-:class:`clients.subscription.Subscription` objects; the I/O shell
+(``topic + TOPIC_END + [envelope, ...]``, :func:`schemas.bus.split_published`) and hands
+envelopes to :class:`clients.subscription.Subscription` objects; the I/O shell
 (:mod:`clients.client`) only reads the sockets and acts on what the dispatcher records
 (:attr:`Dispatcher.foreign_epoch`, :attr:`Dispatcher.status_events`).
 
-Per message (the hot path): one dict lookup on the topic bytes, one decode, one
-sequence check (:class:`clients.sequence.SequenceTracker`), then each subscription on
-the topic takes the envelope (callback inline or its own bounded queue).
+Per published message (the hot path): one dict lookup on the topic bytes and one
+decode of its batch of envelopes; then per envelope one sequence check
+(:class:`clients.sequence.SequenceTracker`), and each subscription on the topic takes
+it (callback inline or its own bounded queue).
 
 The Clone pattern: a new subscription starts *pending* — it buffers (bounded) what its
 topics carry while its subscribe request is in flight. :meth:`Dispatcher.activate`
@@ -26,7 +27,7 @@ import msgspec
 
 from clients.sequence import ACCEPT, DUPLICATE, SequenceTracker
 from clients.subscription import DEFAULT_MAXSIZE, BoundedQueue, Subscription, is_async_callable
-from schemas.bus import Envelope, StatusEvent, decode_envelope, split_published
+from schemas.bus import Envelope, StatusEvent, decode_batch, split_published
 from schemas.errors import DecodeError
 
 __all__ = [
@@ -160,9 +161,9 @@ class Dispatcher:
     # ------------------------------------------------------------------ hot path
 
     def dispatch(self, message: bytes) -> bool:
-        """Handle one published message, ``topic + TOPIC_END + envelope``.
+        """Handle one published message, ``topic + TOPIC_END + [envelope, ...]``.
 
-        False when it was unusable (no topic end, unknown topic, undecodable envelope).
+        False when it was unusable (no topic end, unknown topic, undecodable batch).
         """
         try:
             topic, body = split_published(message)
@@ -176,36 +177,38 @@ class Dispatcher:
                 self.unrouted += 1
                 return False
         try:
-            env = decode_envelope(body)
+            batch = decode_batch(body)
         except DecodeError:
             self.decode_errors += 1
             return False
-        self.received += 1
-        self.last_recv_ns = env.recv_ns
-        epoch = env.epoch
-        if epoch != self.epoch:
-            # Reconnecting (epoch None): what arrives before the Welcome was published
-            # before our re-subscribe, so the coming snapshot covers it: drop it.
-            if self.epoch is not None and epoch not in self._retired:
-                self.foreign_epoch = epoch
-            return True
-        data = env.data
-        if route.internal:
+        self.received += len(batch)
+        self.last_recv_ns = batch[-1].recv_ns
+        tracker = self.tracker
+        for env in batch:
+            epoch = env.epoch
+            if epoch != self.epoch:
+                # Reconnecting (epoch None): what arrives before the Welcome was published
+                # before our re-subscribe, so the coming snapshot covers it: drop it.
+                if self.epoch is not None and epoch not in self._retired:
+                    self.foreign_epoch = epoch
+                continue
+            data = env.data
+            if route.internal:
+                if data.__class__ is StatusEvent:
+                    self.status_events.append(env)
+                    self._connection_status(env)
+                continue
+            verdict = tracker.check(env.topic, epoch, env.seq)
+            if verdict is not ACCEPT:
+                if verdict is DUPLICATE:
+                    continue
+                self._gap(route, env, verdict.missed)
             if data.__class__ is StatusEvent:
-                self.status_events.append(env)
-                self._connection_status(env)
-            return True
-        verdict = self.tracker.check(env.topic, epoch, env.seq)
-        if verdict is not ACCEPT:
-            if verdict is DUPLICATE:
-                return True
-            self._gap(route, env, verdict.missed)
-        if data.__class__ is StatusEvent:
+                for sub in route.subs:
+                    sub._status(env)
+                continue
             for sub in route.subs:
-                sub._status(env)
-            return True
-        for sub in route.subs:
-            sub._offer(env)
+                sub._offer(env)
         return True
 
     def _connection_status(self, env: Envelope) -> None:

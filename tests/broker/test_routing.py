@@ -14,7 +14,7 @@ from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
 from broker.routing import DataRouter
 from broker.subscriptions import UpstreamStream
-from schemas.bus import Envelope, StreamSpec, decode_envelope, split_published
+from schemas.bus import Envelope, StreamSpec, decode_batch, split_published
 from schemas.upbit import (
     DATA_TYPES,
     AssetBalance,
@@ -33,6 +33,8 @@ class RecordingSocket:
 
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[tuple[str, Envelope]] = []
+        self.frames: list[int] = []
+        """Envelopes per frame sent."""
         self.fail = fail
 
     def send(self, frame: bytes, flags: int = 0) -> None:
@@ -40,9 +42,11 @@ class RecordingSocket:
             raise zmq.Again()
         assert not flags & zmq.SNDMORE, "a message is one frame"
         topic, body = split_published(frame)
-        envelope = decode_envelope(body)
-        assert envelope.topic == topic.decode()
-        self.sent.append((envelope.topic, envelope))
+        batch = decode_batch(body)
+        self.frames.append(len(batch))
+        for envelope in batch:
+            assert envelope.topic == topic.decode()
+            self.sent.append((envelope.topic, envelope))
 
 
 def make(*specs: StreamSpec) -> tuple[DataRouter, Publisher, RecordingSocket]:

@@ -376,6 +376,30 @@ def test_undecodable_frames_are_counted_and_skipped(d: Dispatcher) -> None:
     assert len(got) == 1
 
 
+def test_a_batch_is_delivered_in_order_with_every_envelope_checked(d: Dispatcher) -> None:
+    seen: list[str] = []
+    sub: Subscription[Any] = Subscription(
+        [StreamSpec("ticker", "KRW-BTC")],
+        lambda t: seen.append(f"ticker {t.trade_price:g}"),
+        on_status=lambda e: seen.append(e.state),
+    )
+    live(d, sub)
+    stale = StatusEvent(connection="public", state="stale")
+    batch = [env(T_BTC, 1), env(T_BTC, 2), env(T_BTC, 2), env(T_BTC, 3, stale), env(T_BTC, 6)]
+    assert d.dispatch(pack_published(T_BTC.encode(), *(encode(e) for e in batch)))
+    # The repeated seq 2 is dropped; the jump from 3 to 6 is a gap of 2 noticed before 6.
+    assert seen == ["ticker 1", "ticker 2", "stale", "gap", "ticker 6"]
+    assert (d.received, d.gaps, d.missed, sub.received) == (5, 1, 2, 3)
+
+
+def test_a_bare_envelope_of_protocol_2_is_counted_not_delivered(d: Dispatcher) -> None:
+    sub, got = collecting([StreamSpec("ticker", "KRW-BTC")])
+    live(d, sub)
+    assert not d.dispatch(T_BTC.encode() + b"\x00" + encode(env(T_BTC, 1)))
+    assert not d.dispatch(pack_published(T_BTC.encode()))  # an empty batch
+    assert (d.decode_errors, got) == (2, [])
+
+
 def test_the_pending_buffer_is_bounded(d: Dispatcher) -> None:
     sub, got = collecting([StreamSpec("ticker", "KRW-BTC")], maxsize=2)
     d.add(sub)

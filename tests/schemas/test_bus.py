@@ -43,6 +43,8 @@ from schemas.bus import (
     Unsubscribe,
     UnsubscribeOk,
     Welcome,
+    batch_header,
+    decode_batch,
     decode_broker_message,
     decode_client_message,
     decode_envelope,
@@ -723,7 +725,7 @@ def test_decimal_field_with_garbage_is_a_decode_error() -> None:
     assert info.value.path == "$[5].price"
 
 
-def test_a_published_message_is_one_frame_that_splits_back_into_topic_and_envelope() -> None:
+def test_a_published_message_is_one_frame_that_splits_back_into_topic_and_envelopes() -> None:
     envelope = Envelope("ticker/KRW-ETH/", 3, "e", 1, "websocket", BrokerHeartbeat(timestamp=1))
     body = encode(envelope)
     message = pack_published(b"ticker/KRW-ETH/", body)
@@ -732,6 +734,30 @@ def test_a_published_message_is_one_frame_that_splits_back_into_topic_and_envelo
     assert not pack_published(b"ticker/KRW-ETHW/", body).startswith(b"ticker/KRW-ETH/\x00")
     topic, rest = split_published(message)
     assert topic == b"ticker/KRW-ETH/"
-    assert decode_envelope(rest) == envelope
+    assert decode_batch(rest) == [envelope]
     with pytest.raises(DecodeError, match="topic end"):
         split_published(b"ticker/KRW-ETH/" + body.replace(b"\x00", b""))
+
+
+@pytest.mark.parametrize("count", [1, 2, 15, 16, 17, 300])
+def test_a_batch_of_any_size_decodes_to_its_envelopes_in_order(count: int) -> None:
+    # Around the msgpack fixarray / array16 boundary (16) and past MAX_BATCH.
+    envelopes = [
+        Envelope("trade/KRW-BTC/", seq, "e", seq, "websocket", BrokerHeartbeat(timestamp=seq))
+        for seq in range(1, count + 1)
+    ]
+    message = pack_published(b"trade/KRW-BTC/", *(encode(e) for e in envelopes))
+    assert decode_batch(split_published(message)[1]) == envelopes
+    assert batch_header(count) == msgspec.msgpack.encode([None] * count)[: len(batch_header(count))]
+
+
+def test_an_empty_or_malformed_batch_is_a_decode_error_naming_the_path() -> None:
+    with pytest.raises(DecodeError, match="without envelopes"):
+        decode_batch(split_published(pack_published(b"t/"))[1])
+    good = encode(envelope(TRADE))
+    with pytest.raises(DecodeError) as info:
+        decode_batch(batch_header(2) + good + msgspec.msgpack.encode(["t/", "x"]))
+    assert (info.value.path or "").startswith("$[1]")
+    assert str(info.value).startswith("invalid published batch: ")
+    with pytest.raises(DecodeError):  # protocol 2: one bare envelope, not a batch
+        decode_batch(good)

@@ -1,0 +1,145 @@
+"""The publisher's batching: a frame per topic per event-loop turn, order where it matters.
+
+Pure logic on a recording socket (no ZeroMQ); the loop is a real asyncio loop, since a
+batch is what one loop turn queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from broker.publisher import Publisher
+from schemas.bus import MAX_BATCH, StatusEvent
+from schemas.upbit import AssetBalance, MyAsset
+from tests.broker.test_routing import RecordingSocket, my_order
+
+TICKER = "ticker/KRW-BTC/"
+TRADE = "trade/KRW-BTC/"
+ETH_TRADE = "trade/KRW-ETH/"
+
+
+def publisher() -> tuple[Publisher, RecordingSocket]:
+    socket = RecordingSocket()
+    return Publisher(socket, "e"), socket  # type: ignore[arg-type]
+
+
+def status(detail: str) -> StatusEvent:
+    return StatusEvent(connection="public", state="stale", detail=detail, timestamp=1)
+
+
+def asset() -> MyAsset:
+    balance = AssetBalance(currency="KRW", balance=Decimal("1"), locked=Decimal("0"))
+    return MyAsset(asset_uuid="a", assets=[balance], asset_timestamp=1, timestamp=1)
+
+
+def in_one_turn(pub: Publisher, *steps: tuple[str, str, int]) -> None:
+    """Run ``(kind, topic, n)`` steps in one loop turn, then let the flush run."""
+
+    async def main() -> None:
+        for kind, topic, n in steps:
+            if kind == "data":
+                pub.publish(topic, my_order(f"KRW-{n}"), n)
+            elif kind == "private":
+                pub.publish_in_order(topic, my_order(f"KRW-{n}"), n)
+            elif kind == "asset":
+                pub.publish_in_order(topic, asset(), n)
+            else:
+                pub.publish_status(topic, status(str(n)))
+        await asyncio.sleep(0)  # the turn ends: the scheduled flush runs
+
+    asyncio.run(main())
+
+
+def test_a_turn_sends_one_frame_per_topic_in_order_of_first_message() -> None:
+    pub, socket = publisher()
+    in_one_turn(
+        pub,
+        ("data", TICKER, 1),
+        ("data", TRADE, 2),
+        ("data", TICKER, 3),
+        ("data", ETH_TRADE, 4),
+        ("data", TRADE, 5),
+        ("data", TICKER, 6),
+    )
+    assert socket.frames == [3, 2, 1]
+    assert [(t, e.seq, e.recv_ns) for t, e in socket.sent] == [
+        (TICKER, 1, 1),
+        (TICKER, 2, 3),
+        (TICKER, 3, 6),
+        (TRADE, 1, 2),
+        (TRADE, 2, 5),
+        (ETH_TRADE, 1, 4),
+    ]
+    assert (pub.published, pub.batches) == (6, 3)
+
+
+def test_a_long_queue_is_split_into_frames_of_at_most_max_batch() -> None:
+    pub, socket = publisher()
+    count = 2 * MAX_BATCH + 3
+    in_one_turn(pub, *(("data", TRADE, n) for n in range(count)))
+    assert socket.frames == [MAX_BATCH, MAX_BATCH, 3]
+    assert [e.seq for _, e in socket.sent] == list(range(1, count + 1))
+
+
+def test_the_next_turn_starts_new_frames() -> None:
+    pub, socket = publisher()
+    in_one_turn(pub, ("data", TRADE, 1), ("data", TRADE, 2))
+    in_one_turn(pub, ("data", TRADE, 3))
+    assert socket.frames == [2, 1]
+    assert [e.seq for _, e in socket.sent] == [1, 2, 3]
+
+
+def test_a_status_event_keeps_its_place_among_every_topic() -> None:
+    # Data queued before a status event is sent before it, whatever its topic; data
+    # after it follows it, even on a topic that had data queued before.
+    pub, socket = publisher()
+    in_one_turn(
+        pub,
+        ("data", TICKER, 1),
+        ("data", TRADE, 2),
+        ("status", "_status/public/", 3),
+        ("data", TICKER, 4),
+        ("status", TICKER, 5),
+        ("data", TICKER, 6),
+    )
+    order = [(t, type(e.data).__name__, e.seq) for t, e in socket.sent]
+    assert order == [
+        (TICKER, "MyOrder", 1),
+        (TRADE, "MyOrder", 1),
+        ("_status/public/", "StatusEvent", 1),
+        (TICKER, "MyOrder", 2),
+        (TICKER, "StatusEvent", 3),
+        (TICKER, "MyOrder", 4),
+    ]
+
+
+def test_private_streams_keep_their_order_across_topics() -> None:
+    # An order's fill, then the balance it changed, then the next fill of another
+    # market: a client must see them in that order, not grouped by topic.
+    pub, socket = publisher()
+    in_one_turn(
+        pub,
+        ("private", "myOrder/KRW-BTC/", 1),
+        ("data", TRADE, 2),
+        ("asset", "myAsset/", 3),
+        ("private", "myOrder/KRW-ETH/", 4),
+        ("private", "myOrder/KRW-BTC/", 5),
+        ("asset", "myAsset/", 6),
+    )
+    assert [(t, e.recv_ns) for t, e in socket.sent] == [
+        ("myOrder/KRW-BTC/", 1),
+        (TRADE, 2),
+        ("myAsset/", 3),
+        ("myOrder/KRW-ETH/", 4),
+        ("myOrder/KRW-BTC/", 5),
+        ("myAsset/", 6),
+    ]
+
+
+def test_a_dropped_frame_counts_every_message_it_carried() -> None:
+    socket = RecordingSocket(fail=True)
+    pub = Publisher(socket, "e")  # type: ignore[arg-type]
+    in_one_turn(pub, ("data", TRADE, 1), ("data", TRADE, 2), ("data", TICKER, 3))
+    assert (pub.send_errors, pub.published, pub.batches) == (3, 0, 0)
+    assert pub.cached(TRADE) is not None  # the last value is kept for the next subscriber
