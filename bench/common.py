@@ -666,8 +666,14 @@ async def _client_worker(args: argparse.Namespace) -> None:
             status_counts[event.state] = status_counts.get(event.state, 0) + 1
             sub = holder[0] if holder else None
             env = sub.last_envelope if sub is not None else None
-            # Status events on a data topic take a sequence number too.
-            if env is not None and env.seq and not env.topic.startswith("_"):
+            # Status events on a data topic take a sequence number too; a "gap" notice
+            # is the library's, carrying the seq of the message after the gap.
+            if (
+                env is not None
+                and env.seq
+                and not env.topic.startswith("_")
+                and event.state != "gap"
+            ):
                 seq.check(env.topic, env.seq)
 
         return on_status
