@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -29,7 +30,13 @@ MYORDER_KEYS = [
     "trade_timestamp", "order_timestamp", "timestamp", "stream_type",
 ]  # fmt: skip
 MYASSET_KEYS = ["type", "asset_uuid", "assets", "asset_timestamp", "timestamp", "stream_type"]
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "upbit" / "samples"
+SAMPLES = (
+    Path(
+        os.environ.get("UPBIT_SHARED_DIR")
+        or Path(__file__).resolve().parents[2].parent / "shared" / "upbit"
+    )
+    / "samples"
+)
 
 
 class Clock:
