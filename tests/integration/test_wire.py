@@ -8,6 +8,7 @@ from one frame to the next.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 
@@ -74,7 +75,7 @@ async def test_a_plain_sub_reads_batches_of_one_topic_with_no_sequence_hole(
     assert max(sizes) <= MAX_BATCH
     assert set(seqs) == {f"{kind}/{code}/" for kind in ("ticker", "trade") for code in CODES}
     for topic, numbers in seqs.items():
-        holes = [b for a, b in zip(numbers, numbers[1:], strict=False) if b != a + 1]
+        holes = [b for a, b in itertools.pairwise(numbers) if b != a + 1]
         assert not holes, f"{topic}: sequence jumps at {holes[:5]}"
 
 
