@@ -118,4 +118,6 @@ def compute_metrics(broker: Broker) -> Metrics:
         messages_total=messages,
         clients=rows,
         handlers=broker.handlers.metrics(),
+        published_messages=broker.publisher.published,
+        published_frames=broker.publisher.batches,
     )

@@ -395,6 +395,11 @@ class Metrics(msgspec.Struct):
     messages_total: int
     clients: list[ClientMetrics]
     handlers: list[HandlerMetrics] = msgspec.field(default_factory=list)
+    published_messages: int = 0
+    """Envelopes sent on the data plane (data and status events) since start."""
+    published_frames: int = 0
+    """ZeroMQ frames they went out in: ``published_messages / published_frames`` is the
+    mean batch, about 1 at low rates and up to ``MAX_BATCH`` when one topic is busy."""
 
 
 class MetricsReply(msgspec.Struct, tag="metrics", tag_field="op"):

@@ -127,8 +127,14 @@ async def test_health_metrics_and_availability(client: BrokerClient) -> None:
     assert health.status in ("healthy", "degraded", "critical")
     metrics = await client.metrics()
     assert any(row.name == "api-test" for row in metrics.clients)
-    await client.subscribe_ticker("KRW-BTC", lambda _: None)
+    got: list[Ticker] = []
+    await client.subscribe_ticker("KRW-BTC", got.append)
     await async_wait_until(client.is_public_available, 10, what="public available")
+    await async_wait_until(lambda: len(got) >= 3, 20, what="3 tickers")
+    metrics = await client.metrics()
+    # Every ticker this client got was published; frames carry one or more each.
+    assert metrics.published_messages >= len(got) - 1  # the first may be the snapshot
+    assert 1 <= metrics.published_frames <= metrics.published_messages
     assert not client.is_private_available()  # this broker has no keys
 
 
