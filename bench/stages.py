@@ -11,7 +11,10 @@ on them in this process, one stage more at a time:
 2. ``Envelope`` + msgpack encode alone (what the publisher encodes);
 3. ``DataRouter.on_frame`` with a Publisher on a socket that drops everything
    (decode + route + encode, no ZeroMQ);
-4. the same with a real PUB socket and one SUB draining it in another process.
+4. the same with a real PUB socket and one SUB draining it in another process, a frame
+   per message (outside an event loop the publisher sends at once);
+5. the same in an event loop, ``--per-turn`` frames per turn: the publisher sends each
+   topic's messages of a turn as one frame, as in the broker.
 
 The frames' WebSocket parsing is measured by the throughput benchmark's bare readers
 (CPU per message), not here. Baseline of each row: the stage before it.
@@ -139,6 +142,13 @@ def main() -> None:
     p = base_parser(__doc__.splitlines()[0] if __doc__ else "stages")
     p.add_argument("--frames", type=int, default=0)
     p.add_argument("--repeat", type=int, default=0)
+    p.add_argument(
+        "--per-turn",
+        type=int,
+        default=100,
+        help="frames per event-loop turn in the batched row (the throughput firehose "
+        "brings ~360 per socket read)",
+    )
     args = p.parse_args()
     n = args.frames or (10_000 if args.quick else 30_000)
     repeat = args.repeat or (2 if args.quick else 5)
@@ -195,6 +205,20 @@ def main() -> None:
 
         return go
 
+    def run_router_in_turns(router: Any, per_turn: int) -> Callable[[], None]:
+        """``per_turn`` frames per event-loop turn, as one socket read brings them."""
+
+        async def turns() -> None:
+            now = time.time_ns()
+            on_frame = router.on_frame
+            for start in range(0, len(frames), per_turn):
+                for f in frames[start : start + per_turn]:
+                    on_frame(f, now)
+                await asyncio.sleep(0)  # the turn ends: the publisher's flush runs
+            await asyncio.sleep(0)
+
+        return lambda: asyncio.run(turns())
+
     results["on_frame, no ZeroMQ"] = _time(run_router(_router(_NullSocket(), codes)), n, repeat)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -213,10 +237,13 @@ def main() -> None:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
-        # Outside an event loop the publisher sends each message at once; the broker
-        # sends a loop turn's messages together (the throughput bench measures that).
-        results["on_frame + ZeroMQ PUB (the broker's publisher)"] = _time(
+        # Outside an event loop the publisher sends each message at once, a frame each.
+        results["on_frame + ZeroMQ PUB, a frame per message"] = _time(
             run_router(_router(pub, codes)), n, repeat
+        )
+        # In the broker a loop turn's messages go out as a frame per topic.
+        results[f"same, {args.per_turn} frames per loop turn (batched per topic)"] = _time(
+            run_router_in_turns(_router(pub, codes), args.per_turn), n, repeat
         )
     finally:
         sub.stop()
