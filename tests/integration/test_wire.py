@@ -74,9 +74,9 @@ async def test_a_plain_sub_reads_batches_of_one_topic_with_no_sequence_hole(
     assert max(sizes) > 1, "under load no frame carried more than one message"
     assert max(sizes) <= MAX_BATCH
     assert set(seqs) == {f"{kind}/{code}/" for kind in ("ticker", "trade") for code in CODES}
-    for topic, numbers in seqs.items():
+    for name, numbers in seqs.items():
         holes = [b for a, b in itertools.pairwise(numbers) if b != a + 1]
-        assert not holes, f"{topic}: sequence jumps at {holes[:5]}"
+        assert not holes, f"{name}: sequence jumps at {holes[:5]}"
 
 
 def test_a_protocol_2_frame_is_not_a_batch() -> None:
