@@ -22,6 +22,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+import clients.client as client_module
 from clients import (
     BrokerClient,
     BrokerError,
@@ -337,6 +338,38 @@ async def test_malformed_messages_are_counted_and_skipped(
         fake.publish(T_BTC, ticker(price=price))
     await async_wait_until(lambda: got[-1:] == [3.0], 5, what="stream realigned")
     assert client._dispatcher.decode_errors >= 1
+
+
+async def test_a_wake_up_is_bounded_in_messages_and_the_rest_follows(
+    fake: FakeBroker, client: BrokerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Frames of 16 messages: a wake-up stops after BATCH messages, not BATCH frames
+    # (fairness to the loop's other tasks), and what is left still arrives, in order.
+    monkeypatch.setattr(client_module, "BATCH", 20)
+    got: list[float] = []
+    await client.subscribe_ticker("KRW-BTC", lambda t: got.append(t.trade_price))
+    per_wake: list[int] = []
+    drain = client._drain_data
+
+    def counted() -> None:
+        before = len(got)
+        drain()
+        per_wake.append(len(got) - before)
+
+    monkeypatch.setattr(client, "_drain_data", counted)
+    frames = []
+    for first in (1, 17, 33):
+        bodies = [
+            encode(Envelope(T_BTC, seq, fake.epoch, 1, "websocket", ticker(price=float(seq))))
+            for seq in range(first, first + 16)
+        ]
+        frames.append(pack_published(T_BTC.encode(), *bodies))
+    for frame in frames:
+        fake.send_raw([frame])
+    await async_wait_until(lambda: len(got) == 48, 5, what="all 48 messages")
+    assert got == [float(seq) for seq in range(1, 49)]
+    assert max(per_wake) <= 20 + 15, per_wake  # stops within the frame that crosses 20
+    assert client.gaps == 0
 
 
 async def test_heartbeats_carry_the_clients_counters(
