@@ -666,14 +666,13 @@ async def _client_worker(args: argparse.Namespace) -> None:
             status_counts[event.state] = status_counts.get(event.state, 0) + 1
             sub = holder[0] if holder else None
             env = sub.last_envelope if sub is not None else None
-            # Status events on a data topic take a sequence number too; a "gap" notice
-            # is the library's, carrying the seq of the message after the gap.
-            if (
-                env is not None
-                and env.seq
-                and not env.topic.startswith("_")
-                and event.state != "gap"
-            ):
+            # Status events the broker sends on a data topic take a sequence number too
+            # (its "gap" events among them). The library's own gap notice does not: it
+            # carries the seq of the message after the gap, which is checked next.
+            library_gap = event.state == "gap" and str(event.detail).endswith(
+                f"lost before seq {env.seq if env is not None else ''}"
+            )
+            if env is not None and env.seq and not env.topic.startswith("_") and not library_gap:
                 seq.check(env.topic, env.seq)
 
         return on_status
