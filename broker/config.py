@@ -14,8 +14,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_LIVENESS   3        missed heartbeats before a client is expired
     UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
     UPBIT_BROKER_COALESCE_MS 50      window that merges subscription changes
-    UPBIT_BROKER_SEND_HWM   4000     frames queued per client before it loses some (a frame
-                                     holds 1-16 messages of one topic)
+    UPBIT_BROKER_SEND_HWM   10000    frames queued per client before it loses some (a frame
+                                     holds 1-16 messages of one topic, at most 8 KB)
     UPBIT_BROKER_WIDEN      ticker,trade   stream types requested for every market of a
                                      quote while requests are scarce (``none``: off)
     UPBIT_BROKER_LOG_FORMAT console | json
@@ -238,12 +238,12 @@ class Settings:
     log_level: str = "info"
     coalesce_window: float = 0.05
     """Seconds during which subscription changes are merged into one Upbit request."""
-    send_hwm: int = 4_000
+    send_hwm: int = 10_000
     """Frames queued per client on the data socket before that client loses messages.
 
-    A frame carries 1 to 16 messages of one topic (protocol 3), so this is 4,000
-    messages at low rates, where each frame holds one, and up to 64,000 (~64 MB of
-    orderbooks) under load: bounded memory per stalled client either way."""
+    A frame carries 1 to 16 messages of one topic and at most 8 KB of them (protocol
+    3), so this is 10,000 messages at low rates, where a frame holds one, and at most
+    ~80 MB per stalled client under load (30,000 orderbooks of 30 levels)."""
     handlers: tuple[str, ...] = ()
     """``module:name`` entries of the data handlers to load (broker.handlers)."""
     widen_types: frozenset[str] = DEFAULT_WIDEN
@@ -283,7 +283,7 @@ class Settings:
                 env, "UPBIT_BROKER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
             coalesce_window=_number(env, "UPBIT_BROKER_COALESCE_MS", 50, minimum=0) / 1000,
-            send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 4_000, minimum=100)),
+            send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
             handlers=_handler_entries(env),
             widen_types=_widen_types(env),
         )

@@ -3,11 +3,11 @@
 Every message is encoded once (msgpack :class:`schemas.bus.Envelope`) and queued; at
 the end of the event-loop turn each topic's queue goes out as one frame,
 ``topic + TOPIC_END + [envelope, ...]`` (:func:`schemas.bus.pack_published`, at most
-:data:`schemas.bus.MAX_BATCH` envelopes each). Under load one socket read brings
-hundreds of Upbit messages, about a dozen per topic, so batching per topic divides
-ZeroMQ's per-message work (``send``, pipes, I/O threads, ``recv`` in every client) by
-that much; at low rates a batch holds one message. Nothing waits for a batch to fill:
-the turn's messages were all received already.
+:data:`schemas.bus.MAX_BATCH` envelopes and :data:`schemas.bus.MAX_BATCH_BYTES` each).
+Under load one socket read brings hundreds of Upbit messages, about a dozen per topic,
+so batching per topic divides ZeroMQ's per-message work (``send``, pipes, I/O threads,
+``recv`` in every client) by up to that much; at low rates a batch holds one message.
+Nothing waits for a batch to fill: the turn's messages were all received already.
 
 Order: each topic's messages keep their order. Across topics, a turn's messages go out
 grouped by topic, in the order of each topic's first message, which is harmless for
@@ -36,6 +36,7 @@ import zmq
 
 from schemas.bus import (
     MAX_BATCH,
+    MAX_BATCH_BYTES,
     TOPIC_END,
     BrokerHeartbeat,
     Envelope,
@@ -155,7 +156,7 @@ class Publisher:
             self.flush()
 
     def flush(self) -> None:
-        """Send everything queued, a frame per topic (and per :data:`MAX_BATCH`).
+        """Send everything queued: a frame per topic, split at the batch limits.
 
         A frame past a client's high-water mark is dropped for that client.
         """
@@ -165,12 +166,7 @@ class Publisher:
         self._pending = {}
         send = self._socket.send
         for prefix, queued in pending.items():
-            chunks = (
-                (queued,)
-                if len(queued) <= MAX_BATCH
-                else [queued[i : i + MAX_BATCH] for i in range(0, len(queued), MAX_BATCH)]
-            )
-            for chunk in chunks:
+            for chunk in (queued,) if len(queued) == 1 else _chunks(queued):
                 try:
                     send(prefix + batch_header(len(chunk)) + b"".join(chunk), _NOBLOCK)
                 except zmq.ZMQError:
@@ -199,3 +195,20 @@ class Publisher:
     def cache_size(self) -> int:
         """Number of topics holding a last value."""
         return len(self._cache)
+
+
+def _chunks(queued: list[bytes]) -> list[list[bytes]]:
+    """``queued`` cut into runs of at most MAX_BATCH envelopes and MAX_BATCH_BYTES.
+
+    A run closes before the envelope that would take it past either limit, so only an
+    envelope larger than MAX_BATCH_BYTES on its own makes a bigger frame.
+    """
+    runs: list[list[bytes]] = []
+    start = size = 0
+    for index, body in enumerate(queued):
+        if index > start and (index - start == MAX_BATCH or size + len(body) > MAX_BATCH_BYTES):
+            runs.append(queued[start:index])
+            start, size = index, 0
+        size += len(body)
+    runs.append(queued[start:])
+    return runs

@@ -80,10 +80,10 @@ R = TypeVar("R")
 
 BATCH: Final = 4096
 """Messages handled per wake-up before yielding to other tasks (fairness under load)."""
-RCVHWM: Final = 4_000
-"""SUB queue bound inside ZeroMQ, in frames of 1 to 16 messages: 4,000 messages at low
-rates, up to 64,000 (~0.5 s at 120k msg/s, ~64 MB of orderbooks) under load; past it
-the broker's PUB drops for this client only, and the client counts the gap."""
+RCVHWM: Final = 10_000
+"""SUB queue bound inside ZeroMQ, in frames of 1 to 16 messages and at most 8 KB: 10,000
+messages at low rates, at most ~80 MB under load (~0.5 s at 120k msg/s); past it the
+broker's PUB drops for this client only, and the client counts the gap."""
 _DOWN_STATES: Final = frozenset({"down", "connecting", "reconnecting"})
 _UP_STATES: Final = frozenset({"up", "idle", "restored", "source_rest", "source_websocket"})
 _CLIENT_TOPIC: Final = "_client/"

@@ -6,7 +6,8 @@ Two planes, both msgpack-encoded with msgspec:
   ``topic + b"\\x00" + [envelope, ...]`` (:func:`pack_published` /
   :func:`split_published` / :func:`decode_batch`). ``topic`` is ASCII built by
   :func:`topic_for`, so a SUB subscribes by topic prefix as usual; then comes a msgpack
-  array of 1 to :data:`MAX_BATCH` envelopes of that topic, oldest first. An
+  array of 1 to :data:`MAX_BATCH` envelopes of that topic (at most
+  :data:`MAX_BATCH_BYTES` of them, unless one is larger), oldest first. An
   :class:`Envelope` carries a per-topic sequence number, the broker epoch, the receive
   time, the source (``websocket`` or ``rest``) and the typed payload (an Upbit struct
   from :mod:`schemas.upbit`, a :class:`StatusEvent` or a :class:`BrokerHeartbeat`).
@@ -45,6 +46,7 @@ __all__ = [
     "ALL_STREAM_TYPES",
     "HEARTBEAT_TOPIC",
     "MAX_BATCH",
+    "MAX_BATCH_BYTES",
     "ORDERBOOK_DEPTHS",
     "PRIVATE_STREAM_TYPES",
     "PROTOCOL_VERSION",
@@ -101,11 +103,14 @@ PROTOCOL_VERSION: Final = 3
 """
 
 MAX_BATCH: Final = 16
-"""Most envelopes one published message carries.
+"""Most envelopes one published message carries."""
 
-It bounds what a stalled client can queue: ``UPBIT_BROKER_SEND_HWM`` counts published
-messages, so at most that many times ``MAX_BATCH`` Upbit messages. Sixteen already
-spreads the per-message cost of ZeroMQ over 94 % fewer messages.
+MAX_BATCH_BYTES: Final = 8192
+"""Most bytes of envelopes one published message carries, unless one envelope is larger.
+
+ZeroMQ's high-water marks count messages, so this bounds what a stalled client can
+hold: ``UPBIT_BROKER_SEND_HWM`` frames of at most 8 KB (three 30-level orderbooks, ten
+tickers, sixteen trades). 8 KB is also what ZeroMQ's I/O thread writes at a time.
 """
 
 TOPIC_END: Final = b"\x00"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from broker.publisher import Publisher
-from schemas.bus import MAX_BATCH, StatusEvent
+from broker.publisher import Publisher, _chunks
+from schemas.bus import MAX_BATCH, MAX_BATCH_BYTES, StatusEvent
 from schemas.upbit import AssetBalance, MyAsset
 from tests.broker.test_routing import RecordingSocket, my_order
 
@@ -80,6 +80,20 @@ def test_a_long_queue_is_split_into_frames_of_at_most_max_batch() -> None:
     in_one_turn(pub, *(("data", TRADE, n) for n in range(count)))
     assert socket.frames == [MAX_BATCH, MAX_BATCH, 3]
     assert [e.seq for _, e in socket.sent] == list(range(1, count + 1))
+
+
+def test_a_frame_stops_before_the_envelope_that_would_pass_the_byte_limit() -> None:
+    # It bounds a stalled client's queue in bytes: ZeroMQ counts frames, not bytes.
+    third = MAX_BATCH_BYTES // 3
+    bodies = [bytes([n]) * third for n in range(7)]
+    runs = _chunks(bodies)
+    assert [len(run) for run in runs] == [3, 3, 1]
+    assert [b for run in runs for b in run] == bodies
+    assert all(sum(map(len, run)) <= MAX_BATCH_BYTES for run in runs)
+    huge = [b"x" * (MAX_BATCH_BYTES + 1), b"y", b"z" * MAX_BATCH_BYTES]
+    assert _chunks(huge) == [[huge[0]], [huge[1]], [huge[2]]]  # one too big goes alone
+    small = [b"s"] * (MAX_BATCH + 1)
+    assert [len(run) for run in _chunks(small)] == [MAX_BATCH, 1]
 
 
 def test_the_next_turn_starts_new_frames() -> None:

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from clients import BrokerClient
-from schemas.bus import MAX_BATCH, TOPIC_END, decode_batch, split_published
+from schemas.bus import MAX_BATCH, MAX_BATCH_BYTES, TOPIC_END, decode_batch, encode, split_published
 from tests.integration.conftest import BrokerProc, Sim
 from tests.support import async_wait_until, scaled
 
@@ -59,6 +59,8 @@ async def test_a_plain_sub_reads_batches_of_one_topic_with_no_sequence_hole(
                 assert frame[len(topic)] == TOPIC_END[0]
                 batch = decode_batch(body)
                 assert {env.topic.encode() for env in batch} == {topic}
+                if len(batch) > 1:  # the byte limit holds unless one envelope passes it
+                    assert sum(len(encode(env)) for env in batch) <= MAX_BATCH_BYTES
                 sizes.append(len(batch))
                 seqs[topic.decode()].extend(env.seq for env in batch)
             sim.control("rate", {"firehose": False})
