@@ -119,5 +119,5 @@ def compute_metrics(broker: Broker) -> Metrics:
         clients=rows,
         handlers=broker.handlers.metrics(),
         published_messages=broker.publisher.published,
-        published_frames=broker.publisher.batches,
+        published_frames=broker.publisher.frames,
     )

@@ -37,13 +37,12 @@ import zmq
 from schemas.bus import (
     MAX_BATCH,
     MAX_BATCH_BYTES,
-    TOPIC_END,
     BrokerHeartbeat,
     Envelope,
     Payload,
     Source,
     StatusEvent,
-    batch_header,
+    pack_published,
 )
 
 __all__ = ["Publisher"]
@@ -63,12 +62,12 @@ class Publisher:
         self._seq: dict[str, int] = {}
         self._cache: dict[str, Envelope] = {}
         self._active: set[str] = set()
-        self.batches = 0
-        """Frames sent; ``published / batches`` is the mean batch size."""
+        self.frames = 0
+        """Frames sent; ``published / frames`` is the mean batch size."""
         self._pending: dict[bytes, list[bytes]] = {}
-        """``topic + TOPIC_END`` -> envelopes queued this turn, topics in first-message order."""
-        self._prefixes: dict[str, bytes] = {}
-        """topic -> ``topic + TOPIC_END`` as bytes, built once per topic."""
+        """Topic bytes -> envelopes queued this turn, topics in first-message order."""
+        self._topic_bytes: dict[str, bytes] = {}
+        """topic -> the topic as bytes, encoded once per topic."""
 
     # -------------------------------------------------------------- activity
 
@@ -110,13 +109,13 @@ class Publisher:
         envelope = Envelope(topic, seq, self.epoch, recv_ns, source, payload)
         self._cache[topic] = envelope
         # Queued per topic, then sent at the end of this event-loop turn (flush).
-        prefix = self._prefixes.get(topic) or self._prefix(topic)
+        key = self._topic_bytes.get(topic) or self._key(topic)
         pending = self._pending
-        queued = pending.get(prefix)
+        queued = pending.get(key)
         if queued is not None:
             queued.append(self._encode(envelope))
             return
-        pending[prefix] = [self._encode(envelope)]
+        pending[key] = [self._encode(envelope)]
         if len(pending) == 1:
             self._schedule_flush()
 
@@ -140,14 +139,14 @@ class Publisher:
         self._seq[topic] = seq
         envelope = Envelope(topic, seq, self.epoch, time.time_ns(), "websocket", event)
         self.flush()  # after everything queued before it, on any topic
-        self._pending[self._prefix(topic)] = [self._encode(envelope)]
+        self._pending[self._key(topic)] = [self._encode(envelope)]
         self._schedule_flush()
 
-    def _prefix(self, topic: str) -> bytes:
-        prefix = self._prefixes.get(topic)
-        if prefix is None:
-            prefix = self._prefixes[topic] = topic.encode() + TOPIC_END
-        return prefix
+    def _key(self, topic: str) -> bytes:
+        key = self._topic_bytes.get(topic)
+        if key is None:
+            key = self._topic_bytes[topic] = topic.encode()
+        return key
 
     def _schedule_flush(self) -> None:
         try:
@@ -165,14 +164,14 @@ class Publisher:
             return
         self._pending = {}
         send = self._socket.send
-        for prefix, queued in pending.items():
+        for topic, queued in pending.items():
             for chunk in (queued,) if len(queued) == 1 else _chunks(queued):
                 try:
-                    send(prefix + batch_header(len(chunk)) + b"".join(chunk), _NOBLOCK)
+                    send(pack_published(topic, *chunk), _NOBLOCK)
                 except zmq.ZMQError:
                     self.send_errors += len(chunk)
                     continue
-                self.batches += 1
+                self.frames += 1
                 self.published += len(chunk)
 
     # -------------------------------------------------------------- cache

@@ -71,7 +71,7 @@ def test_a_turn_sends_one_frame_per_topic_in_order_of_first_message() -> None:
         (TRADE, 2, 5),
         (ETH_TRADE, 1, 4),
     ]
-    assert (pub.published, pub.batches) == (6, 3)
+    assert (pub.published, pub.frames) == (6, 3)
 
 
 def test_a_long_queue_is_split_into_frames_of_at_most_max_batch() -> None:
@@ -155,5 +155,5 @@ def test_a_dropped_frame_counts_every_message_it_carried() -> None:
     socket = RecordingSocket(fail=True)
     pub = Publisher(socket, "e")  # type: ignore[arg-type]
     in_one_turn(pub, ("data", TRADE, 1), ("data", TRADE, 2), ("data", TICKER, 3))
-    assert (pub.send_errors, pub.published, pub.batches) == (3, 0, 0)
+    assert (pub.send_errors, pub.published, pub.frames) == (3, 0, 0)
     assert pub.cached(TRADE) is not None  # the last value is kept for the next subscriber
