@@ -35,7 +35,7 @@ Decoders are built once at import and reused. Malformed input raises
 
 from __future__ import annotations
 
-from typing import Final, Literal, cast
+from typing import Final, Literal
 
 import msgspec
 
@@ -447,8 +447,10 @@ BrokerMessage = (
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
-_broker_decoder = msgspec.msgpack.Decoder(BrokerMessage)
+# Annotated rather than cast at the call: older msgspec stubs type a union decoder as
+# Decoder[Any], newer ones exactly; the annotation type-checks under both.
+_client_decoder: msgspec.msgpack.Decoder[ClientMessage] = msgspec.msgpack.Decoder(ClientMessage)
+_broker_decoder: msgspec.msgpack.Decoder[BrokerMessage] = msgspec.msgpack.Decoder(BrokerMessage)
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _batch_decoder = msgspec.msgpack.Decoder(list[Envelope])
 
@@ -461,7 +463,7 @@ def encode(message: ClientMessage | BrokerMessage | Envelope) -> bytes:
 def decode_client_message(data: bytes) -> ClientMessage:
     """Decode what a client sent to the broker; raises DecodeError on bad input."""
     try:
-        return cast(ClientMessage, _client_decoder.decode(data))
+        return _client_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise wrap_msgspec_error(exc, "client message") from None
 
@@ -469,7 +471,7 @@ def decode_client_message(data: bytes) -> ClientMessage:
 def decode_broker_message(data: bytes) -> BrokerMessage:
     """Decode what the broker sent to a client; raises DecodeError on bad input."""
     try:
-        return cast(BrokerMessage, _broker_decoder.decode(data))
+        return _broker_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise wrap_msgspec_error(exc, "broker message") from None
 
