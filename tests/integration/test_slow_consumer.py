@@ -95,6 +95,7 @@ def started() -> Iterator[list[Agent | Child]]:
             print(proc.output())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_client_that_reads_nothing_for_60s_costs_bounded_memory_and_no_gaps(
     sim: Sim, broker: BrokerProc, started: list[Agent | Child]
