@@ -124,11 +124,11 @@ class Broker:
         }
         """Who hears of each link's state changes, and of every change of held streams."""
         self.control = ControlServer(
-            self.clients,
-            self,
-            self,
-            Snapshots(self.publisher, self.rest, self.epoch),
-            self,
+            clients=self.clients,
+            subscriptions=self,
+            markets=self,
+            snapshots=Snapshots(self.publisher, self.rest, self.epoch),
+            status=self,
             epoch=self.epoch,
             heartbeat_interval=settings.heartbeat_interval,
             liveness=settings.liveness,

@@ -67,12 +67,12 @@ class ControlServer:
 
     def __init__(
         self,
+        *,
         clients: ClientTable,
         subscriptions: Subscriptions,
         markets: MarketList,
         snapshots: SnapshotSource,
         status: BrokerStatus,
-        *,
         epoch: str,
         heartbeat_interval: float,
         liveness: int,

@@ -2,7 +2,9 @@
 
 Health follows the original design: ``healthy`` when every configured upstream link is
 up, ``degraded`` when one is reconnecting or served by REST, ``critical`` when the
-public link has been down for longer than ``CRITICAL_AFTER`` seconds.
+public link has been down for longer than ``CRITICAL_AFTER`` seconds. Both functions
+read only what they are handed (links as :class:`broker.ports.LinkView`, counters as
+numbers), never the broker.
 """
 
 from __future__ import annotations

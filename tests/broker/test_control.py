@@ -123,11 +123,11 @@ def broker() -> FakeBroker:
 @pytest.fixture
 def control(broker: FakeBroker) -> ControlServer:
     return ControlServer(
-        broker.clients,
-        broker,
-        broker,
-        broker,
-        broker,
+        clients=broker.clients,
+        subscriptions=broker,
+        markets=broker,
+        snapshots=broker,
+        status=broker,
         epoch="e1",
         heartbeat_interval=0.5,
         liveness=3,
@@ -319,11 +319,11 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
 
     broken = Broken(broker.clients)
     control = ControlServer(
-        broken.clients,
-        broken,
-        broken,
-        broken,
-        broken,
+        clients=broken.clients,
+        subscriptions=broken,
+        markets=broken,
+        snapshots=broken,
+        status=broken,
         epoch="e1",
         heartbeat_interval=0.5,
         liveness=3,
