@@ -1,12 +1,17 @@
 """The broker process: wires the bus, the subscription state and the upstream links.
 
-Follow a client's subscribe from here: :meth:`Broker._on_subscribe` validates each
-stream (:func:`broker.subscriptions.normalize_spec`), adds it to the reference-counted
-:class:`broker.subscriptions.SubscriptionState`, and :meth:`Broker._replan` turns the
-union into an :func:`broker.subscriptions.upstream_plan` per connection, which the
-:class:`broker.upstream.UpstreamLink` sends to Upbit as one coalesced request. Data
-comes back through :class:`broker.routing.DataRouter` to the
+Follow a client's subscribe from here: :class:`broker.control.ControlServer` validates
+each stream (:func:`broker.subscriptions.normalize_spec`) and calls
+:meth:`Broker.subscribe`; the pure :class:`broker.topics.TopicLifecycle` adds it to the
+reference counts and answers with a :class:`broker.topics.TopicPlan` (topics to
+activate, the :func:`broker.subscriptions.upstream_plan` per connection), which
+:meth:`Broker._carry_out` applies to the publisher, the router and each
+:class:`broker.upstream.UpstreamLink`, which sends it to Upbit as one coalesced
+request. Data comes back through :class:`broker.routing.DataRouter` to the
 :class:`broker.publisher.Publisher`.
+
+Each component gets only the narrow interface it needs (:mod:`broker.ports`), never the
+broker itself; this module is the only one that knows them all.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
@@ -28,27 +33,37 @@ from broker.control import ControlServer
 from broker.exchange import Exchange, UpbitExchange
 from broker.fallback import PrivateFallback, PublicFallback
 from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
-from broker.health import RateMeter
+from broker.health import RateMeter, compute_health, compute_metrics
 from broker.instance import InstanceLock
 from broker.liveness import ClientTable
 from broker.logs import get_logger
+from broker.ports import LinkWatcher, StatusState, status_state
 from broker.publisher import Publisher
 from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
-from broker.subscriptions import (
-    SubscriptionState,
-    UpstreamStream,
-    carries,
-    upstream_plan,
-    widen_request,
-)
+from broker.snapshots import Snapshots
+from broker.subscriptions import SubscriptionState, UpstreamStream, widen_request
+from broker.topics import TopicLifecycle, TopicPlan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
-from schemas.bus import HEARTBEAT_TOPIC, StatusEvent, StreamSpec, status_topic
+from schemas.bus import (
+    HEARTBEAT_TOPIC,
+    Health,
+    Metrics,
+    Source,
+    StatusEvent,
+    StreamSpec,
+    status_topic,
+)
+from schemas.upbit import UpbitData
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "BrokerFailed"]
 
 _MARKET_REFRESH = 3600.0
+
+
+class BrokerFailed(RuntimeError):
+    """A broker task ended on its own (an unexpected exception): the process must fail."""
 
 
 class Broker:
@@ -77,7 +92,7 @@ class Broker:
         self.epoch = secrets.token_hex(8)
         self.started = time.time()
         self.exchange: Exchange = exchange or UpbitExchange(settings)
-        self.state = SubscriptionState()
+        self.topics = TopicLifecycle()
         self.clients = ClientTable()
         self.markets: frozenset[str] | None = None
         self.markets_loaded = asyncio.Event()
@@ -91,17 +106,34 @@ class Broker:
         self._router = self._ctx.socket(zmq.ROUTER)
         self.publisher = Publisher(zmq.Socket.shadow(self._pub.underlying), self.epoch)
         self.links: dict[ConnectionName, UpstreamLink] = {}
-        self.private_fallback = PrivateFallback(self) if self.exchange.has_private() else None
+        self.private_fallback = (
+            PrivateFallback(self, self.state, self.rest, self._route)
+            if self.exchange.has_private()
+            else None
+        )
         self.router = DataRouter(
             self.publisher,
             self.exchange,
             on_private=self.private_fallback.observe if self.private_fallback else None,
             handlers=self.handlers,
         )
-        self.public_fallback = PublicFallback(self)
-        self.control = ControlServer(self)
-        self._lingering: set[StreamSpec] = set()
-        """Released streams Upbit still sends (their topics stay published and cached)."""
+        self.public_fallback = PublicFallback(self, self.state, self.rest, self.router.route)
+        self._watchers: dict[ConnectionName, list[LinkWatcher]] = {
+            "public": [self.public_fallback],
+            "private": [self.private_fallback] if self.private_fallback else [],
+        }
+        """Who hears of each link's state changes, and of every change of held streams."""
+        self.control = ControlServer(
+            clients=self.clients,
+            subscriptions=self,
+            markets=self,
+            snapshots=Snapshots(self.publisher, self.rest, self.epoch),
+            status=self,
+            epoch=self.epoch,
+            heartbeat_interval=settings.heartbeat_interval,
+            liveness=settings.liveness,
+            private_enabled=self.exchange.has_private(),
+        )
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
         for name in ("public", "private") if self.exchange.has_private() else ("public",):
@@ -117,6 +149,12 @@ class Broker:
                 coalesce=settings.coalesce_window,
             )
 
+    @property
+    def state(self) -> SubscriptionState:
+        """The reference counts of what clients hold (read only: change them through
+        :meth:`subscribe`, :meth:`unsubscribe` and :meth:`drop_client`)."""
+        return self.topics.state
+
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
@@ -124,7 +162,12 @@ class Broker:
         self._stop.set()
 
     async def run(self) -> None:
-        """Bind the bus, connect upstream and serve until stopped."""
+        """Bind the bus, connect upstream and serve until stopped.
+
+        Returns once :meth:`stop` was called (SIGINT, SIGTERM). Every task runs for as
+        long as the broker does, so one that ends on its own has failed: it is logged
+        with its traceback, the others are stopped and :class:`BrokerFailed` is raised.
+        """
         self._lock.acquire()
         try:
             self._bind()
@@ -153,15 +196,21 @@ class Broker:
                 )
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            failed = sorted(task.get_name() for task in done if task is not stop)
             for task in done:
-                if task is not stop and task.exception() is not None:
-                    self._log.error(
-                        "task failed", task=task.get_name(), error=repr(task.exception())
-                    )
+                if task is stop or task.cancelled():
+                    continue
+                error = task.exception()
+                if error is None:
+                    self._log.error("task ended on its own", task=task.get_name())
+                else:
+                    self._log.error("task failed", task=task.get_name(), exc_info=error)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             stop.cancel()
+            if failed:
+                raise BrokerFailed(f"broker task failed: {', '.join(failed)}")
         finally:
             await self.rest.close()
             self.publisher.flush()
@@ -184,42 +233,43 @@ class Broker:
 
     # ------------------------------------------------------------------ state changes
 
-    def apply(self, added: Iterable[StreamSpec], removed: Iterable[StreamSpec]) -> None:
-        """Reflect streams whose reference count crossed zero on topics and upstream.
+    def subscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        """``client_id`` holds ``specs`` (validated) from now on."""
+        self._carry_out(self.topics.subscribe(client_id, specs))
 
-        A released stream's topic stays published (and its last value cached) for as
-        long as Upbit still sends it: see :meth:`_on_carried`.
-        """
-        changed = False
-        for spec in added:
-            if spec in self._lingering:
-                self._lingering.discard(spec)
-            else:
-                self.publisher.activate(spec.topic)
-                self.router.claim(spec.topic)
-            changed = True
-        for spec in removed:
-            self._lingering.add(spec)
-            changed = True
-        if changed:
-            self._replan()
+    def unsubscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        """``client_id`` releases ``specs``."""
+        self._carry_out(self.topics.unsubscribe(client_id, specs))
+
+    def drop_client(self, client_id: str) -> None:
+        """Forget a client and release its streams."""
+        self.clients.remove(client_id)
+        self._carry_out(self.topics.drop_client(client_id))
+
+    def _carry_out(self, plan: TopicPlan) -> None:
+        """Apply a topic plan to the publisher, the router and the links, in its order."""
+        for topic in plan.activate:
+            self.publisher.activate(topic)
+            self.router.claim(topic)
+        for spec in plan.retire:
+            self.publisher.deactivate(spec.topic)
+            self.router.forget(spec)
+        if plan.routed is not None:
+            self.router.set_streams(plan.routed)
+        for name, streams in plan.requests.items():
+            link = self.links.get(name)
+            if link is not None:
+                link.set_streams(streams)
+        if plan.requests:
+            for watchers in self._watchers.values():
+                for watcher in watchers:
+                    watcher.streams_changed()
 
     def _on_carried(self, link: ConnectionName, carried: frozenset[UpstreamStream]) -> None:
         """The link's upstream request changed: retire released topics it no longer carries."""
-        private = link == "private"
-        if not private:
+        if link == "public":
             self.router.set_carried(carried)
-        retired = [
-            spec
-            for spec in self._lingering
-            if spec.is_private == private and not carries(carried, spec)
-        ]
-        for spec in retired:
-            self._lingering.discard(spec)
-            self.publisher.deactivate(spec.topic)
-            self.router.forget(spec)
-        if retired:
-            self.router.set_streams(self.state.all_streams() | self._lingering)
+        self._carry_out(self.topics.carried(link, carried))
 
     def _widen(
         self,
@@ -234,31 +284,23 @@ class Broker:
             target, sent, markets=self.markets, types=self.settings.widen_types, limit=limit
         )
 
-    def _replan(self) -> None:
-        streams = self.state.all_streams()
-        self.router.set_streams(streams | self._lingering)
-        plan = upstream_plan(streams)
-        public = frozenset(plan.public)
-        private = frozenset(plan.private)
-        self.links["public"].set_streams(public)
-        if "private" in self.links:
-            self.links["private"].set_streams(private)
-
     def _on_link_status(self, link: ConnectionName, state: str, detail: str) -> None:
-        self.announce(link, state, detail)
-        if state == "down":
+        event = status_state(state)
+        self.announce(link, event, detail)
+        if event == "down":
             # Whatever was in flight is lost: tell every affected topic.
             self.announce(link, "gap", detail, status=False)
+        now = time.monotonic()
+        for watcher in self._watchers[link]:
+            watcher.link_changed(event, now)
 
     def announce(
-        self, link: ConnectionName, state: str, detail: str, *, status: bool = True
+        self, link: ConnectionName, state: StatusState, detail: str, *, status: bool = True
     ) -> None:
         """Publish a status event on the link's status topic and on its data topics."""
         now_ms = int(time.time() * 1000)
         topics = sorted(
-            spec.topic
-            for spec in self.state.all_streams()
-            if spec.is_private == (link == "private")
+            spec.topic for spec in self.topics.wanted() if spec.is_private == (link == "private")
         )
         event = StatusEvent(connection=link, state=state, detail=detail, timestamp=now_ms)
         if status:
@@ -282,6 +324,47 @@ class Broker:
         fallback = self.private_fallback if private else self.public_fallback
         return link.stats.state in ("up", "idle") or (fallback is not None and fallback.active)
 
+    def health(self) -> Health:
+        """The broker's health right now."""
+        private = self.private_fallback
+        return compute_health(
+            self.links["public"],
+            self.links.get("private"),
+            public_on_rest=self.public_fallback.active,
+            private_on_rest=private is not None and private.active,
+            active_subscriptions=len(self.state.all_streams()),
+            decode_errors=self.router.decode_errors,
+            started=self.started,
+            epoch=self.epoch,
+            now=time.time(),
+        )
+
+    def metrics(self) -> Metrics:
+        """The broker's metrics right now, with one row per client."""
+        return compute_metrics(
+            list(self.links.values()),
+            self.clients.all(),
+            lambda client_id: len(self.state.streams_of(client_id)),
+            messages=self.router.messages,
+            decode_errors=self.router.decode_errors,
+            per_second=self.rate.per_second,
+            handlers=self.handlers.metrics(),
+            published=self.publisher.published,
+            frames=self.publisher.frames,
+            now=time.monotonic(),
+        )
+
+    async def wait_markets(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the market list; True once it is known."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.markets_loaded.wait(), timeout)
+        return self.markets is not None
+
+    def _route(self, message: UpbitData, recv_ns: int, source: Source) -> None:
+        # The private fallback is built before the router it feeds (the router observes
+        # private events for it): it routes through here.
+        self.router.route(message, recv_ns, source)
+
     # ------------------------------------------------------------------ background
 
     async def _housekeeping(self) -> None:
@@ -299,11 +382,6 @@ class Broker:
                 # still be able to tell a silent market from a dead broker.
                 self.publisher.heartbeat(HEARTBEAT_TOPIC)
                 last_heartbeat = now
-
-    def drop_client(self, client_id: str) -> None:
-        """Forget a client and release its streams."""
-        self.clients.remove(client_id)
-        self.apply((), self.state.drop_client(client_id))
 
     async def _refresh_markets(self) -> None:
         delay = 1.0

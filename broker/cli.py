@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(settings: Settings) -> int:
-    from broker.app import Broker
+    from broker.app import Broker, BrokerFailed
     from broker.wsclient import use_fast_zlib
 
     use_fast_zlib()
@@ -66,6 +66,9 @@ def _run(settings: Settings) -> int:
         get_logger("cli").error(str(exc))
         print(f"upbit-broker: {exc}", file=sys.stderr)
         return 3
+    except BrokerFailed as exc:  # logged with its traceback by Broker.run
+        print(f"upbit-broker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,18 +11,17 @@ touch anybody else's streams.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from broker.health import compute_health, compute_metrics
+from broker.liveness import ClientTable
 from broker.logs import get_logger
+from broker.ports import BrokerStatus, MarketList, SnapshotSource, Subscriptions
 from broker.rest import RestError
-from broker.snapshots import fetch_snapshot
 from broker.subscriptions import SpecError, normalize_spec
 from schemas.bus import (
     PROTOCOL_VERSION,
@@ -49,20 +48,46 @@ from schemas.bus import (
 )
 from schemas.errors import DecodeError
 
-if TYPE_CHECKING:
-    from broker.app import Broker
-
-__all__ = ["ControlServer"]
+__all__ = ["ControlServer", "Reply"]
 
 MAX_STREAMS_PER_REQUEST = 1000
 MARKETS_WAIT = 10.0
 
+Reply = tuple[bytes, BrokerMessage]
+"""One answer: the ROUTER identity of the client, and the message to send it."""
+
 
 class ControlServer:
-    """Reads client requests from the ROUTER socket and answers them."""
+    """Reads client requests from the ROUTER socket and answers them.
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+    :meth:`handle` turns one request into its replies without any socket; :meth:`serve`
+    is the thin loop around it. Requests that must wait (a subscribe before the market
+    list is known, a snapshot fetched over REST) answer later, from a task of their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: ClientTable,
+        subscriptions: Subscriptions,
+        markets: MarketList,
+        snapshots: SnapshotSource,
+        status: BrokerStatus,
+        epoch: str,
+        heartbeat_interval: float,
+        liveness: int,
+        private_enabled: bool,
+    ) -> None:
+        """``private_enabled``: the broker has API keys (private streams can be served)."""
+        self._clients = clients
+        self._subscriptions = subscriptions
+        self._markets = markets
+        self._snapshots = snapshots
+        self._status = status
+        self._epoch = epoch
+        self._heartbeat_interval = heartbeat_interval
+        self._liveness = liveness
+        self._private_enabled = private_enabled
         self._socket: zmq.Socket[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.requests = 0
@@ -76,71 +101,68 @@ class ControlServer:
         self._socket = zmq.Socket.shadow(socket.underlying)
         while True:
             frames = await socket.recv_multipart()
-            self.requests += 1
-            identity = frames[0]
-            if len(frames) != 2:
-                self._reply(identity, ErrorReply(None, "bad_message", "expected one frame"))
-                continue
-            try:
-                message = decode_client_message(frames[1])
-            except DecodeError as exc:
-                self._reply(identity, ErrorReply(None, "bad_message", str(exc)))
-                continue
-            try:
-                self._dispatch(identity, message)
-            except Exception as exc:  # never let one request kill the broker
-                self._log.exception("request failed", op=type(message).__name__)
-                self._reply(
-                    identity,
-                    ErrorReply(
-                        getattr(message, "req", None),
-                        "internal",
-                        f"internal error ({type(exc).__name__})",
-                    ),
-                )
+            for identity, message in self.handle(frames, time.monotonic()):
+                self._send(identity, message)
 
     # ---------------------------------------------------------------- dispatch
 
-    def _dispatch(self, identity: bytes, message: ClientMessage) -> None:
-        broker = self._broker
-        now = time.monotonic()
-        if isinstance(message, Hello):
-            self._hello(identity, message, now)
-            return
-        client = identity.hex()
-        if not broker.clients.known(client):
+    def handle(self, frames: Sequence[bytes], now: float) -> list[Reply]:
+        """The replies to one request (ROUTER frames: identity, message) at monotonic ``now``.
+
+        Never raises: whatever a client sends, the worst it gets is an ErrorReply.
+        """
+        self.requests += 1
+        identity = frames[0]
+        if len(frames) != 2:
+            return [self._refuse(identity, ErrorReply(None, "bad_message", "expected one frame"))]
+        try:
+            message = decode_client_message(frames[1])
+        except DecodeError as exc:
+            return [self._refuse(identity, ErrorReply(None, "bad_message", str(exc)))]
+        try:
+            return self._dispatch(identity, message, now)
+        except Exception as exc:  # never let one request kill the broker
+            self._log.exception("request failed", op=type(message).__name__)
+            internal = f"internal error ({type(exc).__name__})"
             req = getattr(message, "req", None)
-            if not isinstance(message, Bye):
-                self._reply(
-                    identity, ErrorReply(req, "unknown_client", "unknown client: send hello first")
-                )
-            return
-        broker.clients.touch(client, now)
+            return [self._refuse(identity, ErrorReply(req, "internal", internal))]
+
+    def _dispatch(self, identity: bytes, message: ClientMessage, now: float) -> list[Reply]:
+        if isinstance(message, Hello):
+            return [self._hello(identity, message, now)]
+        client = identity.hex()
+        if not self._clients.known(client):
+            if isinstance(message, Bye):
+                return []
+            req = getattr(message, "req", None)
+            refusal = ErrorReply(req, "unknown_client", "unknown client: send hello first")
+            return [self._refuse(identity, refusal)]
+        self._clients.touch(client, now)
         if isinstance(message, Heartbeat):
-            broker.clients.report(
+            self._clients.report(
                 client, message.received, message.gaps, message.lag_ms, message.dropped
             )
         elif isinstance(message, Subscribe):
-            if broker.markets is None:
+            if self._markets.markets is None:
                 self._spawn(self._subscribe_when_ready(identity, client, message))
             else:
-                self._subscribe(identity, client, message)
+                return [self._subscribe(identity, client, message)]
         elif isinstance(message, Unsubscribe):
-            self._unsubscribe(identity, client, message)
+            return [self._unsubscribe(identity, client, message)]
         elif isinstance(message, GetSnapshot):
             self._spawn(self._get_snapshot(identity, message))
         elif isinstance(message, HealthRequest):
-            self._reply(identity, HealthReply(message.req, compute_health(broker)))
+            return [(identity, HealthReply(message.req, self._status.health()))]
         elif isinstance(message, MetricsRequest):
-            self._reply(identity, MetricsReply(message.req, compute_metrics(broker)))
+            return [(identity, MetricsReply(message.req, self._status.metrics()))]
         elif isinstance(message, Bye):
             self._log.info("client left", client=client)
-            broker.drop_client(client)
+            self._subscriptions.drop_client(client)
+        return []
 
-    def _hello(self, identity: bytes, message: Hello, now: float) -> None:
-        broker = self._broker
+    def _hello(self, identity: bytes, message: Hello, now: float) -> Reply:
         if message.protocol != PROTOCOL_VERSION:
-            self._reply(
+            return self._refuse(
                 identity,
                 ErrorReply(
                     None,
@@ -148,21 +170,20 @@ class ControlServer:
                     f"broker speaks protocol {PROTOCOL_VERSION}, client sent {message.protocol}",
                 ),
             )
-            return
         client = identity.hex()
-        if broker.clients.known(client):
-            broker.drop_client(client)  # a re-hello starts afresh
-        broker.clients.add(client, now, name=message.name, pid=message.pid)
+        if self._clients.known(client):
+            self._subscriptions.drop_client(client)  # a re-hello starts afresh
+        self._clients.add(client, now, name=message.name, pid=message.pid)
         self._log.info("client joined", client=client, name=message.name, pid=message.pid)
-        self._reply(
+        return (
             identity,
             Welcome(
-                epoch=broker.epoch,
+                epoch=self._epoch,
                 protocol=PROTOCOL_VERSION,
-                heartbeat_interval=broker.settings.heartbeat_interval,
-                liveness=broker.settings.liveness,
-                public_available=broker.is_available(private=False),
-                private_available=broker.is_available(private=True),
+                heartbeat_interval=self._heartbeat_interval,
+                liveness=self._liveness,
+                public_available=self._status.is_available(private=False),
+                private_available=self._status.is_available(private=True),
             ),
         )
 
@@ -172,76 +193,69 @@ class ControlServer:
                 "too_many_streams",
                 f"{len(streams)} streams in one request; the limit is {MAX_STREAMS_PER_REQUEST}",
             )
-        broker = self._broker
+        markets = self._markets.markets
         return [
-            normalize_spec(
-                spec, markets=broker.markets, private_available=broker.exchange.has_private()
-            )
+            normalize_spec(spec, markets=markets, private_available=self._private_enabled)
             for spec in streams
         ]
 
-    def _subscribe(self, identity: bytes, client: str, message: Subscribe) -> None:
-        broker = self._broker
+    def _subscribe(self, identity: bytes, client: str, message: Subscribe) -> Reply:
         try:
             specs = self._validate(message.streams)
         except SpecError as exc:
             self.errors += 1
-            self._reply(identity, ErrorReply(message.req, exc.code, str(exc)))
-            return
-        if not broker.clients.known(client):
-            self._reply(identity, ErrorReply(message.req, "unknown_client", "client expired"))
-            return
-        added = broker.state.add(client, specs)
-        broker.apply(added, ())
+            return self._refuse(identity, ErrorReply(message.req, exc.code, str(exc)))
+        if not self._clients.known(client):
+            return self._refuse(
+                identity, ErrorReply(message.req, "unknown_client", "client expired")
+            )
+        self._subscriptions.subscribe(client, specs)
         topics = [spec.topic for spec in specs]
-        snapshot = broker.publisher.last_values(topics) if message.snapshot else []
-        self._reply(identity, SubscribeOk(message.req, topics, snapshot))
+        snapshot = self._snapshots.last_values(topics) if message.snapshot else []
+        return (identity, SubscribeOk(message.req, topics, snapshot))
 
     async def _subscribe_when_ready(self, identity: bytes, client: str, message: Subscribe) -> None:
-        try:
-            await asyncio.wait_for(self._broker.markets_loaded.wait(), MARKETS_WAIT)
-        except TimeoutError:
+        if not await self._markets.wait_markets(MARKETS_WAIT):
             # Without a market list codes are checked by syntax only (logged once).
             self._log.warning("market list still unavailable; validating codes by syntax")
-        self._subscribe(identity, client, message)
+        self._send(*self._subscribe(identity, client, message))
 
-    def _unsubscribe(self, identity: bytes, client: str, message: Unsubscribe) -> None:
-        broker = self._broker
+    def _unsubscribe(self, identity: bytes, client: str, message: Unsubscribe) -> Reply:
         try:
             specs = self._validate(message.streams)
         except SpecError as exc:
-            self._reply(identity, ErrorReply(message.req, exc.code, str(exc)))
-            return
-        broker.apply((), broker.state.remove(client, specs))
-        self._reply(identity, UnsubscribeOk(message.req))
+            return self._refuse(identity, ErrorReply(message.req, exc.code, str(exc)))
+        self._subscriptions.unsubscribe(client, specs)
+        return (identity, UnsubscribeOk(message.req))
 
     async def _get_snapshot(self, identity: bytes, message: GetSnapshot) -> None:
-        broker = self._broker
-        if broker.markets is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(broker.markets_loaded.wait(), MARKETS_WAIT)
+        if self._markets.markets is None:
+            await self._markets.wait_markets(MARKETS_WAIT)
         try:
             specs = self._validate(message.streams)
         except SpecError as exc:
-            self._reply(identity, ErrorReply(message.req, exc.code, str(exc)))
+            self._send(*self._refuse(identity, ErrorReply(message.req, exc.code, str(exc))))
             return
         try:
-            items, missing = await fetch_snapshot(broker, specs)
+            items, missing = await self._snapshots.fetch(specs)
         except RestError as exc:
-            self._reply(identity, ErrorReply(message.req, "upstream_error", str(exc)))
+            refusal = ErrorReply(message.req, "upstream_error", str(exc))
+            self._send(*self._refuse(identity, refusal))
             return
-        self._reply(identity, SnapshotReply(message.req, items, missing))
+        self._send(identity, SnapshotReply(message.req, items, missing))
 
     # ---------------------------------------------------------------- plumbing
+
+    def _refuse(self, identity: bytes, error: ErrorReply) -> Reply:
+        self._log.info("request refused", code=error.code, message=error.message[:200])
+        return (identity, error)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reply(self, identity: bytes, message: BrokerMessage) -> None:
-        if isinstance(message, ErrorReply):
-            self._log.info("request refused", code=message.code, message=message.message[:200])
+    def _send(self, identity: bytes, message: BrokerMessage) -> None:
         if self._socket is None:
             return
         try:

@@ -14,18 +14,25 @@ after the link returns, one more REST reconciliation publishes whatever changed
 between the last poll and the reconnect. Both diff against
 :class:`broker.reconcile.PrivateState`, which the router keeps current from WebSocket
 events too.
+
+Neither polls its link: the broker hands each link's state changes to
+:meth:`~PublicFallback.link_changed` and every change of what clients hold to
+:meth:`~PublicFallback.streams_changed` (:class:`broker.ports.LinkWatcher`); the
+fallback wakes on those, and on its own timers (the grace period, the poll cycle).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
+from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
 from broker.reconcile import PrivateState
-from broker.rest import PRIORITY_POLL, RestError
+from broker.rest import PRIORITY_POLL, RestClient, RestError
 from schemas.bus import PRIVATE_STREAM_TYPES
 from schemas.errors import DecodeError
 from schemas.rest import (
@@ -39,21 +46,70 @@ from schemas.rest import (
 )
 from schemas.upbit import MyAsset, MyOrder, UpbitData
 
-if TYPE_CHECKING:
-    from broker.app import Broker
-
 __all__ = ["PrivateFallback", "PublicFallback"]
 
-TICK = 0.25
-"""How often the fallbacks look at their link (a supervision tick, not a data timer)."""
+IDLE_RETRY = 1.0
+"""Seconds before a step that could do nothing useful (a failed baseline, a poll plan
+without calls) is tried again."""
 
 
-class PublicFallback:
+class _Supervisor:
+    """What both fallbacks share: the watched link's state, and waking up on changes."""
+
+    def __init__(self, grace: float) -> None:
+        self._grace = grace
+        self._down_since: float | None = None
+        """Monotonic time the link stopped carrying data (None while it is fine)."""
+        self._wake = asyncio.Event()
+
+    def link_changed(self, state: StatusState, now: float) -> None:
+        """The watched link reported ``state`` at monotonic time ``now``."""
+        if state in LINK_OK_STATES:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = now
+        self._wake.set()
+
+    def streams_changed(self) -> None:
+        """What clients hold changed: look again."""
+        self._wake.set()
+
+    def _down_for(self, now: float) -> float | None:
+        return None if self._down_since is None else now - self._down_since
+
+    async def run(self) -> None:
+        """Supervise the link forever: one step per change or timer."""
+        while True:
+            self._wake.clear()
+            wait = await self._step()
+            if wait is None or wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+            else:
+                await asyncio.sleep(0)
+
+    async def _step(self) -> float | None:
+        """Act on the current state; how long to wait for the next step (None: a change)."""
+        raise NotImplementedError
+
+
+class PublicFallback(_Supervisor):
     """Serves public streams over REST while the public WebSocket is down."""
 
-    def __init__(self, broker: Broker, *, grace: float = 3.0) -> None:
-        self._broker = broker
-        self._grace = grace
+    def __init__(
+        self,
+        announcer: Announcer,
+        streams: StreamsView,
+        rest: RestClient,
+        route: Route,
+        *,
+        grace: float = 3.0,
+    ) -> None:
+        super().__init__(grace)
+        self._announcer = announcer
+        self._streams_view = streams
+        self._rest = rest
+        self._route = route
         self._planner = PollPlanner()
         self.active = False
         self.polls = 0
@@ -64,7 +120,7 @@ class PublicFallback:
         tickers: list[str] = []
         books: list[tuple[str, float, int]] = []
         trades: list[str] = []
-        for spec in self._broker.state.all_streams():
+        for spec in self._streams_view.all_streams():
             if spec.code is None:
                 continue
             if spec.type == "ticker":
@@ -75,41 +131,43 @@ class PublicFallback:
                 trades.append(spec.code)
         return tickers, books, trades
 
-    async def run(self) -> None:
-        """Supervise the public link forever; poll while it is down."""
-        link = self._broker.links["public"]
-        while True:
-            down_for = link.down_for(time.time())
-            tickers, books, trades = self._streams()
-            wanted = bool(tickers or books or trades)
-            if down_for is None or down_for < self._grace or not wanted:
-                if self.active and (down_for is None or not wanted):
-                    self._switch(active=False)
-                await asyncio.sleep(TICK)
-                continue
-            if not self.active:
-                self._switch(active=True)
-            self._planner.update(tickers=tickers, orderbooks=books, trades=trades)
-            now = time.time()
-            delay = self._planner.delay(now)
-            if delay > 0:
-                await asyncio.sleep(min(delay, TICK))
-                continue
-            await asyncio.gather(*(self._poll(call) for call in self._planner.next_cycle(now)))
+    async def _step(self) -> float | None:
+        down_for = self._down_for(time.monotonic())
+        tickers, books, trades = self._streams()
+        wanted = bool(tickers or books or trades)
+        if down_for is None or not wanted or down_for < self._grace:
+            # Below the grace with the fallback on: the link came back in between.
+            if self.active:
+                self._switch(active=False)
+            if down_for is None or not wanted:
+                return None
+            return self._grace - down_for
+        if not self.active:
+            self._switch(active=True)
+        self._planner.update(tickers=tickers, orderbooks=books, trades=trades)
+        now = time.time()
+        delay = self._planner.delay(now)
+        if delay > 0:
+            return delay
+        calls = self._planner.next_cycle(now)
+        if not calls:
+            return IDLE_RETRY
+        await asyncio.gather(*(self._poll(call) for call in calls))
+        return 0.0
 
     def _switch(self, *, active: bool) -> None:
         self.active = active
-        state = "source_rest" if active else "source_websocket"
+        state: StatusState = "source_rest" if active else "source_websocket"
         detail = (
             "public WebSocket unavailable: polling REST"
             if active
             else "public WebSocket restored: streaming again"
         )
         self._log.warning("public data source switched", state=state)
-        self._broker.announce("public", state, detail)
+        self._announcer.announce("public", state, detail)
 
     async def _poll(self, call: PollCall) -> None:
-        rest = self._broker.rest
+        rest = self._rest
         now_ns = time.time_ns()
         try:
             payloads: list[UpbitData]
@@ -134,18 +192,30 @@ class PublicFallback:
             self._log.warning("REST poll failed", path=call.path, error=str(exc)[:200])
             return
         self.polls += 1
-        if self._broker.links["public"].is_up:
+        if self._down_since is None:
             return  # the stream came back while this call was in flight
         for payload in payloads:
-            self._broker.router.route(payload, now_ns, "rest")
+            self._route(payload, now_ns, "rest")
 
 
-class PrivateFallback:
+class PrivateFallback(_Supervisor):
     """Polls orders and balances while the private link is down; reconciles after."""
 
-    def __init__(self, broker: Broker, *, grace: float = 3.0, interval: float = 1.0) -> None:
-        self._broker = broker
-        self._grace = grace
+    def __init__(
+        self,
+        announcer: Announcer,
+        streams: StreamsView,
+        rest: RestClient,
+        route: Route,
+        *,
+        grace: float = 3.0,
+        interval: float = 1.0,
+    ) -> None:
+        super().__init__(grace)
+        self._announcer = announcer
+        self._streams_view = streams
+        self._rest = rest
+        self._route = route
         self._interval = interval
         self.state = PrivateState()
         self.active = False
@@ -153,6 +223,8 @@ class PrivateFallback:
         self.failures = 0
         self._synced = False
         self._needs_reconcile = False
+        self._next_poll = 0.0
+        """Monotonic time the next outage poll is due (one per ``interval`` at most)."""
         self._log = get_logger("fallback", link="private")
 
     def observe(self, event: MyOrder | MyAsset) -> None:
@@ -163,49 +235,49 @@ class PrivateFallback:
             self.state.apply_asset(event)
 
     def _wanted(self) -> bool:
-        return any(spec.type in PRIVATE_STREAM_TYPES for spec in self._broker.state.all_streams())
+        return any(spec.type in PRIVATE_STREAM_TYPES for spec in self._streams_view.all_streams())
 
-    async def run(self) -> None:
-        """Supervise the private link forever."""
-        link = self._broker.links["private"]
-        while True:
-            if not self._wanted():
-                self._synced = False
-                await asyncio.sleep(TICK)
-                continue
-            down_for = link.down_for(time.time())
-            if not self._synced:
-                await self._sync(publish=False)
-            elif down_for is None:
-                if self._needs_reconcile:
-                    # Whatever changed between the last poll and the reconnect.
-                    if await self._sync(publish=True):
-                        self._needs_reconcile = False
-                        self.reconciliations += 1
-                    if self.active:
-                        self.active = False
-                        self._broker.announce(
-                            "private",
-                            "source_websocket",
-                            "private WebSocket restored; reconciled over REST",
-                        )
-            elif down_for >= self._grace:
-                self._needs_reconcile = True
-                if not self.active:
-                    self.active = True
-                    self._broker.announce(
-                        "private", "source_rest", "private WebSocket unavailable: polling REST"
-                    )
-                await self._sync(publish=True)
-                await asyncio.sleep(self._interval)
-                continue
-            else:
-                self._needs_reconcile = True
-            await asyncio.sleep(TICK)
+    async def _step(self) -> float | None:
+        if not self._wanted():
+            self._synced = False
+            return None
+        if not self._synced:
+            # The baseline the first outage's changes are diffed against.
+            return 0.0 if await self._sync(publish=False) else IDLE_RETRY
+        down_for = self._down_for(time.monotonic())
+        if down_for is None:
+            if not self._needs_reconcile:
+                return None
+            # Whatever changed between the last poll and the reconnect.
+            if await self._sync(publish=True):
+                self._needs_reconcile = False
+                self.reconciliations += 1
+            if self.active:
+                self.active = False
+                self._announcer.announce(
+                    "private",
+                    "source_websocket",
+                    "private WebSocket restored; reconciled over REST",
+                )
+            return None if not self._needs_reconcile else IDLE_RETRY
+        self._needs_reconcile = True
+        if down_for < self._grace:
+            return self._grace - down_for
+        if not self.active:
+            self.active = True
+            self._announcer.announce(
+                "private", "source_rest", "private WebSocket unavailable: polling REST"
+            )
+        now = time.monotonic()
+        if now < self._next_poll:
+            return self._next_poll - now
+        await self._sync(publish=True)
+        self._next_poll = time.monotonic() + self._interval
+        return self._interval
 
     async def _sync(self, *, publish: bool) -> bool:
         """Fetch orders and balances; publish the differences (or just learn them)."""
-        rest = self._broker.rest
+        rest = self._rest
         try:
             orders = await rest.open_orders()
             accounts = await rest.accounts()
@@ -233,7 +305,7 @@ class PrivateFallback:
             return False
         now_ns = time.time_ns()
         for event in events:
-            self._broker.router.route(cast(UpbitData, event), now_ns, "rest")
+            self._route(cast(UpbitData, event), now_ns, "rest")
         if events:
             self._log.info("private changes published from REST", events=len(events))
         return True

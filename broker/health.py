@@ -2,20 +2,21 @@
 
 Health follows the original design: ``healthy`` when every configured upstream link is
 up, ``degraded`` when one is reconnecting or served by REST, ``critical`` when the
-public link has been down for longer than ``CRITICAL_AFTER`` seconds.
+public link has been down for longer than ``CRITICAL_AFTER`` seconds. Both functions
+read only what they are handed (links as :class:`broker.ports.LinkView`, counters as
+numbers), never the broker.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
-from schemas.bus import ConnectionHealth, Health, Metrics
-
-if TYPE_CHECKING:
-    from broker.app import Broker
-    from broker.upstream import UpstreamLink
+from broker.liveness import ClientInfo
+from broker.ports import LinkView
+from schemas.bus import ConnectionHealth, HandlerMetrics, Health, Metrics
 
 __all__ = ["RateMeter", "compute_health", "compute_metrics", "rss_mb"]
 
@@ -48,7 +49,7 @@ def rss_mb() -> float:
         return 0.0
 
 
-def _link_health(link: UpstreamLink, on_rest: bool) -> ConnectionHealth:
+def _link_health(link: LinkView, on_rest: bool) -> ConnectionHealth:
     stats = link.stats
     return ConnectionHealth(
         state=stats.state,
@@ -61,11 +62,19 @@ def _link_health(link: UpstreamLink, on_rest: bool) -> ConnectionHealth:
     )
 
 
-def compute_health(broker: Broker) -> Health:
-    """The broker's health right now."""
-    now = time.time()
-    public = broker.links["public"]
-    private = broker.links.get("private")
+def compute_health(
+    public: LinkView,
+    private: LinkView | None,
+    *,
+    public_on_rest: bool,
+    private_on_rest: bool,
+    active_subscriptions: int,
+    decode_errors: int,
+    started: float,
+    epoch: str,
+    now: float,
+) -> Health:
+    """The broker's health at wall-clock time ``now``, from its links and counters."""
     links = [public] if private is None else [public, private]
     states = [link.stats.state for link in links]
     status: Literal["healthy", "degraded", "critical"] = "healthy"
@@ -78,46 +87,51 @@ def compute_health(broker: Broker) -> Health:
     reconnects = sum(link.stats.reconnects for link in links)
     if status != "healthy":
         quality = "poor"
-    elif reconnects or broker.router.decode_errors:
+    elif reconnects or decode_errors:
         quality = "good"
     return Health(
         status=status,
-        uptime_seconds=now - broker.started,
+        uptime_seconds=now - started,
         last_message_timestamp=last,
         connection_quality=quality,
-        active_subscriptions=len(broker.state.all_streams()),
-        public=_link_health(public, broker.public_fallback.active),
-        private=(
-            _link_health(private, bool(broker.private_fallback and broker.private_fallback.active))
-            if private is not None
-            else None
-        ),
-        epoch=broker.epoch,
+        active_subscriptions=active_subscriptions,
+        public=_link_health(public, public_on_rest),
+        private=_link_health(private, private_on_rest) if private is not None else None,
+        epoch=epoch,
     )
 
 
-def compute_metrics(broker: Broker) -> Metrics:
-    """The broker's metrics right now, with one row per client."""
-    now = time.monotonic()
-    rows = [
-        info.metrics(now, len(broker.state.streams_of(info.client_id)))
-        for info in broker.clients.all()
-    ]
+def compute_metrics(
+    links: Sequence[LinkView],
+    clients: Iterable[ClientInfo],
+    streams_of: Callable[[str], int],
+    *,
+    messages: int,
+    decode_errors: int,
+    per_second: float,
+    handlers: list[HandlerMetrics],
+    published: int,
+    frames: int,
+    now: float,
+) -> Metrics:
+    """The broker's metrics at monotonic time ``now``, with one row per client.
+
+    ``streams_of`` counts the streams a client holds; ``messages`` and
+    ``decode_errors`` are the router's totals, ``published``/``frames`` the publisher's.
+    """
+    rows = [info.metrics(now, streams_of(info.client_id)) for info in clients]
     lags = [row.lag_ms for row in rows if row.lag_ms > 0]
-    messages = broker.router.messages
-    errors = broker.router.decode_errors + sum(
-        link.stats.upstream_errors for link in broker.links.values()
-    )
+    errors = decode_errors + sum(link.stats.upstream_errors for link in links)
     return Metrics(
-        active_connections=sum(1 for link in broker.links.values() if link.is_up),
+        active_connections=sum(1 for link in links if link.is_up),
         total_subscriptions=sum(row.streams for row in rows),
-        messages_per_second=broker.rate.per_second,
+        messages_per_second=per_second,
         average_latency_ms=sum(lags) / len(lags) if lags else 0.0,
         error_rate_percent=100.0 * errors / max(messages + errors, 1),
         memory_usage_mb=rss_mb(),
         messages_total=messages,
         clients=rows,
-        handlers=broker.handlers.metrics(),
-        published_messages=broker.publisher.published,
-        published_frames=broker.publisher.frames,
+        handlers=handlers,
+        published_messages=published,
+        published_frames=frames,
     )

@@ -9,8 +9,11 @@ other) instead of changing the upstream subscription. Fetched values carry ``seq
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Iterable, Sequence
+from typing import cast
 
+from broker.ports import LastValues
+from broker.rest import RestClient
 from schemas.bus import Envelope, Payload, StreamSpec
 from schemas.rest import (
     rest_accounts_to_my_asset,
@@ -21,34 +24,40 @@ from schemas.rest import (
     rest_trade_to_trade,
 )
 
-if TYPE_CHECKING:
-    from broker.app import Broker
-
-__all__ = ["fetch_snapshot"]
+__all__ = ["Snapshots"]
 
 
-async def fetch_snapshot(
-    broker: Broker, specs: list[StreamSpec]
-) -> tuple[list[Envelope], list[str]]:
-    """Envelopes for ``specs`` and the topics that have no value at all."""
-    items: list[Envelope] = []
-    missing: list[str] = []
-    for spec in specs:
-        cached = broker.publisher.last_values([spec.topic])
-        if cached:
-            items.extend(cached)
-            continue
-        payloads = await _fetch(broker, spec)
-        if not payloads:
-            missing.append(spec.topic)
-        now_ns = time.time_ns()
-        for topic, payload in payloads:
-            items.append(Envelope(topic, 0, broker.epoch, now_ns, "rest", payload))
-    return items, missing
+class Snapshots:
+    """Answers ``get_snapshot`` from the publisher's cache, else one REST call per kind."""
+
+    def __init__(self, cache: LastValues, rest: RestClient, epoch: str) -> None:
+        self._cache = cache
+        self._rest = rest
+        self._epoch = epoch
+
+    def last_values(self, topics: Iterable[str]) -> list[Envelope]:
+        """The cached last envelope of each of ``topics`` that has one."""
+        return self._cache.last_values(topics)
+
+    async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
+        """Envelopes for ``specs`` and the topics that have no value at all."""
+        items: list[Envelope] = []
+        missing: list[str] = []
+        for spec in specs:
+            cached = self.last_values([spec.topic])
+            if cached:
+                items.extend(cached)
+                continue
+            payloads = await _fetch(self._rest, spec)
+            if not payloads:
+                missing.append(spec.topic)
+            now_ns = time.time_ns()
+            for topic, payload in payloads:
+                items.append(Envelope(topic, 0, self._epoch, now_ns, "rest", payload))
+        return items, missing
 
 
-async def _fetch(broker: Broker, spec: StreamSpec) -> list[tuple[str, Payload]]:
-    rest = broker.rest
+async def _fetch(rest: RestClient, spec: StreamSpec) -> list[tuple[str, Payload]]:
     now_ms = int(time.time() * 1000)
     code = spec.code
     if spec.type == "ticker" and code:

@@ -1,0 +1,213 @@
+"""The narrow interfaces the broker's components are handed instead of the whole broker.
+
+:mod:`broker.app` composes the process; the control plane, the REST fallbacks, health
+and snapshots each receive only the :class:`typing.Protocol` they need, so none of them
+knows the broker (no import of :mod:`broker.app`, not even for typing) and each can be
+tested with a small fake. Every protocol here describes what a component *uses*; the
+concrete objects (links, router, publisher, the broker itself) satisfy them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Literal, Protocol, cast, get_args
+
+from broker.subscriptions import UpstreamStream
+from schemas.bus import ConnectionName, Envelope, Health, Metrics, Source, StreamSpec
+from schemas.upbit import UpbitData
+
+__all__ = [
+    "Announcer",
+    "BrokerStatus",
+    "LastValues",
+    "LinkStatsView",
+    "LinkView",
+    "LinkWatcher",
+    "MarketList",
+    "Route",
+    "SnapshotSource",
+    "StatusState",
+    "StreamsView",
+    "Subscriptions",
+    "status_state",
+]
+
+# TODO(merge): import from schemas.bus
+StatusState = Literal[
+    "connecting",
+    "up",
+    "idle",
+    "down",
+    "reconnecting",
+    "restored",
+    "stale",
+    "gap",
+    "source_rest",
+    "source_websocket",
+    "error",
+    "auth_failed",
+]
+"""Every state a :class:`schemas.bus.StatusEvent` may carry."""
+
+_STATUS_STATES: frozenset[str] = frozenset(get_args(StatusState))
+
+LINK_OK_STATES: frozenset[StatusState] = frozenset({"up", "restored", "idle"})
+"""Link states in which the link carries (or has nothing to carry): no fallback needed."""
+
+
+def status_state(value: str) -> StatusState:
+    """``value`` as a status state; ValueError for anything else (a programming error)."""
+    if value not in _STATUS_STATES:
+        raise ValueError(f"not a status state: {value!r}")
+    return cast(StatusState, value)
+
+
+Route = Callable[[UpbitData, int, Source], None]
+"""``(payload, recv_ns, source)``: publish one payload as if it had just arrived."""
+
+
+class Announcer(Protocol):
+    """Publishes status events about a link (to its status topic and its data topics)."""
+
+    def announce(
+        self, link: ConnectionName, state: StatusState, detail: str, *, status: bool = True
+    ) -> None:
+        """Tell every client of ``link`` that it is in ``state``."""
+        ...
+
+
+class StreamsView(Protocol):
+    """Read access to what clients hold."""
+
+    def all_streams(self) -> frozenset[StreamSpec]:
+        """Every stream at least one client holds."""
+        ...
+
+    def streams_of(self, client_id: str) -> frozenset[StreamSpec]:
+        """The streams one client holds."""
+        ...
+
+
+class LinkWatcher(Protocol):
+    """Reacts to a link's state changes and to changes of what clients hold."""
+
+    def link_changed(self, state: StatusState, now: float) -> None:
+        """The watched link reported ``state`` at monotonic time ``now``."""
+        ...
+
+    def streams_changed(self) -> None:
+        """The set of streams clients hold changed."""
+        ...
+
+
+class LinkStatsView(Protocol):
+    """The counters of one upstream link that health and metrics read."""
+
+    @property
+    def state(self) -> str:
+        """The link's own state (idle, connecting, up, down)."""
+        ...
+
+    @property
+    def since(self) -> float:
+        """Wall-clock time of the last state change."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """Connections lost while streams were wanted."""
+        ...
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """Wall-clock time of the last frame received."""
+        ...
+
+    @property
+    def upstream_errors(self) -> int:
+        """Errors Upbit answered requests with."""
+        ...
+
+
+class LinkView(Protocol):
+    """Read access to one upstream link."""
+
+    @property
+    def stats(self) -> LinkStatsView:
+        """Its counters."""
+        ...
+
+    @property
+    def carried(self) -> Collection[UpstreamStream]:
+        """What Upbit sends on it now."""
+        ...
+
+    @property
+    def is_up(self) -> bool:
+        """True while connected."""
+        ...
+
+    def requests_left(self, now: float) -> int:
+        """Subscription requests its budget still allows this minute."""
+        ...
+
+
+class LastValues(Protocol):
+    """The publisher's last-value cache."""
+
+    def last_values(self, topics: Iterable[str]) -> list[Envelope]:
+        """The cached last envelope of each of ``topics`` that has one."""
+        ...
+
+
+class SnapshotSource(LastValues, Protocol):
+    """Current values on demand: the last-value cache, and REST for what it lacks."""
+
+    async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
+        """Envelopes for ``specs`` and the topics that have no value at all."""
+        ...
+
+
+class MarketList(Protocol):
+    """The market codes Upbit lists, once they are known."""
+
+    @property
+    def markets(self) -> frozenset[str] | None:
+        """Every listed market code; None until the list has been loaded once."""
+        ...
+
+    async def wait_markets(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the list; True once it is known."""
+        ...
+
+
+class Subscriptions(Protocol):
+    """Changes what clients hold (validated specs only) and forgets clients."""
+
+    def subscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        """``client_id`` holds ``specs`` from now on; their topics are published."""
+        ...
+
+    def unsubscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        """``client_id`` releases ``specs``."""
+        ...
+
+    def drop_client(self, client_id: str) -> None:
+        """Forget a client and release every stream it held."""
+        ...
+
+
+class BrokerStatus(Protocol):
+    """What the broker can tell about itself."""
+
+    def is_available(self, private: bool) -> bool:
+        """Whether the public (private) side can deliver data right now."""
+        ...
+
+    def health(self) -> Health:
+        """The broker's health right now."""
+        ...
+
+    def metrics(self) -> Metrics:
+        """The broker's metrics right now."""
+        ...

@@ -1,0 +1,338 @@
+"""The control plane without sockets: request frames in, replies out.
+
+:meth:`ControlServer.handle` is fed ROUTER frames (identity, encoded message) and a
+fake clock; the broker behind it is a small fake built on the real pure cores (the
+client table and the topic lifecycle), so what a request changes can be checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import msgspec
+import pytest
+
+from broker.control import ControlServer, Reply
+from broker.health import compute_metrics
+from broker.liveness import ClientTable
+from broker.topics import TopicLifecycle
+from schemas.bus import (
+    PROTOCOL_VERSION,
+    Bye,
+    ClientMessage,
+    ConnectionHealth,
+    Envelope,
+    ErrorReply,
+    Health,
+    HealthReply,
+    HealthRequest,
+    Heartbeat,
+    Hello,
+    Metrics,
+    MetricsReply,
+    MetricsRequest,
+    StatusEvent,
+    StreamSpec,
+    Subscribe,
+    SubscribeOk,
+    Unsubscribe,
+    UnsubscribeOk,
+    Welcome,
+    encode,
+)
+
+ALICE = b"\x00alice"
+BOB = b"\x00bob"
+MARKETS = frozenset({"KRW-BTC", "KRW-ETH"})
+BTC = StreamSpec("ticker", "KRW-BTC")
+ETH = StreamSpec("ticker", "KRW-ETH")
+HEALTH = Health(
+    status="healthy",
+    uptime_seconds=12.0,
+    last_message_timestamp=None,
+    connection_quality="excellent",
+    active_subscriptions=0,
+    public=ConnectionHealth("up", "websocket", 0.0, 0, None),
+    private=None,
+    epoch="e1",
+)
+
+
+def cached_ticker(topic: str) -> Envelope:
+    """A last value as the publisher caches it (the payload's kind does not matter here)."""
+    event = StatusEvent(connection="public", state="up", detail="", timestamp=1)
+    return Envelope(topic, 7, "e1", 0, "websocket", event)
+
+
+class FakeBroker:
+    """Subscriptions, markets, snapshots and status over the real pure cores."""
+
+    def __init__(self, clients: ClientTable) -> None:
+        self.clients = clients
+        self.topics = TopicLifecycle()
+        self.markets: frozenset[str] | None = MARKETS
+        self.cache: dict[str, Envelope] = {}
+        self.dropped: list[str] = []
+
+    def subscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        self.topics.subscribe(client_id, specs)
+
+    def unsubscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
+        self.topics.unsubscribe(client_id, specs)
+
+    def drop_client(self, client_id: str) -> None:
+        self.dropped.append(client_id)
+        self.clients.remove(client_id)
+        self.topics.drop_client(client_id)
+
+    async def wait_markets(self, timeout: float) -> bool:
+        return self.markets is not None
+
+    def last_values(self, topics: Iterable[str]) -> list[Envelope]:
+        return [self.cache[t] for t in topics if t in self.cache]
+
+    async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
+        return self.last_values(s.topic for s in specs), []
+
+    def is_available(self, private: bool) -> bool:
+        return not private
+
+    def health(self) -> Health:
+        return HEALTH
+
+    def metrics(self) -> Metrics:
+        return compute_metrics(
+            [],
+            self.clients.all(),
+            lambda client_id: len(self.topics.state.streams_of(client_id)),
+            messages=0,
+            decode_errors=0,
+            per_second=0.0,
+            handlers=[],
+            published=0,
+            frames=0,
+            now=100.0,
+        )
+
+
+@pytest.fixture
+def broker() -> FakeBroker:
+    return FakeBroker(ClientTable())
+
+
+@pytest.fixture
+def control(broker: FakeBroker) -> ControlServer:
+    return ControlServer(
+        clients=broker.clients,
+        subscriptions=broker,
+        markets=broker,
+        snapshots=broker,
+        status=broker,
+        epoch="e1",
+        heartbeat_interval=0.5,
+        liveness=3,
+        private_enabled=False,
+    )
+
+
+def ask(control: ControlServer, identity: bytes, message: ClientMessage, now: float = 1.0) -> Reply:
+    """The one reply to ``message``."""
+    (reply,) = control.handle([identity, encode(message)], now)
+    return reply
+
+
+def joined(control: ControlServer, identity: bytes = ALICE, now: float = 1.0) -> str:
+    assert isinstance(ask(control, identity, Hello(client_id="x", name="n"), now)[1], Welcome)
+    return identity.hex()
+
+
+def error_code(reply: Reply) -> str:
+    assert isinstance(reply[1], ErrorReply), reply
+    return reply[1].code
+
+
+def test_hello_is_welcomed_with_the_broker_parameters(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    identity, welcome = ask(control, ALICE, Hello(client_id="x", name="algo", pid=42))
+    assert identity == ALICE
+    assert welcome == Welcome(
+        epoch="e1",
+        protocol=PROTOCOL_VERSION,
+        heartbeat_interval=0.5,
+        liveness=3,
+        public_available=True,
+        private_available=False,
+    )
+    info = broker.clients.get(ALICE.hex())
+    assert info is not None
+    assert (info.name, info.pid) == ("algo", 42)
+
+
+def test_hello_in_another_protocol_version_is_refused(control: ControlServer) -> None:
+    reply = ask(control, ALICE, Hello(client_id="x", protocol=PROTOCOL_VERSION + 1))
+    assert error_code(reply) == "protocol_version"
+    assert error_code(ask(control, ALICE, HealthRequest(req=1))) == "unknown_client"
+
+
+def test_a_second_hello_starts_the_client_afresh(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    client = joined(control)
+    ask(control, ALICE, Subscribe(req=1, streams=[BTC]))
+    joined(control)
+    assert broker.dropped == [client]
+    assert broker.topics.state.streams_of(client) == frozenset()
+
+
+def test_subscribe_holds_the_streams_and_answers_with_topics_and_cached_values(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    client = joined(control)
+    broker.cache["ticker/KRW-BTC/"] = cached_ticker("ticker/KRW-BTC/")
+    reply = ask(control, ALICE, Subscribe(req=5, streams=[StreamSpec("ticker", "krw-btc"), ETH]))
+    assert reply == (
+        ALICE,
+        SubscribeOk(5, ["ticker/KRW-BTC/", "ticker/KRW-ETH/"], [broker.cache["ticker/KRW-BTC/"]]),
+    )
+    assert broker.topics.state.streams_of(client) == {BTC, ETH}
+
+
+def test_subscribe_without_snapshot_answers_without_cached_values(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    joined(control)
+    broker.cache["ticker/KRW-BTC/"] = cached_ticker("ticker/KRW-BTC/")
+    reply = ask(control, ALICE, Subscribe(req=5, streams=[BTC], snapshot=False))
+    assert reply == (ALICE, SubscribeOk(5, ["ticker/KRW-BTC/"], []))
+
+
+def test_one_bad_stream_refuses_the_whole_subscribe(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    client = joined(control)
+    reply = ask(control, ALICE, Subscribe(req=6, streams=[BTC, StreamSpec("ticker", "KRW-NOPE")]))
+    assert error_code(reply) == "unknown_code"
+    assert isinstance(reply[1], ErrorReply)
+    assert reply[1].req == 6
+    assert "KRW-NOPE" in reply[1].message
+    assert broker.topics.state.streams_of(client) == frozenset()
+    assert control.errors == 1
+
+
+def test_private_streams_are_refused_without_keys(control: ControlServer) -> None:
+    joined(control)
+    assert error_code(ask(control, ALICE, Subscribe(req=1, streams=[StreamSpec("myAsset")]))) == (
+        "private_unavailable"
+    )
+
+
+def test_unsubscribe_releases_only_that_clients_streams(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    alice = joined(control, ALICE)
+    bob = joined(control, BOB)
+    ask(control, ALICE, Subscribe(req=1, streams=[BTC, ETH]))
+    ask(control, BOB, Subscribe(req=1, streams=[BTC]))
+    assert ask(control, ALICE, Unsubscribe(req=2, streams=[BTC])) == (ALICE, UnsubscribeOk(2))
+    assert broker.topics.state.streams_of(alice) == {ETH}
+    assert broker.topics.state.streams_of(bob) == {BTC}
+    assert broker.topics.wanted() == {BTC, ETH}
+
+
+def test_a_message_that_cannot_be_read_gets_bad_message(control: ControlServer) -> None:
+    (reply,) = control.handle([ALICE, b"\xc1 not msgpack"], 1.0)
+    assert error_code(reply) == "bad_message"
+    assert isinstance(reply[1], ErrorReply)
+    assert reply[1].req is None
+
+
+def test_a_request_of_several_frames_gets_bad_message(control: ControlServer) -> None:
+    (reply,) = control.handle([ALICE, encode(HealthRequest(req=1)), b"extra"], 1.0)
+    assert error_code(reply) == "bad_message"
+
+
+def test_an_unknown_operation_gets_bad_message(control: ControlServer) -> None:
+    frame = msgspec.msgpack.encode({"op": "launch", "req": 3})
+    (reply,) = control.handle([ALICE, frame], 1.0)
+    assert error_code(reply) == "bad_message"
+
+
+def test_requests_of_an_unknown_client_are_refused(control: ControlServer) -> None:
+    reply = ask(control, ALICE, Subscribe(req=9, streams=[BTC]))
+    assert error_code(reply) == "unknown_client"
+    assert isinstance(reply[1], ErrorReply)
+    assert reply[1].req == 9
+    assert error_code(ask(control, ALICE, Heartbeat())) == "unknown_client"
+
+
+def test_a_heartbeat_refreshes_the_client_and_records_its_counters(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    client = joined(control, now=1.0)
+    assert control.handle([ALICE, encode(Heartbeat(received=10, gaps=2, lag_ms=3.5))], 8.0) == []
+    info = broker.clients.get(client)
+    assert info is not None
+    assert (info.last_seen, info.received, info.gaps, info.lag_ms) == (8.0, 10, 2, 3.5)
+
+
+def test_bye_forgets_the_client_and_its_streams_without_a_reply(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    client = joined(control)
+    ask(control, ALICE, Subscribe(req=1, streams=[BTC]))
+    assert control.handle([ALICE, encode(Bye())], 2.0) == []
+    assert broker.dropped == [client]
+    assert broker.topics.wanted() == frozenset()
+    assert broker.topics.lingering == {BTC}
+
+
+def test_bye_of_an_unknown_client_is_ignored(control: ControlServer, broker: FakeBroker) -> None:
+    assert control.handle([ALICE, encode(Bye())], 1.0) == []
+    assert broker.dropped == []
+
+
+def test_health_is_answered_with_the_request_id(control: ControlServer) -> None:
+    joined(control)
+    assert ask(control, ALICE, HealthRequest(req=4)) == (ALICE, HealthReply(4, HEALTH))
+
+
+def test_metrics_list_each_client_with_its_streams(control: ControlServer) -> None:
+    joined(control, ALICE)
+    joined(control, BOB)
+    ask(control, ALICE, Subscribe(req=1, streams=[BTC, ETH]))
+    identity, reply = ask(control, BOB, MetricsRequest(req=8))
+    assert identity == BOB
+    assert isinstance(reply, MetricsReply)
+    assert reply.req == 8
+    rows = {row.client_id: row.streams for row in reply.metrics.clients}
+    assert rows == {ALICE.hex(): 2, BOB.hex(): 0}
+    assert reply.metrics.total_subscriptions == 2
+
+
+def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering(
+    broker: FakeBroker,
+) -> None:
+    class Broken(FakeBroker):
+        def health(self) -> Health:
+            raise RuntimeError("boom")
+
+    broken = Broken(broker.clients)
+    control = ControlServer(
+        clients=broken.clients,
+        subscriptions=broken,
+        markets=broken,
+        snapshots=broken,
+        status=broken,
+        epoch="e1",
+        heartbeat_interval=0.5,
+        liveness=3,
+        private_enabled=False,
+    )
+    joined(control)
+    reply = ask(control, ALICE, HealthRequest(req=3))
+    assert error_code(reply) == "internal"
+    assert isinstance(reply[1], ErrorReply)
+    assert reply[1].req == 3
+    assert "boom" not in reply[1].message
+    assert isinstance(ask(control, ALICE, MetricsRequest(req=4))[1], MetricsReply)
