@@ -39,6 +39,7 @@ from broker.liveness import ClientTable
 from broker.logs import get_logger
 from broker.ports import LinkWatcher, StatusState, status_state
 from broker.publisher import Publisher
+from broker.quotas import MAX_REQUEST_BYTES, REPLY_QUEUE
 from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
@@ -93,6 +94,9 @@ class Broker:
         self.started = time.time()
         self.exchange: Exchange = exchange or UpbitExchange(settings)
         self.topics = TopicLifecycle()
+        self._pending_routed: frozenset[StreamSpec] | None = None
+        self._pending_requests: dict[ConnectionName, frozenset[UpstreamStream]] = {}
+        self._flush_scheduled = False
         self.clients = ClientTable()
         self.markets: frozenset[str] | None = None
         self.markets_loaded = asyncio.Event()
@@ -227,7 +231,11 @@ class Broker:
         # its sequence numbers) while the broker's memory stays bounded.
         self._pub.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.SNDHWM, 10_000)
+        # A client that never reads its replies holds at most REPLY_QUEUE of them, and
+        # a message larger than MAX_REQUEST_BYTES costs its sender the connection before
+        # the broker reads a byte of it (broker.quotas).
+        self._router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
+        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         self._pub.bind(self.settings.data_endpoint)
         self._router.bind(self.settings.control_endpoint)
 
@@ -254,16 +262,35 @@ class Broker:
         for spec in plan.retire:
             self.publisher.deactivate(spec.topic)
             self.router.forget(spec)
+        # What the router routes and each link requests are whole sets, so only the
+        # latest matters: a burst of requests (one client's flood, a thousand clients
+        # subscribing at once) costs one recomputation per loop turn, not one each.
         if plan.routed is not None:
-            self.router.set_streams(plan.routed)
-        for name, streams in plan.requests.items():
+            self._pending_routed = plan.routed
+        self._pending_requests.update(plan.requests)
+        if not self._flush_scheduled and (plan.routed is not None or plan.requests):
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_plan)
+
+    def _flush_plan(self) -> None:
+        """Hand the latest routed set and link requests to the router and the links."""
+        self._flush_scheduled = False
+        routed, self._pending_routed = self._pending_routed, None
+        requests, self._pending_requests = self._pending_requests, {}
+        if routed is not None:
+            self.router.set_streams(routed)
+        for name, streams in requests.items():
             link = self.links.get(name)
             if link is not None:
                 link.set_streams(streams)
-        if plan.requests:
+        if requests:
             for watchers in self._watchers.values():
                 for watcher in watchers:
                     watcher.streams_changed()
+
+    def held(self, client_id: str) -> frozenset[StreamSpec]:
+        """The streams ``client_id`` holds now."""
+        return self.topics.state.streams_of(client_id)
 
     def _on_carried(self, link: ConnectionName, carried: frozenset[UpstreamStream]) -> None:
         """The link's upstream request changed: retire released topics it no longer carries."""
@@ -377,6 +404,7 @@ class Broker:
             for client_id in self.clients.expired(now, interval, self.settings.liveness):
                 self._log.info("client expired", client=client_id)
                 self.drop_client(client_id)
+            self.control.prune()
             if now - last_heartbeat >= interval:
                 # Every interval, busy or not: a client whose own topics are quiet must
                 # still be able to tell a silent market from a dead broker.

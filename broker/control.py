@@ -6,21 +6,31 @@ broker. Unreadable or unknown messages get an :class:`schemas.bus.ErrorReply` wi
 ``bad_message``; the broker never raises on what a client sends. Every request is
 validated as a whole before it changes any state, so one client's bad code cannot
 touch anybody else's streams.
+
+Shared by every program on the machine, it treats each client as possibly hostile:
+per-client quotas (:mod:`broker.quotas`) bound what one client may cost; the serve loop
+answers at most :data:`BATCH` requests before it lets the data path run; a client is
+known by a keyed hash of its ROUTER identity, so no reply, log line or metric reveals a
+routing id (with one, a peer could claim another's, or the next one libzmq generates).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from broker.liveness import ClientTable
 from broker.logs import get_logger
 from broker.ports import BrokerStatus, MarketList, SnapshotSource, Subscriptions
+from broker.quotas import ClientQuotas, QuotaError
 from broker.rest import RestError
 from broker.subscriptions import SpecError, normalize_spec
 from schemas.bus import (
@@ -51,7 +61,12 @@ from schemas.errors import DecodeError
 __all__ = ["ControlServer", "Reply"]
 
 MAX_STREAMS_PER_REQUEST = 1000
-MARKETS_WAIT = 10.0
+MARKETS_WAIT = 3.0
+"""How long a subscribe waits for Upbit's market list before it is refused with
+``upstream_unavailable``: well inside a client's 5 s request timeout, so the client
+learns what is wrong instead of timing out."""
+BATCH = 64
+"""Requests answered in one turn of the event loop before the data path gets its turn."""
 
 Reply = tuple[bytes, BrokerMessage]
 """One answer: the ROUTER identity of the client, and the message to send it."""
@@ -77,6 +92,7 @@ class ControlServer:
         heartbeat_interval: float,
         liveness: int,
         private_enabled: bool,
+        quotas: ClientQuotas | None = None,
     ) -> None:
         """``private_enabled``: the broker has API keys (private streams can be served)."""
         self._clients = clients
@@ -88,6 +104,8 @@ class ControlServer:
         self._heartbeat_interval = heartbeat_interval
         self._liveness = liveness
         self._private_enabled = private_enabled
+        self.quotas = quotas if quotas is not None else ClientQuotas()
+        self._key = secrets.token_bytes(16)
         self._socket: zmq.Socket[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.requests = 0
@@ -98,11 +116,26 @@ class ControlServer:
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
         """Answer requests until cancelled."""
         # Replies go through a synchronous shadow: NOBLOCK errors surface right here.
-        self._socket = zmq.Socket.shadow(socket.underlying)
+        sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
+        self._socket = sync
         while True:
             frames = await socket.recv_multipart()
-            for identity, message in self.handle(frames, time.monotonic()):
-                self._send(identity, message)
+            for _ in range(BATCH):
+                for identity, message in self.handle(frames, time.monotonic()):
+                    self._send(identity, message)
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            else:
+                # A flood: let the data path (and everyone else's requests) run first.
+                for identity, message in self.handle(frames, time.monotonic()):
+                    self._send(identity, message)
+            await asyncio.sleep(0)
+
+    def client_key(self, identity: bytes) -> str:
+        """The id a client is known by: a keyed hash of its ROUTER identity, never the id."""
+        return hashlib.blake2b(identity, key=self._key, digest_size=8).hexdigest()
 
     # ---------------------------------------------------------------- dispatch
 
@@ -113,12 +146,27 @@ class ControlServer:
         """
         self.requests += 1
         identity = frames[0]
+        admitted = self.quotas.admit(self.client_key(identity), now)
+        if not admitted:
+            if admitted is None:
+                return []
+            limit = self.quotas.quotas
+            refusal = ErrorReply(
+                _request_id(frames[-1]),
+                "rate_limited",
+                f"more than {limit.rate:g} requests a second (burst {limit.burst}); slow down",
+            )
+            return [self._refuse(identity, refusal)]
         if len(frames) != 2:
             return [self._refuse(identity, ErrorReply(None, "bad_message", "expected one frame"))]
         try:
             message = decode_client_message(frames[1])
-        except DecodeError as exc:
-            return [self._refuse(identity, ErrorReply(None, "bad_message", str(exc)))]
+        except (DecodeError, RecursionError) as exc:
+            # Name the bad field, and answer the request it came with when its id can
+            # still be read, so the client fails at once instead of timing out.
+            text = str(exc) if isinstance(exc, DecodeError) else "message nested too deeply"
+            refusal = ErrorReply(_request_id(frames[1]), "bad_message", text)
+            return [self._refuse(identity, refusal)]
         try:
             return self._dispatch(identity, message, now)
         except Exception as exc:  # never let one request kill the broker
@@ -130,7 +178,7 @@ class ControlServer:
     def _dispatch(self, identity: bytes, message: ClientMessage, now: float) -> list[Reply]:
         if isinstance(message, Hello):
             return [self._hello(identity, message, now)]
-        client = identity.hex()
+        client = self.client_key(identity)
         if not self._clients.known(client):
             if isinstance(message, Bye):
                 return []
@@ -150,7 +198,11 @@ class ControlServer:
         elif isinstance(message, Unsubscribe):
             return [self._unsubscribe(identity, client, message)]
         elif isinstance(message, GetSnapshot):
-            self._spawn(self._get_snapshot(identity, message))
+            try:
+                self.quotas.start_snapshot(client)
+            except QuotaError as exc:
+                return [self._refuse(identity, ErrorReply(message.req, exc.code, str(exc)))]
+            self._spawn(self._get_snapshot(identity, client, message))
         elif isinstance(message, HealthRequest):
             return [(identity, HealthReply(message.req, self._status.health()))]
         elif isinstance(message, MetricsRequest):
@@ -158,6 +210,7 @@ class ControlServer:
         elif isinstance(message, Bye):
             self._log.info("client left", client=client)
             self._subscriptions.drop_client(client)
+            self.quotas.forget(client)
         return []
 
     def _hello(self, identity: bytes, message: Hello, now: float) -> Reply:
@@ -170,8 +223,15 @@ class ControlServer:
                     f"broker speaks protocol {PROTOCOL_VERSION}, client sent {message.protocol}",
                 ),
             )
-        client = identity.hex()
-        if self._clients.known(client):
+        client = self.client_key(identity)
+        known = self._clients.known(client)
+        try:
+            self.quotas.check_hello(
+                message.name, message.client_id, known=len(self._clients), is_new=not known
+            )
+        except QuotaError as exc:
+            return self._refuse(identity, ErrorReply(None, exc.code, str(exc)))
+        if known:
             self._subscriptions.drop_client(client)  # a re-hello starts afresh
         self._clients.add(client, now, name=message.name, pid=message.pid)
         self._log.info("client joined", client=client, name=message.name, pid=message.pid)
@@ -202,7 +262,9 @@ class ControlServer:
     def _subscribe(self, identity: bytes, client: str, message: Subscribe) -> Reply:
         try:
             specs = self._validate(message.streams)
-        except SpecError as exc:
+            held = self._subscriptions.held(client)
+            self.quotas.check_streams(len(held), len(set(specs) - held))
+        except (SpecError, QuotaError) as exc:
             self.errors += 1
             return self._refuse(identity, ErrorReply(message.req, exc.code, str(exc)))
         if not self._clients.known(client):
@@ -216,8 +278,10 @@ class ControlServer:
 
     async def _subscribe_when_ready(self, identity: bytes, client: str, message: Subscribe) -> None:
         if not await self._markets.wait_markets(MARKETS_WAIT):
-            # Without a market list codes are checked by syntax only (logged once).
-            self._log.warning("market list still unavailable; validating codes by syntax")
+            # Without Upbit's market list no code can be checked: refuse, keep nothing.
+            refusal = ErrorReply(message.req, "upstream_unavailable", _NO_MARKETS)
+            self._send(*self._refuse(identity, refusal))
+            return
         self._send(*self._subscribe(identity, client, message))
 
     def _unsubscribe(self, identity: bytes, client: str, message: Unsubscribe) -> Reply:
@@ -228,9 +292,17 @@ class ControlServer:
         self._subscriptions.unsubscribe(client, specs)
         return (identity, UnsubscribeOk(message.req))
 
-    async def _get_snapshot(self, identity: bytes, message: GetSnapshot) -> None:
-        if self._markets.markets is None:
-            await self._markets.wait_markets(MARKETS_WAIT)
+    async def _get_snapshot(self, identity: bytes, client: str, message: GetSnapshot) -> None:
+        try:
+            await self._answer_snapshot(identity, message)
+        finally:
+            self.quotas.end_snapshot(client)
+
+    async def _answer_snapshot(self, identity: bytes, message: GetSnapshot) -> None:
+        if self._markets.markets is None and not await self._markets.wait_markets(MARKETS_WAIT):
+            refusal = ErrorReply(message.req, "upstream_unavailable", _NO_MARKETS)
+            self._send(*self._refuse(identity, refusal))
+            return
         try:
             specs = self._validate(message.streams)
         except SpecError as exc:
@@ -250,6 +322,12 @@ class ControlServer:
         self._log.info("request refused", code=error.code, message=error.message[:200])
         return (identity, error)
 
+    def prune(self) -> None:
+        """Forget the request budgets of clients that are gone (expired without a bye)."""
+        for client in self.quotas.clients():
+            if not self._clients.known(client):
+                self.quotas.forget(client)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -263,3 +341,20 @@ class ControlServer:
         except zmq.ZMQError:
             # Peer gone (EHOSTUNREACH under ROUTER_MANDATORY) or congested (EAGAIN).
             self.unroutable += 1
+
+
+_NO_MARKETS = (
+    "Upbit's market list is not available yet (Upbit unreachable?), so no market code "
+    "can be checked; nothing was subscribed; try again"
+)
+_request_decoder = msgspec.msgpack.Decoder()
+
+
+def _request_id(data: bytes) -> int | None:
+    """The ``req`` of an undecodable request, when it can be read at all."""
+    try:
+        raw = _request_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return None
+    req = raw.get("req") if isinstance(raw, dict) else None
+    return req if isinstance(req, int) and not isinstance(req, bool) else None

@@ -196,6 +196,10 @@ class Subscriptions(Protocol):
         """Forget a client and release every stream it held."""
         ...
 
+    def held(self, client_id: str) -> frozenset[StreamSpec]:
+        """The streams ``client_id`` holds now (for its quota)."""
+        ...
+
 
 class BrokerStatus(Protocol):
     """What the broker can tell about itself."""

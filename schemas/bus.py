@@ -425,7 +425,12 @@ ErrorCode = Literal[
     "private_unavailable",
     "too_many_streams",
     "upstream_error",
+    "upstream_unavailable",
     "internal",
+    "invalid_field",
+    "rate_limited",
+    "quota_exceeded",
+    "busy",
 ]
 
 

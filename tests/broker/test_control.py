@@ -15,6 +15,7 @@ import pytest
 from broker.control import ControlServer, Reply
 from broker.health import compute_metrics
 from broker.liveness import ClientTable
+from broker.quotas import ClientQuotas, Quotas
 from broker.topics import TopicLifecycle
 from schemas.bus import (
     PROTOCOL_VERSION,
@@ -23,6 +24,7 @@ from schemas.bus import (
     ConnectionHealth,
     Envelope,
     ErrorReply,
+    GetSnapshot,
     Health,
     HealthReply,
     HealthRequest,
@@ -97,6 +99,9 @@ class FakeBroker:
     def is_available(self, private: bool) -> bool:
         return not private
 
+    def held(self, client_id: str) -> frozenset[StreamSpec]:
+        return self.topics.state.streams_of(client_id)
+
     def health(self) -> Health:
         return HEALTH
 
@@ -143,7 +148,7 @@ def ask(control: ControlServer, identity: bytes, message: ClientMessage, now: fl
 
 def joined(control: ControlServer, identity: bytes = ALICE, now: float = 1.0) -> str:
     assert isinstance(ask(control, identity, Hello(client_id="x", name="n"), now)[1], Welcome)
-    return identity.hex()
+    return control.client_key(identity)
 
 
 def error_code(reply: Reply) -> str:
@@ -164,7 +169,7 @@ def test_hello_is_welcomed_with_the_broker_parameters(
         public_available=True,
         private_available=False,
     )
-    info = broker.clients.get(ALICE.hex())
+    info = broker.clients.get(control.client_key(ALICE))
     assert info is not None
     assert (info.name, info.pid) == ("algo", 42)
 
@@ -306,7 +311,10 @@ def test_metrics_list_each_client_with_its_streams(control: ControlServer) -> No
     assert isinstance(reply, MetricsReply)
     assert reply.req == 8
     rows = {row.client_id: row.streams for row in reply.metrics.clients}
-    assert rows == {ALICE.hex(): 2, BOB.hex(): 0}
+    assert rows == {control.client_key(ALICE): 2, control.client_key(BOB): 0}
+    # A routing id never leaves the broker: with one, a peer could claim another's.
+    assert ALICE.hex() not in rows
+    assert BOB.hex() not in rows
     assert reply.metrics.total_subscriptions == 2
 
 
@@ -336,3 +344,108 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
     assert reply[1].req == 3
     assert "boom" not in reply[1].message
     assert isinstance(ask(control, ALICE, MetricsRequest(req=4))[1], MetricsReply)
+
+
+# ---------------------------------------------------------------- hostile clients
+
+
+def quota_control(broker: FakeBroker, quotas: Quotas) -> ControlServer:
+    return ControlServer(
+        clients=broker.clients,
+        subscriptions=broker,
+        markets=broker,
+        snapshots=broker,
+        status=broker,
+        epoch="e1",
+        heartbeat_interval=0.5,
+        liveness=3,
+        private_enabled=False,
+        quotas=ClientQuotas(quotas),
+    )
+
+
+def test_a_request_with_a_bad_field_is_answered_with_its_req_and_the_field(
+    control: ControlServer,
+) -> None:
+    joined(control)
+    raw = msgspec.msgpack.encode(
+        {"op": "subscribe", "req": 17, "streams": [{"type": "orderbook", "depth": "15"}]}
+    )
+    ((identity, reply),) = control.handle([ALICE, raw], 1.0)
+    assert identity == ALICE
+    assert isinstance(reply, ErrorReply)
+    assert (reply.req, reply.code) == (17, "bad_message")
+    assert "depth" in reply.message
+
+
+def test_a_recursion_bomb_gets_bad_message_and_the_server_keeps_answering(
+    control: ControlServer,
+) -> None:
+    joined(control)
+    for depth in (10_000, 200_000):
+        ((_, reply),) = control.handle([ALICE, b"\x91" * depth + b"\xc0"], 1.0)
+        assert isinstance(reply, ErrorReply)
+        assert reply.code == "bad_message"
+    assert ask(control, ALICE, HealthRequest(req=4)) == (ALICE, HealthReply(4, HEALTH))
+
+
+def test_a_flooding_client_is_told_once_a_second_and_others_are_still_served(
+    broker: FakeBroker,
+) -> None:
+    control = quota_control(broker, Quotas(burst=10, rate=5.0))
+    joined(control, ALICE)
+    joined(control, BOB)
+    replies = [control.handle([ALICE, encode(HealthRequest(req=i))], 2.0) for i in range(100)]
+    refused = [r for batch in replies for _, r in batch if isinstance(r, ErrorReply)]
+    answered = [r for batch in replies for _, r in batch if isinstance(r, HealthReply)]
+    # A full burst is answered, one refusal says why, the rest is dropped unanswered.
+    assert len(answered) == 10
+    assert [(r.code, r.req) for r in refused] == [("rate_limited", 10)]
+    assert control.quotas.refused == 90
+    # Bob's budget is his own.
+    assert ask(control, BOB, HealthRequest(req=1), 2.0) == (BOB, HealthReply(1, HEALTH))
+    # A second later Alice has tokens again, and is told again if she floods on.
+    assert ask(control, ALICE, HealthRequest(req=200), 3.0) == (ALICE, HealthReply(200, HEALTH))
+
+
+def test_a_hello_with_an_oversized_name_is_refused_and_nothing_is_kept(
+    control: ControlServer, broker: FakeBroker
+) -> None:
+    (_, reply) = ask(control, ALICE, Hello(client_id="x", name="eyJ" * 40_000))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "invalid_field"
+    assert "name" in reply.message
+    assert len(broker.clients) == 0
+
+
+def test_hellos_beyond_the_client_limit_are_refused(broker: FakeBroker) -> None:
+    control = quota_control(broker, Quotas(max_clients=2))
+    joined(control, ALICE)
+    joined(control, BOB)
+    (_, reply) = ask(control, b"\x01carol", Hello(client_id="c"))
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == "quota_exceeded"
+    # A known client may say hello again.
+    assert isinstance(ask(control, ALICE, Hello(client_id="x"))[1], Welcome)
+
+
+def test_a_client_cannot_hold_more_streams_than_its_quota(broker: FakeBroker) -> None:
+    control = quota_control(broker, Quotas(max_streams=1))
+    client = joined(control, ALICE)
+    assert isinstance(ask(control, ALICE, Subscribe(req=1, streams=[BTC]))[1], SubscribeOk)
+    # Asking again for a stream it holds costs nothing.
+    assert isinstance(ask(control, ALICE, Subscribe(req=2, streams=[BTC]))[1], SubscribeOk)
+    (_, reply) = ask(control, ALICE, Subscribe(req=3, streams=[ETH]))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.req, reply.code) == (3, "quota_exceeded")
+    assert broker.topics.state.streams_of(client) == {BTC}
+
+
+async def test_a_second_snapshot_request_in_flight_is_refused_as_busy(
+    control: ControlServer,
+) -> None:
+    joined(control)
+    assert control.handle([ALICE, encode(GetSnapshot(req=1, streams=[BTC]))], 1.0) == []
+    (_, reply) = ask(control, ALICE, GetSnapshot(req=2, streams=[BTC]))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.req, reply.code) == (2, "busy")
