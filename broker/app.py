@@ -41,7 +41,6 @@ from broker.subscriptions import (
     UpstreamStream,
     carries,
     upstream_plan,
-    widen_request,
 )
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import HEARTBEAT_TOPIC, StatusEvent, StreamSpec, status_topic
@@ -113,7 +112,7 @@ class Broker:
                 on_status=self._on_link_status,
                 on_rejected=self._on_rejected,
                 on_carried=functools.partial(self._on_carried, name),
-                widen=self._widen if name == "public" and settings.widen_types else None,
+                widen_types=settings.widen_types if name == "public" else (),
                 coalesce=settings.coalesce_window,
             )
 
@@ -221,19 +220,6 @@ class Broker:
         if retired:
             self.router.set_streams(self.state.all_streams() | self._lingering)
 
-    def _widen(
-        self,
-        target: frozenset[UpstreamStream],
-        sent: frozenset[UpstreamStream] | None,
-        limit: int,
-    ) -> frozenset[UpstreamStream]:
-        """The public link's scarce request, widened over the known markets."""
-        if self.markets is None:
-            return target
-        return widen_request(
-            target, sent, markets=self.markets, types=self.settings.widen_types, limit=limit
-        )
-
     def _replan(self) -> None:
         streams = self.state.all_streams()
         self.router.set_streams(streams | self._lingering)
@@ -316,6 +302,7 @@ class Broker:
                 delay = min(delay * 2, 60.0)
                 continue
             self.markets = frozenset(m.market for m in markets)
+            self.links["public"].set_markets(self.markets)
             self.markets_loaded.set()
             self._log.info("market list loaded", markets=len(self.markets))
             delay = 1.0
