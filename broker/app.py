@@ -44,7 +44,7 @@ from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
 from broker.snapshots import Snapshots
-from broker.subscriptions import SubscriptionState, UpstreamStream, widen_request
+from broker.subscriptions import SubscriptionState, UpstreamStream
 from broker.topics import TopicLifecycle, TopicPlan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import (
@@ -149,7 +149,7 @@ class Broker:
                 on_status=self._on_link_status,
                 on_rejected=self._on_rejected,
                 on_carried=functools.partial(self._on_carried, name),
-                widen=self._widen if name == "public" and settings.widen_types else None,
+                widen_types=settings.widen_types if name == "public" else (),
                 coalesce=settings.coalesce_window,
             )
 
@@ -298,19 +298,6 @@ class Broker:
             self.router.set_carried(carried)
         self._carry_out(self.topics.carried(link, carried))
 
-    def _widen(
-        self,
-        target: frozenset[UpstreamStream],
-        sent: frozenset[UpstreamStream] | None,
-        limit: int,
-    ) -> frozenset[UpstreamStream]:
-        """The public link's scarce request, widened over the known markets."""
-        if self.markets is None:
-            return target
-        return widen_request(
-            target, sent, markets=self.markets, types=self.settings.widen_types, limit=limit
-        )
-
     def _on_link_status(self, link: ConnectionName, state: str, detail: str) -> None:
         event = status_state(state)
         self.announce(link, event, detail)
@@ -422,6 +409,7 @@ class Broker:
                 delay = min(delay * 2, 60.0)
                 continue
             self.markets = frozenset(m.market for m in markets)
+            self.links["public"].set_markets(self.markets)
             self.markets_loaded.set()
             self._log.info("market list loaded", markets=len(self.markets))
             delay = 1.0

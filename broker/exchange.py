@@ -2,10 +2,10 @@
 
 Everything that is particular to one exchange lives behind :class:`Exchange`:
 endpoints, connection headers (auth), request building, keepalive, frame parsing,
-market listing and REST polling. The bus, the subscription state and the clients only
-see :class:`schemas.bus.StreamSpec`, topics and the payload structs, so a second
-exchange is a second implementation of this protocol that maps its messages onto the
-same payload model (which is Upbit's, as this broker's first exchange).
+what its error frames mean, market listing and REST polling. The bus, the subscription
+state and the clients only see :class:`schemas.bus.StreamSpec`, topics and the payload
+structs, so a second exchange is a second implementation of this protocol that maps its
+messages onto the same payload model (which is Upbit's, as this broker's first exchange).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from broker.config import Settings
+from broker.ratelimit import DEFAULT_BLOCK_SECONDS, parse_block_seconds
+from broker.request_policy import ErrorVerdict
 from broker.subscriptions import UpstreamStream
 from broker.upbit_auth import UpbitSigner
 from broker.upbit_request import (
@@ -25,7 +27,11 @@ from broker.upbit_request import (
 )
 from schemas.upbit import SubscriptionList, UpbitMessage, decode_frame
 
-__all__ = ["Exchange", "UpbitExchange"]
+__all__ = ["Exchange", "UpbitExchange", "classify_upbit_error"]
+
+THROTTLE_RETRY = 1.0
+"""Seconds before a request Upbit answered "Too Many Requests" goes again: its
+per-second window has passed by then, and the per-minute one is paced anyway."""
 
 
 class Exchange(Protocol):
@@ -72,6 +78,23 @@ class Exchange(Protocol):
     ) -> tuple[frozenset[UpstreamStream], frozenset[UpstreamStream]]:
         """``(missing, unexpected)`` streams of a listing against what was requested."""
         ...
+
+    def classify_error(self, name: str, message: str) -> ErrorVerdict:
+        """What an error frame means for the last request: refused, or throttled."""
+        ...
+
+
+def classify_upbit_error(name: str, message: str) -> ErrorVerdict:
+    """Upbit's WebSocket error names: "Too Many Requests" (or the TOO_MANY_REQUEST some
+    describe) and "I'm a teapot" (blocked, for the time its message states) throttle;
+    every other name (INVALID_PARAM, NO_CODES, WRONG_FORMAT, INVALID_AUTH, unknown ones)
+    refuses the request, which sent again would be refused again."""
+    key = name.strip().lower().replace("_", " ")
+    if "teapot" in key:
+        return ErrorVerdict("throttled", parse_block_seconds(message) or DEFAULT_BLOCK_SECONDS)
+    if key.startswith("too many"):
+        return ErrorVerdict("throttled", THROTTLE_RETRY)
+    return ErrorVerdict("refused")
 
 
 class UpbitExchange:
@@ -130,3 +153,7 @@ class UpbitExchange:
     ) -> tuple[frozenset[UpstreamStream], frozenset[UpstreamStream]]:
         """Compare Upbit's LIST_SUBSCRIPTIONS answer with the last request."""
         return subscription_mismatch(intended, parse_list_subscriptions(listing))
+
+    def classify_error(self, name: str, message: str) -> ErrorVerdict:
+        """Upbit's error names (see :func:`classify_upbit_error`)."""
+        return classify_upbit_error(name, message)

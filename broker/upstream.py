@@ -1,12 +1,16 @@
-"""One upstream WebSocket kept connected, alive and subscribed.
+"""One upstream WebSocket kept connected, alive and subscribed: the I/O shell.
 
 An :class:`UpstreamLink` owns the public or the private connection. It connects
 through the shared :class:`ConnectGate` (Upbit allows 5 connects/s and bans repeat
 offenders), keeps the connection honest with WebSocket pings (a silent stall — socket
-open, nothing arriving, pings unanswered — closes it within ``2 x keepalive``), sends
-the ONE subscription message Upbit allows (coalesced, rate limited, resent in full on
-every change because Upbit replaces the previous one, snapshots only for new streams),
-and reconnects with jittered exponential backoff, restoring every stream.
+open, nothing arriving, pings unanswered — is reported ``stale`` and closed within
+``2 x keepalive``), and reconnects with jittered exponential backoff, restoring every
+stream.
+
+What to send and when (the ONE subscription message Upbit allows, coalesced, paced,
+resent in full on every change, checked against LIST_SUBSCRIPTIONS) is decided by its
+:class:`broker.request_policy.RequestPolicy`; the link only feeds it what happens on the
+socket and carries out what it answers.
 
 Frames go to ``on_frame`` undecoded, so the data path decides what to do with them;
 state changes go to ``on_status``.
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,8 +29,20 @@ from aiohttp import WSMsgType
 
 from broker.exchange import Exchange
 from broker.logs import get_logger
-from broker.ratelimit import Backoff, BanStore, TokenBucket, WindowLimiter, parse_block_seconds
-from broker.subscriptions import UpstreamStream, request_target
+from broker.ratelimit import Backoff, BanStore, Window, WindowLimiter, parse_block_seconds
+from broker.request_policy import (
+    MESSAGE_LIMITS,
+    Carried,
+    Close,
+    Event,
+    ListSubscriptions,
+    Mismatch,
+    Refused,
+    RequestPolicy,
+    Subscribe,
+    Wait,
+)
+from broker.subscriptions import UpstreamStream
 from broker.wsclient import ConnectFailed, UpgradeRefused, WebSocket, WsClient
 from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
 
@@ -40,31 +56,8 @@ _PONG = WSMsgType.PONG
 LinkState = Literal["idle", "connecting", "up", "down"]
 ConnectionName = Literal["public", "private"]
 BAN_KIND = "ws-connect"
-SCARCE_HEADROOM = 82
-"""Requests left this minute (of 90) below which requests count as scarce: after nine in
-a minute, demand is churning (bench/agility.py). Then released streams are not dropped
-upstream (a removal is not worth a request; every request goes to additions), and a
-request adding a stream carries its siblings too
-(:func:`broker.subscriptions.widen_request`), so the next new code is already flowing.
-The tenth request, the first to widen, is still inside the burst the pacing allows
-(PACING_BURST) and goes out at once. One threshold for both: a request that dropped the
-siblings an earlier request added would only have to add them again."""
-REMOVAL_RETRY = 2.0
-"""Seconds before a deferred removal is tried again."""
 STABLE_FRAMES = 16
 """Frames on one connection after which it counts as working and backoff starts over."""
-PACING_BURST = 10
-"""Requests a connection may send back to back before the per-minute budget is paced
-(the rest of it spread evenly over the minute; see :class:`TokenBucket`)."""
-MAX_LINGERING = 500
-"""Streams nobody wants (released or widened) kept in a request at most: bounds the
-request's size, and fits ``ticker`` and ``trade`` of every KRW market (about 2 x 230)."""
-
-Widen = Callable[
-    [frozenset[UpstreamStream], frozenset[UpstreamStream] | None, int],
-    frozenset[UpstreamStream],
-]
-"""``(target, sent, limit) -> target``: what a scarce request may add ahead of demand."""
 
 
 class ConnectGate:
@@ -137,14 +130,16 @@ class UpstreamLink:
         on_status: Callable[[ConnectionName, str, str], None],
         on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
         on_carried: Callable[[frozenset[UpstreamStream]], None] | None = None,
-        widen: Widen | None = None,
+        widen_types: Collection[str] = (),
         keepalive: float = 4.0,
         coalesce: float = 0.05,
         compression: bool = True,
-        message_limits: list[tuple[int, float]] | None = None,
+        message_limits: Iterable[Window] | None = None,
         verify_interval: float = 60.0,
         idle_close: float = 30.0,
     ) -> None:
+        """``widen_types``: stream types a scarce request carries for every market of a
+        new code's quote, once :meth:`set_markets` has named the markets (none: never)."""
         self.name: ConnectionName = name
         self.stats = LinkStats(since=time.time())
         self._exchange = exchange
@@ -153,26 +148,18 @@ class UpstreamLink:
         self._on_status = on_status
         self._on_rejected = on_rejected
         self._on_carried = on_carried
-        self._widen = widen
-        self._widen_off = False
-        """Upbit refused a widened request on this connection: plain requests only."""
-        self._widened: frozenset[UpstreamStream] = frozenset()
+        self._policy = RequestPolicy(
+            exchange,
+            coalesce=coalesce,
+            message_limits=tuple(message_limits or MESSAGE_LIMITS),
+            verify_interval=verify_interval,
+            idle_close=idle_close,
+            widen_types=widen_types,
+        )
         self._keepalive = keepalive
-        self._coalesce = coalesce
         self._compression = compression
-        self._message_limits = message_limits or [(4, 1.0), (90, 60.0)]
-        self._limiter = WindowLimiter(self._message_limits)
-        longest = max(self._message_limits, key=lambda w: w[1])
-        self._pace = TokenBucket.pacing(longest, min(PACING_BURST, longest[0] - 1))
-        self._verify_interval = verify_interval
-        self._idle_close = idle_close
-        self._wanted: frozenset[UpstreamStream] = frozenset()
-        self._sent: frozenset[UpstreamStream] | None = None
-        self._last_good: frozenset[UpstreamStream] = frozenset()
-        self._rejected: frozenset[UpstreamStream] | None = None
-        self._sent_at = 0.0
-        self._changed = asyncio.Event()
-        self._retry: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        """Set by every input to the policy: the run loop and the driver look again."""
         self._ws: WebSocket | None = None
         self._pong = asyncio.Event()
         # Capped at 10 s: REST fallback carries the data meanwhile, and 0.1 connects/s
@@ -185,12 +172,12 @@ class UpstreamLink:
     @property
     def wanted(self) -> frozenset[UpstreamStream]:
         """The streams this link should carry."""
-        return self._wanted
+        return self._policy.target
 
     @property
     def carried(self) -> frozenset[UpstreamStream]:
         """The streams the last accepted request asked for (what Upbit sends now)."""
-        return self._sent or frozenset()
+        return self._policy.carried
 
     @property
     def is_up(self) -> bool:
@@ -198,8 +185,9 @@ class UpstreamLink:
         return self.stats.state == "up"
 
     def requests_left(self, now: float) -> int:
-        """Requests this connection's budget still allows in the current minute."""
-        return self._limiter.headroom(now)
+        """Requests this connection's budget still allows in the current minute
+        (``now``: ``time.monotonic()``)."""
+        return self._policy.requests_left(now)
 
     def down_for(self, now: float) -> float | None:
         """Seconds the link has been unable to carry its streams; None when fine."""
@@ -208,9 +196,13 @@ class UpstreamLink:
 
     def set_streams(self, streams: frozenset[UpstreamStream]) -> None:
         """Make the link carry exactly ``streams`` (sent after the coalescing window)."""
-        if streams != self._wanted:
-            self._wanted = streams
-            self._changed.set()
+        if streams != self._policy.target:
+            self._policy.set_target(streams, time.monotonic())
+            self._wake.set()
+
+    def set_markets(self, markets: Collection[str]) -> None:
+        """The exchange's markets, over which scarce requests are widened."""
+        self._policy.set_markets(markets)
 
     async def drop(self) -> None:
         """Close the connection now; :meth:`run` reconnects (used by tests and checks)."""
@@ -227,13 +219,13 @@ class UpstreamLink:
 
     async def _run(self, client: WsClient) -> None:
         while True:
-            if not self._wanted:
+            if not self._policy.target:
                 self._set_state("idle", "no streams to carry")
                 # Cleared first: a change already undone (streams added then released
                 # before this task ran) would leave it set, and waiting on a set event
                 # returns at once: the loop would spin and freeze the whole broker.
-                self._changed.clear()
-                await self._changed.wait()
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             await self._gate.acquire()
             self._set_state("connecting", "connecting")
@@ -245,10 +237,10 @@ class UpstreamLink:
                 await self._serve(ws)
             finally:
                 self._ws = None
-                self._set_sent(None)
+                self._apply(self._policy.on_disconnected())
                 with contextlib.suppress(Exception):
                     await ws.close()
-            if self._wanted:
+            if self._policy.target:
                 self.stats.reconnects += 1
                 self._set_state("down", "connection lost")
                 # First retry right away (within 1 s), later ones back off.
@@ -308,15 +300,11 @@ class UpstreamLink:
             self._log.warning("no pong after connecting; retrying")
             return
         self._set_state("up", "connected")
-        self._limiter.reset()  # Upbit counts messages per connection
-        self._widen_off = False
-        self._pace.reset()
-        self._changed.set()  # a new connection carries nothing: send the full request
+        self._policy.on_connected(time.monotonic())
         reader = asyncio.create_task(self._reader(ws), name=f"{self.name}-reader")
         tasks = [
             reader,
-            asyncio.create_task(self._sender(ws), name=f"{self.name}-sender"),
-            asyncio.create_task(self._verifier(ws), name=f"{self.name}-verifier"),
+            asyncio.create_task(self._driver(ws), name=f"{self.name}-requests"),
             asyncio.create_task(self._keepalive_loop(ws), name=f"{self.name}-keepalive"),
         ]
         try:
@@ -355,7 +343,8 @@ class UpstreamLink:
             return False
 
     async def _keepalive_loop(self, ws: WebSocket) -> None:
-        """Ping every ``keepalive`` s; close when a pong does not come within that time.
+        """Ping every ``keepalive`` s; report ``stale`` and close when a pong does not
+        come within that time.
 
         A stalled connection (socket open, nothing arriving) is closed within
         ``2 x keepalive`` of its last sign of life.
@@ -372,7 +361,11 @@ class UpstreamLink:
             except ConnectionError:
                 return  # the reader sees the close too
             except TimeoutError:
-                self._log.warning("no pong within keepalive; closing", seconds=self._keepalive)
+                detail = f"no answer to a ping within {self._keepalive:g} s; reconnecting"
+                self._log.warning("connection stalled; closing", seconds=self._keepalive)
+                # Told before the close: clients learn the stream went quiet for a
+                # reason, then see it down and back like any other drop.
+                self._on_status(self.name, "stale", detail)
                 await ws.close()
                 return
 
@@ -403,157 +396,76 @@ class UpstreamLink:
                 self._log.warning("connection closed", code=ws.close_code, kind=kind.name)
                 return
 
-    async def _acquire_message_slot(self) -> None:
-        """Wait for a slot of Upbit's per-connection message budget (5/s, 100/min).
-
-        Paced by a token bucket in front of the windows, so a busy minute spreads its
-        requests instead of spending them in 20 s and then sending nothing for 40 s.
-        """
-        limiter, pace = self._limiter, self._pace
+    async def _driver(self, ws: WebSocket) -> None:
+        """Carry out what the policy answers: send, close, or wait for time or an input."""
+        policy = self._policy
+        wake = self._wake
         while True:
-            now = time.monotonic()  # a wall-clock step must not stall or burst requests
-            wait = max(limiter.delay(now), pace.delay(now))
-            if wait <= 0.0 and limiter.try_acquire(now) and pace.try_acquire(now):
+            wake.clear()  # before asking: an input from here on wakes the wait below
+            action = policy.next_request(time.monotonic())
+            if action is None or isinstance(action, Wait):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if action is None else action.seconds):
+                        await wake.wait()
+            elif isinstance(action, Close):
+                self._log.info("closing the connection", reason=action.reason)
+                await ws.close()
                 return
-            await asyncio.sleep(max(wait, 0.01))
-
-    async def _sender(self, ws: WebSocket) -> None:
-        while True:
-            await self._changed.wait()
-            await asyncio.sleep(self._coalesce)
-            self._changed.clear()
-            wanted = self._wanted
-            if wanted in (self._sent, self._rejected):
-                continue
-            if not wanted:
-                # Upbit has no unsubscribe: the only way to carry nothing is to close. A
-                # new subscription often follows soon, so keep the connection (and the
-                # streams, unpublished) for a while rather than spend connects on it.
-                try:
-                    await asyncio.wait_for(self._wanted_again(), self._idle_close)
-                except TimeoutError:
-                    await ws.close()
-                    return
-                continue
-            target = self._target(wanted)
-            if target == self._sent:
-                self._retry_later(REMOVAL_RETRY)  # only removals, and budget is scarce
-                continue
-            await self._acquire_message_slot()
-            wanted = self._wanted
-            # Judged on the budget before this request, like the check above: counting
-            # the slot just taken would make this request scarce when that one was not.
-            target = self._target(wanted, spent=1)
-            new = target - (self._sent or frozenset())
-            # Widened streams get their snapshot too: the router keeps it unclaimed for
-            # whoever subscribes next (DataRouter.claim).
-            message = self._exchange.subscription_message(sorted(target, key=_sort_key), new)
-            await ws.send_str(message)
-            self.stats.requests_sent += 1
-            self._widened = new - wanted
-            if self._widened:
-                self._log.info(
-                    "requests are scarce: the request carries siblings ahead of demand",
-                    widened=len(self._widened),
-                    streams=len(target),
+            elif isinstance(action, Subscribe):
+                streams = sorted(action.streams, key=_sort_key)
+                await ws.send_str(self._exchange.subscription_message(streams, action.new))
+                self.stats.requests_sent += 1
+                if action.widened:
+                    self._log.info(
+                        "requests are scarce: the request carries siblings ahead of demand",
+                        widened=len(action.widened),
+                        streams=len(action.streams),
+                    )
+                self._log.debug(
+                    "subscription sent", streams=len(action.streams), new=len(action.new)
                 )
-            self._last_good = self._sent or frozenset()
-            self._set_sent(target)
-            self._sent_at = time.monotonic()
-            self._log.debug("subscription sent", streams=len(wanted), new=len(new))
-            if target != wanted:
-                # Extras (released or widened) go once the budget allows: look again.
-                self._retry_later(REMOVAL_RETRY)
-
-    def _target(
-        self, wanted: frozenset[UpstreamStream], *, spent: int = 0
-    ) -> frozenset[UpstreamStream]:
-        """What to request: ``wanted``, plus, while budget is scarce, released streams
-        and the siblings of new ones (see SCARCE_HEADROOM). ``spent``: slots already
-        taken for this very request, not counted against it."""
-        headroom = self._limiter.headroom(time.monotonic()) + spent
-        target = request_target(
-            wanted,
-            self._sent,
-            headroom=headroom,
-            min_headroom=SCARCE_HEADROOM,
-            max_lingering=MAX_LINGERING,
-        )
-        if self._widen is not None and not self._widen_off and headroom < SCARCE_HEADROOM:
-            target = self._widen(target, self._sent, MAX_LINGERING - len(target - wanted))
-        return target
-
-    async def _wanted_again(self) -> None:
-        while not self._wanted:
-            self._changed.clear()
-            await self._changed.wait()
-        self._changed.set()
-
-    def _retry_later(self, delay: float) -> None:
-        if self._retry is None or self._retry.done():
-            self._retry = asyncio.ensure_future(self._wake_after(delay))
-
-    async def _wake_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._changed.set()
-
-    def _set_sent(self, streams: frozenset[UpstreamStream] | None) -> None:
-        self._sent = streams
-        if self._on_carried is not None:
-            self._on_carried(streams or frozenset())
-
-    async def _verifier(self, ws: WebSocket) -> None:
-        """Ask Upbit what it serves now and then, and repair any difference."""
-        while True:
-            await asyncio.sleep(self._verify_interval)
-            if self._sent is None or self._changed.is_set():
-                continue
-            await self._acquire_message_slot()
-            await ws.send_str(self._exchange.list_subscriptions_message())
-            self.stats.verifications += 1
+                self._apply(policy.on_sent(action, time.monotonic()))
+            elif isinstance(action, ListSubscriptions):
+                await ws.send_str(self._exchange.list_subscriptions_message())
+                self.stats.verifications += 1
+                self._apply(policy.on_sent(action, time.monotonic()))
 
     def _on_control_messages(self, messages: list[UpbitMessage]) -> None:
+        """Upbit's answers (error frames, listings) go to the policy."""
+        now = time.monotonic()
         for message in messages:
             if isinstance(message, UpbitError):
-                self.on_upstream_error(str(message.error.name), message.error.message)
+                name, text = str(message.error.name), message.error.message
+                self.stats.upstream_errors += 1
+                self._log.error("Upbit sent an error", error=name, message=text[:200])
+                self._apply(self._policy.on_error(name, text, now))
             elif isinstance(message, SubscriptionList):
-                self._check_listing(message)
+                self._apply(self._policy.on_listing(message, now))
+        self._wake.set()
 
-    def _check_listing(self, listing: SubscriptionList) -> None:
-        intended = self._sent
-        if intended is None or self._changed.is_set():
-            return  # a new request is on its way; this listing is already stale
-        missing, unexpected = self._exchange.compare_listing(intended, listing)
-        if missing or unexpected:
-            self.stats.mismatches += 1
-            self._log.warning(
-                "Upbit serves something else than requested; resending",
-                missing=len(missing),
-                unexpected=len(unexpected),
-            )
-            self._sent = None
-            self._changed.set()
-
-    def on_upstream_error(self, name: str, message: str) -> None:
-        """Upbit rejected our last request: it keeps the previous one, and so do we."""
-        self.stats.upstream_errors += 1
-        self._log.error("Upbit rejected a request", error=name, message=message[:200])
-        if self._sent is not None and time.monotonic() - self._sent_at < 10:
-            rejected = self._sent
-            self._rejected = rejected
-            if self._widened:
-                # The request was bigger than clients asked for: what they asked for has
-                # not been refused, so ask again, plainly if the size may be the cause.
-                self._rejected = None
-                self._changed.set()
-                if "too many" not in name.lower() and not self._widen_off:
-                    self._widen_off = True
+    def _apply(self, events: Iterable[Event]) -> None:
+        """Report the policy's events: what is carried now, refusals, mismatches."""
+        for event in events:
+            if isinstance(event, Carried):
+                if self._on_carried is not None:
+                    self._on_carried(event.streams)
+            elif isinstance(event, Refused):
+                self._log.error(
+                    "Upbit refused a request", error=event.name, streams=len(event.streams)
+                )
+                if event.plain_from_now:
                     self._log.warning(
                         "Upbit refused a widened request; plain requests on this connection"
                     )
-            self._set_sent(self._last_good)
-            if self._on_rejected is not None:
-                self._on_rejected(rejected - self._last_good)
+                if self._on_rejected is not None:
+                    self._on_rejected(event.streams)
+            elif isinstance(event, Mismatch):
+                self.stats.mismatches += 1
+                self._log.warning(
+                    "Upbit serves something else than requested; resending",
+                    missing=len(event.missing),
+                    unexpected=len(event.unexpected),
+                )
 
 
 def _sort_key(stream: UpstreamStream) -> tuple[str, str, int, float]:
