@@ -44,7 +44,7 @@ from broker.ratelimit import BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
 from broker.snapshots import Snapshots
-from broker.subscriptions import SubscriptionState, UpstreamStream
+from broker.subscriptions import SubscriptionState, UpstreamStream, carries
 from broker.topics import TopicLifecycle, TopicPlan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import (
@@ -327,8 +327,26 @@ class Broker:
         for topic in topics:
             self.publisher.publish_status(topic, event)
 
-    def _on_rejected(self, streams: frozenset[UpstreamStream]) -> None:
-        self._log.error("Upbit rejected streams", count=len(streams))
+    def _on_rejected(self, streams: frozenset[UpstreamStream], reason: str) -> None:
+        """Upbit refused ``streams`` on their own: tell their owners, and release them.
+
+        The link has split the refused request down to these, so nobody else's streams
+        are held back; the owners get an ``error`` status on the topic and lose the
+        stream (a subscribe of it again is tried again).
+        """
+        refused = [spec for spec in self.topics.wanted() if carries(streams, spec)]
+        now_ms = int(time.time() * 1000)
+        for spec in refused:
+            detail = f"Upbit refused this stream ({reason}); it was unsubscribed"
+            link: ConnectionName = "private" if spec.is_private else "public"
+            self.publisher.publish_status(
+                spec.topic,
+                StatusEvent(connection=link, state="error", detail=detail, timestamp=now_ms),
+            )
+            owners = [c for c in self.topics.state.clients() if spec in self.held(c)]
+            self._log.error("Upbit refused a stream", stream=spec.topic, owners=len(owners))
+            for client in owners:
+                self._carry_out(self.topics.unsubscribe(client, [spec]))
 
     def is_available(self, private: bool) -> bool:
         """Whether the public (private) side can deliver data right now."""

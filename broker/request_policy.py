@@ -33,6 +33,7 @@ __all__ = [
     "MESSAGE_LIMITS",
     "MIN_WAIT",
     "PACING_BURST",
+    "PROBE_WINDOW",
     "REMOVAL_RETRY",
     "SCARCE_HEADROOM",
     "Action",
@@ -70,6 +71,11 @@ request's size, and fits ``ticker`` and ``trade`` of every KRW market (about 2 x
 ERROR_WINDOW = 10.0
 """Seconds after a request within which an error frame is taken as its answer: Upbit
 answers only refusals, and names no ticket in them."""
+
+PROBE_WINDOW = 2.0
+"""While a refused request is split to find the stream Upbit will not serve, seconds a
+probe goes unanswered before it counts as accepted (Upbit refuses within milliseconds)
+and the next probe may go."""
 MIN_WAIT = 0.001
 """Shortest :class:`Wait`: a budget delay computed in floats may be a rounding error
 away from zero, and waiting that long would change nothing."""
@@ -158,7 +164,9 @@ class Carried:
 
 @dataclass(frozen=True)
 class Refused:
-    """The exchange refused a request; ``streams`` are what it would have added.
+    """The exchange refused ``streams``: the stream a refused request was split down to
+    (its owners must be told, and it is left out of every request while it is wanted),
+    or, with ``plain_from_now``, the widened part of a request.
 
     ``plain_from_now``: the refused request was widened, so the size may be the cause;
     requests on this connection are not widened any more.
@@ -219,6 +227,13 @@ class RequestPolicy:
         self._last_good: frozenset[UpstreamStream] = frozenset()
         """What was carried before the last request: Upbit keeps it when it refuses one."""
         self._rejected: frozenset[UpstreamStream] | None = None
+        self._excluded: dict[UpstreamStream, str] = {}
+        """Streams the exchange refused on their own: left out while they are wanted."""
+        self._suspects: list[frozenset[UpstreamStream]] = []
+        """Groups of streams a refused request added, to be tried one group at a time:
+        one client's bad stream must not keep everyone else's new streams out."""
+        self._probe: frozenset[UpstreamStream] | None = None
+        """The suspect group the last request tried, until it is refused or accepted."""
         self._widened: frozenset[UpstreamStream] = frozenset()
         self._widen_off = False
         """The exchange refused a widened request on this connection: plain requests only."""
@@ -264,6 +279,8 @@ class RequestPolicy:
         elif not self._target:
             self._empty_since = math.inf
         self._target = streams
+        self._excluded = {s: why for s, why in self._excluded.items() if s in streams}
+        self._suspects = [g & streams for g in self._suspects if g & streams]
         self._changed = True
         self._due = min(self._due, now + self._coalesce)
 
@@ -280,6 +297,7 @@ class RequestPolicy:
         self._widen_off = False
         self._widened = frozenset()
         self._listed = None
+        self._probe = None
         self._changed = True
         self._due = now + self._coalesce  # subscribes arriving with the connection join in
         self._verify_at = now + self._verify_interval
@@ -304,8 +322,14 @@ class RequestPolicy:
         self._widened = request.widened
         self._sent_at = now
         self._changed = False
+        if self._suspects:
+            # Trying one group of suspects: the next step waits for Upbit's verdict.
+            self._probe = self._suspects[0] & request.streams
+            self._due = now + PROBE_WINDOW
+            return self._set_sent(request.streams)
         # Extras (released or widened) go once the budget allows: look again then.
-        self._due = now + REMOVAL_RETRY if request.streams != self._target else math.inf
+        wanted = self._wanted()
+        self._due = now + REMOVAL_RETRY if request.streams != wanted else math.inf
         return self._set_sent(request.streams)
 
     def on_error(self, name: str, message: str, now: float) -> tuple[Event, ...]:
@@ -331,8 +355,25 @@ class RequestPolicy:
             self._widen_off = True
             events.append(Refused(request - self._last_good, name, plain_from_now=plain))
         else:
-            self._rejected = request
-            events.append(Refused(request - self._last_good, name))
+            added = request - self._last_good
+            self._probe = None
+            if len(added) == 1:
+                # Found: this stream alone is refused. Its owners are told; everyone
+                # else's streams go on without it.
+                (stream,) = added
+                self._excluded[stream] = f"{name}: {message}" if message else name
+                self._suspects = [g - added for g in self._suspects if g - added]
+                events.append(Refused(added, name))
+            elif added:
+                # Somewhere in what this request added is a stream Upbit will not
+                # serve: try the halves one at a time, the rest of the request with them.
+                ordered = sorted(added, key=UpstreamStream.sort_key)
+                half = len(ordered) // 2
+                rest = [g - added for g in self._suspects if g - added]
+                self._suspects = [frozenset(ordered[:half]), frozenset(ordered[half:]), *rest]
+            else:
+                self._rejected = request
+            self._schedule_now(now)
         self._widened = frozenset()
         events.extend(self._set_sent(self._last_good))
         return tuple(events)
@@ -369,6 +410,12 @@ class RequestPolicy:
             if now >= closing:
                 return Close(f"no streams to carry for {self._idle_close:g} s")
             return Wait(closing - now)
+        if self._probe is not None and now >= self._sent_at + PROBE_WINDOW:
+            # No refusal in time: the probed group is served; on to the next one.
+            accepted = self._probe
+            self._probe = None
+            self._suspects = [g - accepted for g in self._suspects if g - accepted]
+            self._schedule_now(now)
         waits: list[float] = []
         if now >= self._due:
             subscribe = self._subscription(now)
@@ -394,7 +441,15 @@ class RequestPolicy:
 
     def _subscription(self, now: float) -> Subscribe | None:
         """The request to send now, or None (and when to look again) when none is due."""
-        target = self._target
+        target = self._wanted()
+        if self._suspects:
+            # Everything not under suspicion, plus the next group of suspects.
+            untried = frozenset().union(*self._suspects[1:])
+            streams = target - untried
+            if streams == self._sent:
+                self._settle(math.inf)
+                return None
+            return Subscribe(streams, streams - (self._sent or frozenset()))
         if target in (self._sent, self._rejected):
             self._settle(math.inf)
             return None
@@ -411,7 +466,7 @@ class RequestPolicy:
         """What to request: the target, plus, while the budget is scarce, released
         streams and the siblings of new ones (see SCARCE_HEADROOM)."""
         headroom = self._limiter.headroom(now)
-        target = self._target
+        target = self._wanted()
         streams = request_target(
             target,
             self._sent,
@@ -428,6 +483,12 @@ class RequestPolicy:
                 limit=MAX_LINGERING - len(streams - target),
             )
         return streams
+
+    def _wanted(self) -> frozenset[UpstreamStream]:
+        """The target without the streams the exchange refused on their own."""
+        if not self._excluded:
+            return self._target
+        return self._target - self._excluded.keys()
 
     def _budget_delay(self, now: float) -> float:
         """Seconds until one more message fits the budget: the windows, paced by a token

@@ -110,11 +110,26 @@ def _normalize_depth(depth: int | None) -> int:
     return depth
 
 
+ORDERBOOK_LEVELS: frozenset[float] = frozenset({0.0, *(10.0**k for k in range(-7, 9))})
+"""Grouping levels Upbit documents: 0 (none) and the powers of ten from 0.0000001 to
+100000000 (docs/PROTOCOL.md section 2.4). Which of them a market serves depends on its
+tick size; an unserved one yields no data, so only these can reach a shared request,
+and one client's absurd level can never make Upbit refuse everyone's."""
+
+
 def _normalize_level(level: float | None, code: str) -> float:
     if level is None:
         return 0.0
     if isinstance(level, bool) or not math.isfinite(level) or level < 0:
         raise SpecError("invalid_option", f"orderbook level {level!r} must be a finite number >= 0")
+    canonical = next((lv for lv in ORDERBOOK_LEVELS if math.isclose(lv, level)), None)
+    if canonical is None:
+        raise SpecError(
+            "invalid_option",
+            f"orderbook level {level!r} is not one Upbit groups by: 0 or a power of ten "
+            "from 0.0000001 to 100000000",
+        )
+    level = canonical
     if level and not code.startswith("KRW-"):
         raise SpecError(
             "invalid_option",

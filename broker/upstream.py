@@ -128,7 +128,7 @@ class UpstreamLink:
         *,
         on_frame: Callable[[bytes | str, int], list[UpbitMessage] | None],
         on_status: Callable[[ConnectionName, str, str], None],
-        on_rejected: Callable[[frozenset[UpstreamStream]], None] | None = None,
+        on_rejected: Callable[[frozenset[UpstreamStream], str], None] | None = None,
         on_carried: Callable[[frozenset[UpstreamStream]], None] | None = None,
         widen_types: Collection[str] = (),
         keepalive: float = 4.0,
@@ -457,8 +457,8 @@ class UpstreamLink:
                     self._log.warning(
                         "Upbit refused a widened request; plain requests on this connection"
                     )
-                if self._on_rejected is not None:
-                    self._on_rejected(event.streams)
+                elif self._on_rejected is not None:
+                    self._on_rejected(event.streams, event.name)
             elif isinstance(event, Mismatch):
                 self.stats.mismatches += 1
                 self._log.warning(

@@ -532,3 +532,55 @@ def test_a_lost_connection_carries_nothing_and_the_next_requests_everything_agai
     shell.run(1.0)
     assert shell.last == Subscribe(frozenset({BTC, ETH}), frozenset({BTC, ETH}))
     assert len(shell.requests) == 2
+
+
+# ---------------------------------------------------------------------------- one bad stream
+
+
+def serve_refusing(shell: Shell, bad: UpstreamStream, seconds: float) -> None:
+    """Run ``seconds`` like Upbit would if it refused every request carrying ``bad``."""
+    answered = len(shell.requests)
+    for _ in range(int(seconds / 0.25)):
+        shell.run(0.25)
+        if len(shell.requests) > answered:
+            answered = len(shell.requests)
+            if bad in shell.last.streams:
+                shell.error("INVALID_PARAM", "bad stream")
+
+
+def test_one_refused_stream_among_many_new_is_found_and_the_others_flow() -> None:
+    shell = connected()
+    shell.want({BTC})
+    shell.run(1.0)
+    others = tickers(MARKETS[:16])
+    bad = ticker("KRW-BAD")
+    shell.want({BTC, bad, *others})
+    serve_refusing(shell, bad, 30.0)
+    assert shell.policy.carried == {BTC, *others}
+    refused = [e for e in shell.events if isinstance(e, Refused)]
+    assert refused == [Refused(frozenset({bad}), "INVALID_PARAM")]
+    # A binary search: a handful of requests, not one per stream.
+    assert len(shell.requests) <= 2 + 2 * 5, len(shell.requests)
+    # It is not asked for again while it is wanted ...
+    sent = len(shell.requests)
+    shell.run(130.0)
+    assert len(shell.requests) == sent
+    # ... and may be tried again once its owners let it go and somebody asks anew.
+    shell.want({BTC, *others})
+    shell.run(5.0)
+    shell.want({BTC, bad, *others})
+    shell.run(1.0)
+    assert bad in shell.last.streams
+
+
+def test_streams_asked_for_during_the_search_are_not_blamed() -> None:
+    shell = connected()
+    shell.want({BTC})
+    shell.run(1.0)
+    bad = ticker("KRW-BAD")
+    shell.want({BTC, ETH, XRP, bad})
+    serve_refusing(shell, bad, 0.5)
+    shell.want({BTC, ETH, XRP, bad, ticker("KRW-SOL")})
+    serve_refusing(shell, bad, 30.0)
+    assert shell.policy.carried == {BTC, ETH, XRP, ticker("KRW-SOL")}
+    assert [e.streams for e in shell.events if isinstance(e, Refused)] == [frozenset({bad})]

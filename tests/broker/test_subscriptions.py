@@ -436,3 +436,19 @@ def test_carries_matches_what_an_upstream_request_delivers() -> None:
     assert carries(carried, StreamSpec("ticker", "KRW-ETH"))
     assert not carries(carried, StreamSpec("ticker", "KRW-ETHW"))
     assert not carries(carried, StreamSpec("myAsset"))
+
+
+@pytest.mark.parametrize("level", [1e300, 5.0, 12345.0, 0.5, 1e9, 1e-8])
+def test_a_level_upbit_does_not_group_by_is_refused_before_it_reaches_the_shared_request(
+    level: float,
+) -> None:
+    with pytest.raises(SpecError, match="power of ten") as info:
+        norm(ob("KRW-BTC", 30, level))
+    assert info.value.code == "invalid_option"
+
+
+@pytest.mark.parametrize("level", [0.1, 1.0, 1000.0, 1e8, 1e-7])
+def test_powers_of_ten_are_levels_and_come_out_canonical(level: float) -> None:
+    spec = norm(ob("KRW-BTC", 30, level * (1 + 1e-12)))
+    assert spec.level == level
+    assert spec.topic == ob("KRW-BTC", 30, level).topic

@@ -231,7 +231,7 @@ class Reports:
         self.states: list[str] = []
         self.details: list[str] = []
         self.carried: list[frozenset[UpstreamStream]] = []
-        self.rejected: list[frozenset[UpstreamStream]] = []
+        self.rejected: list[tuple[frozenset[UpstreamStream], str]] = []
 
 
 def served_link(
@@ -255,7 +255,7 @@ def served_link(
         on_frame=control,
         on_status=status,
         on_carried=reports.carried.append,
-        on_rejected=reports.rejected.append,
+        on_rejected=lambda streams, reason: reports.rejected.append((streams, reason)),
         coalesce=0.0,
         **kwargs,
     )
@@ -336,7 +336,8 @@ async def test_markets_and_widened_types_reach_the_policy_and_a_refusal_reaches_
         # Upbit's error frame reaches the policy: the same streams go again, plainly.
         await until(lambda: len(upstream.requests) == 11, "the plain request")
         assert upstream.requests[-1] == MARKETS[:10]
-        assert reports.rejected == [frozenset(UpstreamStream("ticker", c) for c in MARKETS[9:])]
+        # Only its widening was refused, which is nobody's stream: no owner is told.
+        assert reports.rejected == []
         await until(lambda: len(reports.carried) == 12, "carried streams reported")
         assert reports.carried[-3:] == [
             frozenset(UpstreamStream("ticker", c) for c in MARKETS),
