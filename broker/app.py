@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from broker.config import ConfigError, Settings
 from broker.control import ControlServer
+from broker.credentials import Credentials
 from broker.exchange import Exchange, UpbitExchange
 from broker.fallback import PrivateFallback, PublicFallback
 from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
@@ -110,8 +111,10 @@ class Broker:
         self._router = self._ctx.socket(zmq.ROUTER)
         self.publisher = Publisher(zmq.Socket.shadow(self._pub.underlying), self.epoch)
         self.links: dict[ConnectionName, UpstreamLink] = {}
+        self.credentials = Credentials()
+        """The API keys as Upbit last judged them, shared by the private link and REST."""
         self.private_fallback = (
-            PrivateFallback(self, self.state, self.rest, self._route)
+            PrivateFallback(self, self.state, self.rest, self._route, credentials=self.credentials)
             if self.exchange.has_private()
             else None
         )
@@ -151,6 +154,7 @@ class Broker:
                 on_carried=functools.partial(self._on_carried, name),
                 widen_types=settings.widen_types if name == "public" else (),
                 coalesce=settings.coalesce_window,
+                credentials=self.credentials if name == "private" else None,
             )
 
     @property
@@ -353,6 +357,8 @@ class Broker:
         link = self.links.get("private" if private else "public")
         if link is None:
             return False
+        if private and self.credentials.rejected:
+            return False  # permanent until the keys work again: not a blip
         fallback = self.private_fallback if private else self.public_fallback
         return link.stats.state in ("up", "idle") or (fallback is not None and fallback.active)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from broker.config import Settings
 from broker.ratelimit import DEFAULT_BLOCK_SECONDS, parse_block_seconds
@@ -82,6 +82,26 @@ class Exchange(Protocol):
     def classify_error(self, name: str, message: str) -> ErrorVerdict:
         """What an error frame means for the last request: refused, or throttled."""
         ...
+
+    def is_auth_error(self, name: str) -> bool:
+        """Whether an error named ``name`` (WebSocket frame or REST body) rejects the keys."""
+        ...
+
+
+UPBIT_AUTH_ERRORS: Final = frozenset(
+    {
+        "invalid_auth",
+        "invalid_access_key",
+        "jwt_verification",
+        "expired_access_key",
+        "no_authorization_ip",
+        "no_authorization_token",
+        "out_of_scope",
+    }
+)
+"""Upbit error names that reject the API keys themselves (docs/PROTOCOL.md sections 5.1
+and 8): retrying them soon cannot help. ``nonce_used`` is not among them: a fresh token
+cures it."""
 
 
 def classify_upbit_error(name: str, message: str) -> ErrorVerdict:
@@ -157,3 +177,7 @@ class UpbitExchange:
     def classify_error(self, name: str, message: str) -> ErrorVerdict:
         """Upbit's error names (see :func:`classify_upbit_error`)."""
         return classify_upbit_error(name, message)
+
+    def is_auth_error(self, name: str) -> bool:
+        """Upbit's names of rejected keys (:data:`UPBIT_AUTH_ERRORS`)."""
+        return name.strip().lower() in UPBIT_AUTH_ERRORS

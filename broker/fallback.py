@@ -28,6 +28,7 @@ import contextlib
 import time
 from typing import cast
 
+from broker.credentials import Credentials
 from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
@@ -210,13 +211,17 @@ class PrivateFallback(_Supervisor):
         *,
         grace: float = 3.0,
         interval: float = 1.0,
+        credentials: Credentials | None = None,
     ) -> None:
+        """``credentials``: the broker's keys, shared with the private link: rejected
+        ones are tried once a minute at most, by either of them."""
         super().__init__(grace)
         self._announcer = announcer
         self._streams_view = streams
         self._rest = rest
         self._route = route
         self._interval = interval
+        self._credentials = credentials if credentials is not None else Credentials()
         self.state = PrivateState()
         self.active = False
         self.reconciliations = 0
@@ -278,6 +283,9 @@ class PrivateFallback(_Supervisor):
     async def _sync(self, *, publish: bool) -> bool:
         """Fetch orders and balances; publish the differences (or just learn them)."""
         rest = self._rest
+        credentials = self._credentials
+        if not credentials.take_try(time.monotonic()):
+            return False  # rejected keys: their one try a minute is not due
         try:
             orders = await rest.open_orders()
             accounts = await rest.accounts()
@@ -301,8 +309,21 @@ class PrivateFallback(_Supervisor):
                 events.append(asset)
         except (RestError, DecodeError) as exc:
             self.failures += 1
+            if isinstance(exc, RestError) and exc.status == 401:
+                reason = str(exc)[:200]
+                if credentials.on_rejected(reason, time.monotonic()):
+                    self._log.error(
+                        "Upbit rejected the API keys; trying them again once a minute",
+                        reason=reason,
+                    )
+                    self._announcer.announce(
+                        "private", "auth_failed", f"Upbit rejected the API keys: {reason}"
+                    )
+                return False
             self._log.warning("private REST sync failed", error=str(exc)[:200])
             return False
+        if credentials.on_accepted():
+            self._log.info("Upbit accepts the API keys again")
         now_ns = time.time_ns()
         for event in events:
             self._route(cast(UpbitData, event), now_ns, "rest")

@@ -78,7 +78,7 @@ def compute_health(
     links = [public] if private is None else [public, private]
     states = [link.stats.state for link in links]
     status: Literal["healthy", "degraded", "critical"] = "healthy"
-    if any(s in ("down", "connecting") for s in states):
+    if any(s in ("down", "connecting", "auth_failed") for s in states):
         status = "degraded"
     if public.stats.state in ("down", "connecting") and now - public.stats.since > CRITICAL_AFTER:
         status = "critical"

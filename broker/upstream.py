@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Literal
 
 from aiohttp import WSMsgType
 
+from broker.credentials import Credentials
 from broker.exchange import Exchange
 from broker.logs import get_logger
 from broker.ratelimit import Backoff, BanStore, Window, WindowLimiter, parse_block_seconds
@@ -53,11 +55,16 @@ _TEXT = WSMsgType.TEXT
 _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
 
-LinkState = Literal["idle", "connecting", "up", "down"]
+LinkState = Literal["idle", "connecting", "up", "down", "auth_failed"]
 ConnectionName = Literal["public", "private"]
 BAN_KIND = "ws-connect"
 STABLE_FRAMES = 16
 """Frames on one connection after which it counts as working and backoff starts over."""
+
+
+KEYS_PROVEN = 5.0
+"""Seconds a request signed with once-rejected keys must go unrefused before the keys
+count as good again (Upbit refuses bad keys at once, and says nothing when it accepts)."""
 
 
 class ConnectGate:
@@ -137,9 +144,12 @@ class UpstreamLink:
         message_limits: Iterable[Window] | None = None,
         verify_interval: float = 60.0,
         idle_close: float = 30.0,
+        credentials: Credentials | None = None,
     ) -> None:
         """``widen_types``: stream types a scarce request carries for every market of a
-        new code's quote, once :meth:`set_markets` has named the markets (none: never)."""
+        new code's quote, once :meth:`set_markets` has named the markets (none: never).
+        ``credentials``: the keys this link signs with (the private link), shared with
+        every other user of them: rejected keys are tried once a minute at most."""
         self.name: ConnectionName = name
         self.stats = LinkStats(since=time.time())
         self._exchange = exchange
@@ -156,6 +166,7 @@ class UpstreamLink:
             idle_close=idle_close,
             widen_types=widen_types,
         )
+        self._credentials = credentials
         self._keepalive = keepalive
         self._compression = compression
         self._wake = asyncio.Event()
@@ -227,6 +238,15 @@ class UpstreamLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            credentials = self._credentials
+            if credentials is not None:
+                # Rejected keys: one try a minute, shared with the REST fallback.
+                delay = credentials.wait(time.monotonic())
+                if delay > 0.0:
+                    await asyncio.sleep(delay)
+                    continue
+                if not credentials.take_try(time.monotonic()):
+                    continue
             await self._gate.acquire()
             self._set_state("connecting", "connecting")
             ws = await self._connect(client)
@@ -240,6 +260,8 @@ class UpstreamLink:
                 self._apply(self._policy.on_disconnected())
                 with contextlib.suppress(Exception):
                     await ws.close()
+            if self._credentials is not None and self._credentials.rejected:
+                continue  # auth_failed was reported; not a blip, so no "down"
             if self._policy.target:
                 self.stats.reconnects += 1
                 self._set_state("down", "connection lost")
@@ -280,6 +302,8 @@ class UpstreamLink:
             )
         except UpgradeRefused as exc:
             self._log.warning("upgrade refused", status=exc.status)
+            if exc.status == 401 and self._credentials is not None:
+                self._keys_rejected(f"HTTP 401 on the private WebSocket upgrade ({exc.status})")
             if exc.status == 418:
                 self._gate.on_banned(parse_block_seconds(exc.body) or 60.0)
             return None
@@ -396,6 +420,26 @@ class UpstreamLink:
                 self._log.warning("connection closed", code=ws.close_code, kind=kind.name)
                 return
 
+    def _keys_rejected(self, reason: str) -> None:
+        """Upbit rejected the keys: report it once, close, and try again in a minute."""
+        assert self._credentials is not None
+        if self._credentials.on_rejected(reason, time.monotonic()):
+            self._log.error(
+                "Upbit rejected the API keys; trying them again once a minute", reason=reason
+            )
+        self._set_state("auth_failed", f"Upbit rejected the API keys: {reason}")
+        ws = self._ws
+        if ws is not None:
+            task = asyncio.ensure_future(ws.close())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _keys_held(self, ws: WebSocket) -> None:
+        """A request signed with once-rejected keys went unrefused: they work again."""
+        credentials = self._credentials
+        if credentials is not None and self._ws is ws and credentials.on_accepted():
+            self._log.info("Upbit accepts the API keys again")
+            self._on_status(self.name, "up", "Upbit accepts the API keys again")
+
     async def _driver(self, ws: WebSocket) -> None:
         """Carry out what the policy answers: send, close, or wait for time or an input."""
         policy = self._policy
@@ -415,6 +459,10 @@ class UpstreamLink:
                 streams = sorted(action.streams, key=_sort_key)
                 await ws.send_str(self._exchange.subscription_message(streams, action.new))
                 self.stats.requests_sent += 1
+                if self._credentials is not None and self._credentials.rejected:
+                    asyncio.get_running_loop().call_later(
+                        KEYS_PROVEN, functools.partial(self._keys_held, ws)
+                    )
                 if action.widened:
                     self._log.info(
                         "requests are scarce: the request carries siblings ahead of demand",
@@ -437,6 +485,9 @@ class UpstreamLink:
             if isinstance(message, UpbitError):
                 name, text = str(message.error.name), message.error.message
                 self.stats.upstream_errors += 1
+                if self._credentials is not None and self._exchange.is_auth_error(name):
+                    self._keys_rejected(f"{name}: {text}"[:200])
+                    continue
                 self._log.error("Upbit sent an error", error=name, message=text[:200])
                 self._apply(self._policy.on_error(name, text, now))
             elif isinstance(message, SubscriptionList):
