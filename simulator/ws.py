@@ -912,7 +912,10 @@ class Connection:
     async def _write(self, payloads: list[bytes]) -> None:
         """Send binary frames; without compression, frame them here and write in one go."""
         ws = self.ws
-        if not payloads or ws.state is not State.OPEN:
+        if not payloads:
+            return
+        if ws.state is not State.OPEN:  # closing: nothing more to send; don't spin
+            await ws.wait_closed()
             return
         self.frames_sent += len(payloads)
         self.sim.stats.ws_frames_sent += len(payloads)
