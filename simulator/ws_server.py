@@ -53,7 +53,7 @@ log = structlog.get_logger("simulator.ws")
 MAX_MESSAGE = 1 << 20
 """Largest client message accepted (bytes); bigger ones are closed with 1009."""
 PINGS_HELD = 64
-"""Ping frames held unanswered per connection (a stall); older ones are answered never,
+"""Ping frames held unanswered per connection (during a stall); older ones go unanswered,
 which RFC 6455 allows: a pong may answer only the most recent ping."""
 WRITE_LIMIT = 1 << 16
 """Transport write buffer high-water mark: sends wait (flow control) above it."""
