@@ -1,6 +1,7 @@
 """A faithful Upbit simulator: REST quotation and exchange endpoints, the public and
-private WebSocket, Upbit's rate limits, and a control API for fault injection, all on one
-port. Run ``upbit-sim`` (or ``python -m simulator``), or :func:`start_simulator` in-process.
+private WebSocket, Upbit's rate limits, and a control API for fault injection (REST and
+control on aiohttp, the WebSockets on ``websockets`` on a port of their own). Run
+``upbit-sim`` (or ``python -m simulator``), or :func:`start_simulator` in-process.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The simulator process: one aiohttp app on one port, like api.upbit.com.
+"""The simulator process: an aiohttp app for HTTP and a ``websockets`` server for WS.
 
 - REST under ``/v1/...`` (quotation: :mod:`simulator.rest_public`; exchange:
   :mod:`simulator.rest_private`), every ``/v1`` response passing through
   :func:`rest_middleware` (group limits, ``Remaining-Req``, injected REST failures);
-- public WebSocket ``/websocket/v1`` and private ``/websocket/v1/private``
-  (:mod:`simulator.ws`);
-- control API under ``/_sim`` (:mod:`simulator.control`).
+- control API under ``/_sim`` (:mod:`simulator.control`), on the same port as REST;
+- public WebSocket ``/websocket/v1`` and private ``/websocket/v1/private`` on a port of
+  their own (``websockets`` cannot share aiohttp's listening socket): protocol in
+  :mod:`simulator.ws`, server in :mod:`simulator.ws_server`.
 
 :class:`Simulator` owns the state; a central ticker task advances the markets and fans
 events out. :func:`start_simulator` runs it in-process (tests) and returns a
@@ -24,31 +25,33 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from websockets.asyncio.server import Server
 
 from simulator.account import Account
-from simulator.auth import AuthError, JwtVerifier
+from simulator.auth import AuthError, JwtVerifier, unverified_access_key
 from simulator.config import SimConfig
 from simulator.control import Faults, Stats, add_control_routes
-from simulator.limits import QUOTATION_GROUPS, Escalation, KeyedThrottles, RestLimiter, rest_group
+from simulator.limits import (
+    QUOTATION_GROUPS,
+    Escalation,
+    KeyedThrottles,
+    RestLimiter,
+    rest_group,
+    too_many_text,
+)
 from simulator.market import Exchange, MarketEvent
 from simulator.rest_private import add_private_routes
 from simulator.rest_public import add_public_routes
-from simulator.ws import (
-    PRIVATE_PATH,
-    PUBLIC_PATH,
-    SIM_KEY,
-    Hub,
-    handle_private,
-    handle_public,
-    too_many_response,
-    unverified_access_key,
-)
+from simulator.ws import PRIVATE_PATH, PUBLIC_PATH, Hub
+from simulator.ws_server import serve_ws
 
 __all__ = ["RunningSimulator", "Simulator", "build_app", "rest_middleware", "start_simulator"]
 
 log = structlog.get_logger("simulator")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SIM_KEY: web.AppKey[Simulator] = web.AppKey("sim")
 
 
 class Simulator:
@@ -102,9 +105,7 @@ class Simulator:
         """Close every WebSocket (going away), then stop the ticker."""
         conns = list(self.hub.connections.values())
         if conns:
-            closes = [
-                asyncio.create_task(c.ws.close(code=1001, message=b"shutdown")) for c in conns
-            ]
+            closes = [asyncio.create_task(c.close(1001, "shutdown")) for c in conns]
             _done, pending = await asyncio.wait(closes, timeout=1.0)
             for task in pending:
                 task.cancel()
@@ -207,6 +208,13 @@ class Simulator:
         self.wake_ticker()
 
 
+def too_many_response(status: int, block_seconds: float) -> web.Response:
+    """Upbit-style throttling answer: plain text, 429 or 418 with the block time."""
+    return web.Response(
+        status=status, text=too_many_text(status, block_seconds), content_type="text/plain"
+    )
+
+
 def _remote_ip(request: web.Request) -> str:
     return request.remote or "unknown"
 
@@ -255,11 +263,16 @@ async def rest_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def build_app(sim: Simulator) -> web.Application:
-    """The aiohttp application serving everything on one port."""
+    """The aiohttp application serving REST and the control API (not the WebSockets)."""
     app = web.Application(middlewares=[rest_middleware])
     app[SIM_KEY] = sim
-    app.router.add_get(PUBLIC_PATH, handle_public)
-    app.router.add_get(PRIVATE_PATH, handle_private)
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        ws = sim.urls.get("ws_private" if request.path == PRIVATE_PATH else "ws", "")
+        return web.Response(status=404, text=f"WebSocket endpoints have a port of their own: {ws}")
+
+    app.router.add_get(PUBLIC_PATH, elsewhere)
+    app.router.add_get(PRIVATE_PATH, elsewhere)
     add_public_routes(app, sim)
     add_private_routes(app, account=sim.account, verifier=sim.verifier, books=sim.books)
     add_control_routes(app, sim)
@@ -268,16 +281,23 @@ def build_app(sim: Simulator) -> web.Application:
 
 @dataclasses.dataclass
 class RunningSimulator:
-    """A simulator serving in this event loop; ``urls`` has rest, ws, ws_private, control."""
+    """A simulator serving in this event loop; ``urls`` has rest, ws, ws_private, control.
+
+    ``port`` serves REST and the control API, ``ws_port`` both WebSocket endpoints.
+    """
 
     sim: Simulator
     runner: web.AppRunner
+    ws_server: Server
     urls: dict[str, Any]
     host: str
     port: int
+    ws_port: int
 
     async def close(self) -> None:
         await self.sim.stop()
+        self.ws_server.close()
+        await self.ws_server.wait_closed()
         await self.runner.cleanup()
 
     async def __aenter__(self) -> RunningSimulator:
@@ -287,15 +307,15 @@ class RunningSimulator:
         await self.close()
 
 
-def _urls(host: str, port: int) -> dict[str, Any]:
+def _urls(host: str, port: int, ws_port: int) -> dict[str, Any]:
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
     if ":" in shown:
         shown = f"[{shown}]"
-    base = f"{shown}:{port}"
+    base, ws_base = f"{shown}:{port}", f"{shown}:{ws_port}"
     return {
         "rest": f"http://{base}",
-        "ws": f"ws://{base}{PUBLIC_PATH}",
-        "ws_private": f"ws://{base}{PRIVATE_PATH}",
+        "ws": f"ws://{ws_base}{PUBLIC_PATH}",
+        "ws_private": f"ws://{ws_base}{PRIVATE_PATH}",
         "control": f"http://{base}/_sim",
         "pid": os.getpid(),
     }
@@ -310,9 +330,14 @@ async def start_simulator(config: SimConfig | None = None, **overrides: Any) -> 
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
-    address = runner.addresses[0]
-    port = int(address[1])
-    sim.urls = _urls(cfg.host, port)
+    port = int(runner.addresses[0][1])
+    try:
+        ws_server = await serve_ws(sim, cfg.host, cfg.ws_port_for(port))
+    except BaseException:
+        await runner.cleanup()
+        raise
+    ws_port = int(ws_server.sockets[0].getsockname()[1])
+    sim.urls = _urls(cfg.host, port, ws_port)
     sim.start()
     log.info("simulator_started", **{k: v for k, v in sim.urls.items() if k != "pid"})
-    return RunningSimulator(sim, runner, sim.urls, cfg.host, port)
+    return RunningSimulator(sim, runner, ws_server, sim.urls, cfg.host, port, ws_port)

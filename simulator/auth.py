@@ -26,6 +26,7 @@ __all__ = [
     "JwtVerifier",
     "body_query_string",
     "request_query_string",
+    "unverified_access_key",
 ]
 
 # alg header value -> hashlib constructor. Upbit documents HS512 (recommended) and HS256.
@@ -246,3 +247,19 @@ def _is_uuid(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def unverified_access_key(authorization: str | None) -> str | None:
+    """The access_key claim of a Bearer JWT without verifying it (rate-limit key only)."""
+    if not authorization:
+        return None
+    token = authorization.strip().partition(" ")[2].strip()
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    key = claims.get("access_key") if isinstance(claims, dict) else None
+    return key if isinstance(key, str) else None

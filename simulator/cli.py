@@ -1,8 +1,10 @@
-"""``upbit-sim`` / ``python -m simulator``: run the Upbit simulator on one port.
+"""``upbit-sim`` / ``python -m simulator``: run the Upbit simulator on two ports.
 
-The FIRST line on stdout is JSON with the base URLs (flushed at once), e.g.
-``{"rest": "http://127.0.0.1:PORT", "ws": "ws://127.0.0.1:PORT/websocket/v1",
-"ws_private": "ws://127.0.0.1:PORT/websocket/v1/private",
+REST and the control API listen on ``--port``, both WebSockets on ``--ws-port``
+(default ``--port`` + 1; a free port when ``--port`` is 0). The FIRST line on stdout is
+JSON with the base URLs (flushed at once), e.g.
+``{"rest": "http://127.0.0.1:PORT", "ws": "ws://127.0.0.1:WS_PORT/websocket/v1",
+"ws_private": "ws://127.0.0.1:WS_PORT/websocket/v1/private",
 "control": "http://127.0.0.1:PORT/_sim", "pid": 1234}``; logs go to stderr.
 Keys come from --access-key/--secret-key, else UPBIT_ACCESS_KEY/UPBIT_SECRET_KEY, else the
 demo pair ``sim-access-key`` / ``sim-secret-key``.
@@ -31,12 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = SimConfig()
     p = argparse.ArgumentParser(
         prog="upbit-sim",
-        description="A faithful Upbit simulator: REST, public and private WebSocket, control "
-        "API under /_sim, all on one port.",
+        description="A faithful Upbit simulator: REST and the control API under /_sim on "
+        "--port, the public and private WebSocket on --ws-port. The first stdout line is "
+        "JSON with the URLs.",
     )
     p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
     p.add_argument(
-        "--port", type=int, default=8765, help="port; 0 picks a free one (default %(default)s)"
+        "--port",
+        type=int,
+        default=8765,
+        help="REST and control API port; 0 picks a free one (default %(default)s)",
+    )
+    p.add_argument(
+        "--ws-port",
+        type=int,
+        default=None,
+        help="WebSocket port (/websocket/v1, /websocket/v1/private); 0 picks a free one "
+        "(default: --port + 1, or a free one when --port is 0)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="market random seed")
     p.add_argument(
@@ -149,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     cfg = SimConfig(
         host=args.host,
         port=args.port,
+        ws_port=args.ws_port,
         seed=args.seed,
         rate=args.rate,
         trade_ratio=args.trade_ratio,

@@ -48,7 +48,8 @@ class SimConfig:
     """Simulator settings; see ``upbit-sim --help`` for the matching CLI flags."""
 
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = 0  # REST and the control API
+    ws_port: int | None = None  # both WebSockets; None: port + 1, or a free one if port is 0
     seed: int = 1
 
     # Market data: events per second per active market (a trade event emits trade, ticker
@@ -98,6 +99,12 @@ class SimConfig:
     block_growth: float = 2.0
     block_max: float = 600.0
     block_reset: float = 600.0
+
+    def ws_port_for(self, port: int) -> int:
+        """The WebSocket port to bind once REST got ``port`` (0: let the OS pick)."""
+        if self.ws_port is not None:
+            return self.ws_port
+        return 0 if self.port == 0 else port + 1
 
     def with_env_keys(self) -> SimConfig:
         """Fill the keys from UPBIT_ACCESS_KEY / UPBIT_SECRET_KEY when still the demo ones."""

@@ -33,6 +33,7 @@ __all__ = [
     "SlidingWindow",
     "Throttle",
     "rest_group",
+    "too_many_text",
 ]
 
 QUOTATION_GROUPS = frozenset({"market", "candle", "trade", "ticker", "orderbook"})
@@ -247,3 +248,10 @@ class RestLimiter:
         for throttles in self._groups.values():
             throttles.reset()
         self._fallback.reset()
+
+
+def too_many_text(status: int, block_seconds: float) -> str:
+    """Upbit's plain-text answer to a throttled request: 429, or 418 with the block time."""
+    if status == 418:
+        return f"I'm a teapot. Too many API requests; blocked for {block_seconds:g} seconds."
+    return "Too many API requests."

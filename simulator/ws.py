@@ -10,7 +10,8 @@ serves myOrder and myAsset for a JWT-authenticated client. Layout:
   is pending per flush).
 - :class:`Hub` indexes realtime subscriptions by (type, code) and fans market events and
   account events out to connections, encoding each event once per format.
-- :func:`handle_public` / :func:`handle_private` are the aiohttp upgrade handlers.
+- The ``websockets`` server around it (own port, upgrade checks, pongs) is
+  :mod:`simulator.ws_server`; REST stays on aiohttp (:mod:`simulator.app`).
 
 Decisions on points PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.1):
 
@@ -40,7 +41,7 @@ Decisions on points PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.
 - ``is_only_snapshot`` wins when both flags are true. snake_case and camelCase accepted.
 - Text ``PING`` -> one ``{"status":"UP"}``; it is not a request: not rate-limited, not in
   the request log (counted under ``pings``). WS ping frames get pongs (answered by this
-  module, not aiohttp's autoping, so a stall can withhold them).
+  module, not by websockets' automatic pong, so a stall can withhold them).
 - Per-connection limits (5/s and 100/min): an over-limit request is ignored and answered
   ``{"error":{"name":"Too Many Requests",...}}``; repeated violations escalate to
   ``"I'm a teapot"`` errors whose message carries the block time. The socket stays open.
@@ -54,14 +55,15 @@ Decisions on points PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.
   socket drains, so simulator memory stays bounded either way.
 - Firehose: each connection's subscribed streams are pre-encoded once and re-sent as fast
   as the socket drains (only timestamps and trade sequential_ids change). Without
-  permessage-deflate, frames are framed here and written in large batches; with it,
-  every frame goes through aiohttp's compressor (much slower; use ``--no-compress``).
+  permessage-deflate, frames are framed here and written in large batches to the
+  connection's transport (the last one of a batch through ``websockets``, whose
+  ``send`` waits for the socket to drain); with it, every frame goes through
+  ``websockets``' compressor (much slower; use ``--no-compress``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import json
@@ -74,7 +76,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
-from aiohttp import WSMsgType, web
+from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.protocol import State
 
 from simulator.limits import Throttle
 from simulator.market import (
@@ -88,27 +92,25 @@ from simulator.market import (
 
 if TYPE_CHECKING:
     from simulator.app import Simulator
+    from simulator.ws_server import SimServerConnection
 
 __all__ = [
     "FORMATS",
+    "PRIVATE_PATH",
     "PRIVATE_TYPES",
+    "PUBLIC_PATH",
     "PUBLIC_TYPES",
-    "SIM_KEY",
     "Connection",
     "Hub",
     "Request",
     "Target",
     "TypeRequest",
     "WsRequestError",
-    "handle_private",
-    "handle_public",
     "parse_request",
     "simplify",
 ]
 
 log = structlog.get_logger("simulator.ws")
-
-SIM_KEY: web.AppKey[Simulator] = web.AppKey("sim")
 
 PUBLIC_PATH = "/websocket/v1"
 PRIVATE_PATH = "/websocket/v1/private"
@@ -533,8 +535,7 @@ class Connection:
     def __init__(
         self,
         sim: Simulator,
-        ws: web.WebSocketResponse,
-        request: web.Request,
+        ws: SimServerConnection,
         *,
         private: bool,
         access_key: str | None = None,
@@ -545,9 +546,9 @@ class Connection:
         self.ws = ws
         self.private = private
         self.path = PRIVATE_PATH if private else PUBLIC_PATH
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.remote = f"{peer[0]}:{peer[1]}" if peer else str(request.remote)
-        self.transport = request.transport
+        peer = ws.remote_address
+        self.remote = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        self.transport = ws.transport
         self.access_key = access_key
         self.auth_error = auth_error
         self.opened_at = time.time()
@@ -574,7 +575,7 @@ class Connection:
         self.throttle: Throttle | None = (
             Throttle(cfg.ws_message_limits, sim.escalation) if cfg.limits_enabled else None
         )
-        self.compressed = bool(ws.compress)
+        self.compressed = any(isinstance(e, PerMessageDeflate) for e in ws.protocol.extensions)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- info -----------------------------------------------------------------------------
@@ -616,29 +617,25 @@ class Connection:
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._sender(), name=f"ws-sender-{self.id}"),
+            asyncio.create_task(self._ponger(), name=f"ws-ponger-{self.id}"),
             asyncio.create_task(self._idle_watch(), name=f"ws-idle-{self.id}"),
         ]
 
     async def run(self) -> None:
-        """Read client frames until the socket closes."""
+        """Read client data frames until the socket closes."""
         ws = self.ws
         try:
             while True:
-                msg = await ws.receive()
+                try:
+                    data = await ws.recv()
+                except ConnectionClosed:
+                    break
                 self.last_activity = time.monotonic()
-                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    break
-                if msg.type is WSMsgType.ERROR:
-                    break
                 await self.sim.wait_unstalled(self.path)
-                if msg.type is WSMsgType.TEXT:
-                    self._on_text_safely(msg.data)
-                elif msg.type is WSMsgType.BINARY:
-                    self._on_text_safely(bytes(msg.data).decode("utf-8", "replace"))
-                elif msg.type is WSMsgType.PING:
-                    with contextlib.suppress(ConnectionError, RuntimeError):
-                        await ws.pong(msg.data)
-                        self.last_activity = time.monotonic()
+                if isinstance(data, str):
+                    self._on_text_safely(data)
+                else:
+                    self._on_text_safely(bytes(data).decode("utf-8", "replace"))
         finally:
             await self.finish()
 
@@ -654,22 +651,36 @@ class Connection:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if not self.ws.closed:
+        if self.ws.state is not State.CLOSED:
             with contextlib.suppress(Exception):
                 await self.ws.close()
         self.queue.clear()
 
+    async def close(self, code: int, reason: str) -> None:
+        """Close with a close frame (``code``, ``reason``) and wait for the handshake."""
+        await self.ws.close(code, reason)
+
     def abort(self) -> None:
         """Cut the TCP connection without a close frame (client sees 1006)."""
-        if self.transport is not None:
-            self.transport.abort()
+        self.transport.abort()
+
+    async def _ponger(self) -> None:
+        """Answer ping frames in order; a stall holds the answers back."""
+        ws = self.ws
+        while not self.closed:
+            data = await ws.next_ping()
+            await self.sim.wait_unstalled(self.path)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.pong(data)
+                self.last_activity = time.monotonic()
 
     async def _idle_watch(self) -> None:
         timeout = self.sim.config.idle_timeout
         if timeout <= 0:
             return
         while not self.closed:
-            remaining = self.last_activity + timeout - time.monotonic()
+            last = max(self.last_activity, self.ws.last_frame_at)
+            remaining = last + timeout - time.monotonic()
             if remaining > 0:
                 await asyncio.sleep(remaining)
                 continue
@@ -678,7 +689,7 @@ class Connection:
                 self.last_activity = time.monotonic()
                 continue
             log.info("ws_idle_close", conn=self.id, timeout=timeout)
-            await self.ws.close(code=1000, message=b"idle timeout")
+            await self.ws.close(1000, "idle timeout")
             return
 
     # -- inbound --------------------------------------------------------------------------
@@ -859,9 +870,9 @@ class Connection:
                     await self._flush()
                 if self.pending_close is not None and not self.queue:
                     code, reason = self.pending_close
-                    await self.ws.close(code=code, message=reason.encode())
+                    await self.ws.close(code, reason)
                     return
-            except (ConnectionError, RuntimeError):
+            except (ConnectionError, RuntimeError, ConnectionClosed):
                 self.abort()
                 return
             except Exception:
@@ -900,22 +911,28 @@ class Connection:
 
     async def _write(self, payloads: list[bytes]) -> None:
         """Send binary frames; without compression, frame them here and write in one go."""
-        if not payloads or self.ws.closed:
+        ws = self.ws
+        if not payloads:
+            return
+        if ws.state is not State.OPEN:  # closing: nothing more to send; don't spin
+            await ws.wait_closed()
             return
         self.frames_sent += len(payloads)
         self.sim.stats.ws_frames_sent += len(payloads)
         self.last_activity = time.monotonic()
-        transport = self.transport
-        if self.compressed or transport is None:
+        if self.compressed:
             for payload in payloads:
-                await self.ws.send_bytes(payload)
+                await ws.send(payload)
             return
         if len(payloads) > 1:
+            # Whole frames in one write while the connection is OPEN (checked above, no
+            # await since): they cannot interleave with websockets' own frames.
+            transport = self.transport
             if transport.is_closing():
                 raise ConnectionResetError("transport closing")
             transport.write(b"".join([_frame_header(len(p)) + p for p in payloads[:-1]]))
-        # The last frame goes through aiohttp so its writer applies flow control (drain).
-        await self.ws.send_bytes(payloads[-1])
+        # The last frame goes through websockets: its send() waits for the socket to drain.
+        await ws.send(payloads[-1])
 
     async def _firehose(self) -> None:
         """Send every subscribed stream as fast as the socket drains, until switched off."""
@@ -1143,91 +1160,3 @@ def _encode_event(event: MarketEvent, simple: bool, target: Target) -> bytes:
         fields = dict(event.fields or {})
     fields["stream_type"] = "REALTIME"
     return encode_json(simplify(fields) if simple else fields)
-
-
-# -- upgrade handlers --------------------------------------------------------------------
-
-
-def _plain(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=text, content_type="text/plain")
-
-
-def too_many_response(status: int, block_seconds: float) -> web.Response:
-    """Upbit-style throttling answer: plain text, 429 or 418 with the block time."""
-    if status == 418:
-        return _plain(
-            418, f"I'm a teapot. Too many API requests; blocked for {block_seconds:g} seconds."
-        )
-    return _plain(429, "Too many API requests.")
-
-
-def unverified_access_key(authorization: str | None) -> str | None:
-    """The access_key claim of a Bearer JWT without verifying it (rate-limit key only)."""
-    if not authorization:
-        return None
-    token = authorization.strip().partition(" ")[2].strip()
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    key = claims.get("access_key") if isinstance(claims, dict) else None
-    return key if isinstance(key, str) else None
-
-
-async def _upgrade(request: web.Request, *, private: bool) -> web.StreamResponse:
-    sim = request.app[SIM_KEY]
-    now = time.time()
-    ws = web.WebSocketResponse(
-        autoping=False,
-        heartbeat=None,
-        compress=sim.config.compress,
-        max_msg_size=1 << 20,
-        writer_limit=1,
-    )
-    if not ws.can_prepare(request).ok:
-        return _plain(400, "WebSocket upgrade expected.")
-    path = PRIVATE_PATH if private else PUBLIC_PATH
-    refused = sim.faults.refuse_status(now)
-    if refused is not None:
-        sim.stats.upgrade_refused(refused, path)
-        return too_many_response(refused, sim.faults.refuse_remaining(now))
-    authorization = request.headers.get("Authorization")
-    access_key = unverified_access_key(authorization) if private else None
-    key = f"key:{access_key}" if access_key else f"ip:{request.remote}"
-    decision = sim.upgrade_limiter.check(key, now)
-    if not decision.allowed:
-        sim.stats.upgrade_refused(decision.status, path)
-        return too_many_response(decision.status, decision.block_seconds)
-    auth_error: tuple[str, str] | None = None
-    if private:
-        auth_error = sim.verify_ws(authorization)
-        if auth_error is not None and sim.config.private_auth_failure == "http_401":
-            sim.stats.upgrade_refused(401, path)
-            body = {"error": {"name": auth_error[0], "message": auth_error[1]}}
-            return web.json_response(body, status=401)
-    await ws.prepare(request)
-    conn = Connection(
-        sim, ws, request, private=private, access_key=access_key, auth_error=auth_error
-    )
-    sim.stats.upgrade_accepted(path)
-    sim.hub.add(conn)
-    conn.start()
-    log.info("ws_open", conn=conn.id, path=path, remote=conn.remote, compressed=conn.compressed)
-    try:
-        await conn.run()
-    finally:
-        log.info("ws_closed", conn=conn.id, code=ws.close_code)
-    return ws
-
-
-async def handle_public(request: web.Request) -> web.StreamResponse:
-    """GET /websocket/v1: quotation streams."""
-    return await _upgrade(request, private=False)
-
-
-async def handle_private(request: web.Request) -> web.StreamResponse:
-    """GET /websocket/v1/private: myOrder / myAsset for a JWT-authenticated client."""
-    return await _upgrade(request, private=True)

@@ -64,9 +64,9 @@ async def timed(awaitable: Any, seconds: float = 10.0) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def ccxt_upbit(http_base: str, **keys: str) -> AsyncIterator[Any]:
+async def ccxt_upbit(http_base: str, ws_base: str | None = None, **keys: str) -> AsyncIterator[Any]:
     exchange = ccxtpro.upbit({"enableRateLimit": False, **keys})
-    point_at(exchange, http_base)
+    point_at(exchange, http_base, ws_base)
     try:
         yield exchange
     finally:
@@ -167,7 +167,8 @@ async def test_ccxt_full_simulator() -> None:
     )
     async with await start_simulator(config) as running:
         base = running.urls["rest"]
-        async with ccxt_upbit(base, apiKey=ACCESS, secret=SECRET) as ex:
+        ws_base = running.urls["ws"].removesuffix("/websocket/v1")
+        async with ccxt_upbit(base, ws_base, apiKey=ACCESS, secret=SECRET) as ex:
             # Public streams (one WS connection, full subscription resent on each watch).
             ticker = await timed(ex.watch_ticker("BTC/KRW"))
             assert ticker["symbol"] == "BTC/KRW"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -137,7 +138,10 @@ async def test_bad_auth_can_refuse_the_upgrade_with_401(make_sim: SimFactory) ->
     with pytest.raises(InvalidStatus) as info:
         async with open_ws(sim.urls["ws_private"]):
             pass
-    assert info.value.response.status_code == 401
+    response = info.value.response
+    assert response.status_code == 401
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert json.loads(response.body or b"")["error"]["name"] == "no_authorization_token"
     async with open_ws(sim.urls["ws_private"], **auth()):
         pass
 

@@ -100,7 +100,7 @@ async def test_streaming_connections_are_not_idle(make_sim: SimFactory) -> None:
 
 async def test_a_client_that_never_reads_is_disconnected(make_sim: SimFactory) -> None:
     sim = await make_sim(rate=200.0, send_queue_max=50, compress=False)
-    reader, writer = await asyncio.open_connection(sim.host, sim.port)
+    reader, writer = await asyncio.open_connection(sim.host, sim.ws_port)
     # A raw upgrade, then never read again: the socket buffers fill, then the queue.
     writer.write(
         b"GET /websocket/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
