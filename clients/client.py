@@ -14,12 +14,14 @@ message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the t
 
 Liveness: the client heartbeats every ``heartbeat_interval`` (from the broker's
 Welcome). Silence on both sockets for ``interval * liveness`` triggers a health probe
-over the control socket (the broker publishes ``_heartbeat/`` only when its bus is
-idle, so a busy bus with none of *our* topics is silent too); no answer means the
-broker is gone. A new epoch on any envelope or Welcome, an ``unknown_client`` error or
-a lost broker all lead to the same recovery: a fresh DEALER (Lazy Pirate), hello,
-re-subscribe everything with snapshots, tell subscribers (``down`` / ``restored``
-status events). No user code is needed.
+over the control socket; no answer means the broker is gone. The broker publishes
+``_heartbeat/`` every interval, so an answered probe after a long silence of the data
+socket means that socket dropped the broker (libzmq does, for good, when a peer breaks
+the protocol, e.g. sends over ``MAXMSGSIZE``). A new epoch on any envelope or Welcome,
+an ``unknown_client`` error, a lost broker or a dropped data socket all lead to the
+same recovery: a fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe everything
+with snapshots, tell subscribers (``down`` / ``restored`` status events). No user code
+is needed.
 
 Lifetime: ``async with BrokerClient() as client`` or ``await client.close()``. If the
 object is dropped without closing, a :func:`weakref.finalize` (which holds the sockets,
@@ -206,7 +208,7 @@ class BrokerClient(StreamMethods):
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         self._finalizer = weakref.finalize(self, sockets.release, io)
         self._spawn(sockets.heartbeat_loop(weakref.WeakMethod(self._tick)))
-        self._core.heard(loop.time())
+        self._core.heard_data(loop.time())
 
     def _replace_ctrl(self) -> None:
         """Lazy Pirate: a fresh DEALER, so nothing queued for a dead broker is replayed."""
@@ -218,6 +220,17 @@ class BrokerClient(StreamMethods):
         io.ctrl = sockets.open_dealer(zmq.Context.instance(), self.control_endpoint)
         io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         self._fail(self._core.reset(), _Reset())
+
+    def _replace_data(self) -> None:
+        """A fresh SUB too: libzmq never reconnects one that dropped a misbehaving peer."""
+        io = self._io
+        assert io is not None
+        with contextlib.suppress(Exception):
+            io.loop.remove_reader(io.data.FD)
+        io.data.close(linger=0)
+        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
+        io.data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
+        io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
 
     def _shutdown_io(self) -> None:
         if self._finalizer is not None:
@@ -417,7 +430,9 @@ class BrokerClient(StreamMethods):
         except BrokerError as exc:
             self._schedule_resync(f"health probe refused ({exc.code})")
         else:
-            resync = core.check_epoch(reply.health.epoch)
+            io = self._io
+            now = io.loop.time() if io is not None else 0.0
+            resync = core.probe_answered(reply.health.epoch, now)
             if resync is not None:
                 self._schedule_resync(resync.reason)
         finally:
@@ -445,13 +460,14 @@ class BrokerClient(StreamMethods):
         return done
 
     async def _resync_once(self, reason: str) -> bool | None:
-        """One recovery attempt: fresh DEALER, hello, re-subscribe with snapshots."""
+        """One recovery attempt: fresh DEALER and SUB, hello, re-subscribe with snapshots."""
         async with self._state_lock:
             if self._core.closed or self._io is None:
                 return None
             timeout = self._core.recovery_timeout(self.request_timeout)
             self._dispatcher.suspend()
             self._replace_ctrl()
+            self._replace_data()
             try:
                 self._on_welcomed(await self._hello(timeout))
                 await self._resubscribe_all(timeout)
@@ -537,7 +553,7 @@ class BrokerClient(StreamMethods):
         if not n:
             return
         loop = io.loop
-        self._core.heard(loop.time())
+        self._core.heard_data(loop.time())
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH or d.received >= stop_at:  # more may wait: after other tasks ran

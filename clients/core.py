@@ -22,6 +22,7 @@ from typing import Final, TypeVar
 
 from clients.errors import BrokerError
 from schemas.bus import (
+    CLIENT_TOPIC,
     BrokerMessage,
     ClientMessage,
     ConnectionName,
@@ -53,8 +54,6 @@ __all__ = [
 
 M = TypeVar("M", bound=ClientMessage)
 
-CLIENT_TOPIC: Final = "_client/"
-"""Topic of the status notices the client makes itself (broker lost / restored)."""
 IDLE_TICK: Final = 0.25
 """Seconds between two ticks while no broker has welcomed the client yet."""
 _DOWN_STATES: Final[frozenset[StatusState]] = frozenset({"down", "connecting", "reconnecting"})
@@ -225,6 +224,7 @@ class ClientCore:
         self._next_req = 1
         self._pending: dict[int, type[BrokerMessage]] = {}
         self._last_rx = 0.0
+        self._last_data = 0.0
 
     # ------------------------------------------------------------------ requests
 
@@ -299,7 +299,7 @@ class ClientCore:
         self.up = True
         self._public = welcome.public_available
         self._private = welcome.private_available
-        self._last_rx = now
+        self._last_rx = self._last_data = now
 
     @property
     def epoch(self) -> str | None:
@@ -365,8 +365,26 @@ class ClientCore:
     # ------------------------------------------------------------------ liveness
 
     def heard(self, now: float) -> None:
-        """Something arrived from the broker (either socket) at ``now``."""
+        """Something arrived on the control socket at ``now``."""
         self._last_rx = now
+
+    def heard_data(self, now: float) -> None:
+        """Something arrived on the data socket at ``now``."""
+        self._last_rx = self._last_data = now
+
+    def probe_answered(self, epoch: str, now: float) -> Resync | None:
+        """The broker answered a health probe: is everything still fine?
+
+        A Resync when it restarted (another epoch), or when it answers but its data
+        stopped reaching us: it publishes ``_heartbeat/`` every interval, so a data
+        socket silent for twice the liveness timeout is a dropped one (libzmq drops, for
+        good, a peer that broke the protocol, e.g. sent over ``MAXMSGSIZE``); recovery
+        opens a fresh one. Twice, so a broker late by one beat is not mistaken for it.
+        """
+        resync = self.check_epoch(epoch)
+        if resync is None and now - self._last_data > 2 * self.liveness_timeout:
+            resync = Resync("the broker answers but its data stopped reaching us")
+        return resync
 
     def tick(self, now: float) -> Tick:
         """One heartbeat period: beat while up; probe once after too long a silence."""

@@ -24,6 +24,7 @@ Topic layout (the one place it is written down)::
     myOrder/KRW-BTC/                (one topic per market; "myOrder/" = all markets)
     myAsset/
     _status/public/  _status/private/                      _heartbeat/
+    _client/                        (made by the client library itself, never published)
 
 Every topic ends with ``/`` so ``ticker/KRW-ETH/`` never prefix-matches
 ``ticker/KRW-ETHW/``. Useful prefixes: ``ticker/`` (all tickers), ``myOrder/``
@@ -53,6 +54,7 @@ from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
     "ALL_STREAM_TYPES",
+    "CLIENT_TOPIC",
     "CONTROL_ENV",
     "DATA_ENV",
     "DEFAULT_ORDERBOOK_DEPTH",
@@ -157,6 +159,9 @@ DEFAULT_ORDERBOOK_DEPTH: Final = 30
 
 STATUS_TOPIC_PREFIX: Final = "_status/"
 HEARTBEAT_TOPIC: Final = "_heartbeat/"
+CLIENT_TOPIC: Final = "_client/"
+"""Topic of the status notices a client library makes itself (broker lost / restored,
+``seq`` 0); never published by the broker."""
 
 Source = Literal["websocket", "rest"]
 ConnectionName = Literal["public", "private"]
