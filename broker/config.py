@@ -22,8 +22,9 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
 
 The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
-``/tmp/upbit-broker-<uid>``, created with mode 0700 so only this user reaches the
-sockets. A bad value fails at start with :class:`ConfigError` naming the variable.
+``/tmp/upbit-broker-<uid>`` (:func:`schemas.bus.runtime_dir_path`, which the clients
+share), created here with mode 0700 so only this user reaches the sockets. A bad value
+fails at start with :class:`ConfigError` naming the variable.
 """
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ from __future__ import annotations
 import math
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
+from schemas.bus import (
+    CONTROL_ENV,
+    DATA_ENV,
+    IPC_PATH_MAX,
+    EndpointError,
+    default_endpoints,
+    runtime_dir_path,
+)
+
 __all__ = [
+    "IPC_PATH_MAX",
     "ConfigError",
     "Secret",
     "Settings",
@@ -52,8 +62,6 @@ DEFAULT_REST_URL: Final = "https://api.upbit.com"
 DEFAULT_WIDEN: Final = frozenset({"ticker", "trade"})
 """Cheap streams (a few messages a second per market) worth carrying ahead of demand;
 candles may be added; orderbooks cannot (every market's books cost far more)."""
-IPC_PATH_MAX: Final = 107
-"""Longest ``ipc://`` path the kernel accepts (sun_path is 108 bytes with the NUL)."""
 
 
 class ConfigError(ValueError):
@@ -87,16 +95,12 @@ class Secret:
 def runtime_dir(env: Mapping[str, str] | None = None, *, create: bool = True) -> Path:
     """The per-user directory holding the ipc sockets, created 0700.
 
-    Refuses a directory owned by someone else or open to others: another user could
-    otherwise listen on our endpoints.
+    Where it is comes from :func:`schemas.bus.runtime_dir_path` (the clients compute the
+    same path, creating nothing); the broker creates it and refuses a directory owned
+    by someone else or open to others: another user could listen on our endpoints.
     """
     env = os.environ if env is None else env
-    base = env.get("XDG_RUNTIME_DIR")
-    path = (
-        Path(base) / "upbit-broker"
-        if base
-        else Path(tempfile.gettempdir()) / f"upbit-broker-{os.getuid()}"
-    )
+    path = runtime_dir_path(env)
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.stat()
@@ -107,36 +111,20 @@ def runtime_dir(env: Mapping[str, str] | None = None, *, create: bool = True) ->
     return path
 
 
-def _endpoint(env: Mapping[str, str], name: str, default_file: str) -> str:
-    value = env.get(name)
-    if not value:
-        value = f"ipc://{runtime_dir(env) / default_file}"
-        if len(value.encode()) - len("ipc://") > IPC_PATH_MAX:
-            raise ConfigError(
-                f"{name} is unset and the default ipc path {value} is longer than "
-                f"{IPC_PATH_MAX} bytes: set {name} (or a shorter XDG_RUNTIME_DIR)"
-            )
-        return value
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in {"ipc", "tcp", "inproc"} or not rest:
-        raise ConfigError(
-            f"{name}={value!r} is not a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or "
-            "inproc://NAME)"
-        )
-    if scheme == "ipc" and len(rest.encode()) > IPC_PATH_MAX:
-        raise ConfigError(
-            f"{name}: ipc path is {len(rest.encode())} bytes; the limit is {IPC_PATH_MAX}"
-        )
-    return value
-
-
 def bus_endpoints(env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """``(control, data)`` endpoints of the local broker: what a client needs to find it."""
+    """``(control, data)`` endpoints the broker binds (:func:`schemas.bus.default_endpoints`).
+
+    When either is the default ipc socket, the runtime directory is created and checked
+    first, so the broker never binds in a directory someone else controls.
+    """
     env = os.environ if env is None else env
-    return (
-        _endpoint(env, "UPBIT_BROKER_CONTROL", "control.sock"),
-        _endpoint(env, "UPBIT_BROKER_DATA", "data.sock"),
-    )
+    try:
+        endpoints = default_endpoints(env)
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if not env.get(CONTROL_ENV) or not env.get(DATA_ENV):
+        runtime_dir(env)
+    return endpoints
 
 
 def _url(env: Mapping[str, str], name: str, default: str, schemes: set[str]) -> str:

@@ -1,21 +1,27 @@
 """The asyncio client: find the local broker, subscribe, receive, survive its restarts.
 
+This module is the asyncio shell around :class:`clients.core.ClientCore`, which makes
+every control-plane decision (request/reply matching, epochs, reference counts, when to
+recover); here are the sockets, futures and tasks that carry them out.
+
 Sockets: a DEALER to the broker's control ROUTER (one msgpack frame per message) and a
-SUB to its data PUB (``topic + TOPIC_END + [envelope, ...]``). Both are plain (synchronous)
-pyzmq sockets watched with ``loop.add_reader``: when one becomes readable, everything available is
-read with ``NOBLOCK`` before returning to the loop, so a burst costs one wake-up, not
-one per message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the
-sockets and loop callbacks in :mod:`clients.sockets`, the typed ``subscribe_*`` methods
-in :mod:`clients.streams`.
+SUB to its data PUB (``topic + TOPIC_END + [envelope, ...]``), made by
+:mod:`clients.sockets`. Both are plain (synchronous) pyzmq sockets watched with
+``loop.add_reader``: when one becomes readable, everything available is read with
+``NOBLOCK`` before returning to the loop, so a burst costs one wake-up, not one per
+message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the typed
+``subscribe_*`` methods in :mod:`clients.streams`.
 
 Liveness: the client heartbeats every ``heartbeat_interval`` (from the broker's
 Welcome). Silence on both sockets for ``interval * liveness`` triggers a health probe
-over the control socket (the broker publishes ``_heartbeat/`` only when its bus is
-idle, so a busy bus with none of *our* topics is silent too); no answer means the
-broker is gone. A new epoch on any envelope or Welcome, an ``unknown_client`` error or
-a lost broker all lead to the same recovery: a fresh DEALER (Lazy Pirate), hello,
-re-subscribe everything with snapshots, tell subscribers (``down`` / ``restored``
-status events). No user code is needed.
+over the control socket; no answer means the broker is gone. The broker publishes
+``_heartbeat/`` every interval, so an answered probe after a long silence of the data
+socket means that socket dropped the broker (libzmq does, for good, when a peer breaks
+the protocol, e.g. sends over ``MAXMSGSIZE``). A new epoch on any envelope or Welcome,
+an ``unknown_client`` error, a lost broker or a dropped data socket all lead to the
+same recovery: a fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe everything
+with snapshots, tell subscribers (``down`` / ``restored`` status events). No user code
+is needed.
 
 Lifetime: ``async with BrokerClient() as client`` or ``await client.close()``. If the
 object is dropped without closing, a :func:`weakref.finalize` (which holds the sockets,
@@ -27,20 +33,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 import structlog
 import zmq
 
-from broker.config import bus_endpoints
 from clients import sockets
+from clients.core import (
+    ClientCore,
+    HelloRefused,
+    Refused,
+    Replied,
+    Resync,
+    Stray,
+    Welcomed,
+    client_notice,
+)
 from clients.dispatch import Dispatcher
 from clients.errors import BrokerError, BrokerTimeout, BrokerUnavailable, ClientClosed
 from clients.streams import StatusCallback, StreamMethods, candle_type, stream_specs
@@ -51,18 +65,16 @@ from schemas.bus import (
     BrokerMessage,
     ClientMessage,
     Envelope,
-    ErrorReply,
     GetSnapshot,
     Health,
     HealthReply,
     HealthRequest,
-    Heartbeat,
-    Hello,
     Metrics,
     MetricsReply,
     MetricsRequest,
     SnapshotReply,
     StatusEvent,
+    StatusState,
     StreamSpec,
     Subscribe,
     SubscribeOk,
@@ -70,6 +82,7 @@ from schemas.bus import (
     UnsubscribeOk,
     Welcome,
     decode_broker_message,
+    default_endpoints,
     encode,
 )
 from schemas.errors import DecodeError
@@ -84,10 +97,6 @@ RCVHWM: Final = 10_000
 """SUB queue bound inside ZeroMQ, in frames of 1 to 16 messages and at most 8 KB: 10,000
 messages at low rates, at most ~80 MB under load (~0.5 s at 120k msg/s); past it the
 broker's PUB drops for this client only, and the client counts the gap."""
-_DOWN_STATES: Final = frozenset({"down", "connecting", "reconnecting"})
-_UP_STATES: Final = frozenset({"up", "idle", "restored", "source_rest", "source_websocket"})
-_CLIENT_TOPIC: Final = "_client/"
-"""Topic of status notices the client makes itself (broker lost / restored)."""
 
 
 class _Reset(Exception):
@@ -97,7 +106,7 @@ class _Reset(Exception):
 class BrokerClient(StreamMethods):
     """Asyncio client of the local upbit-broker.
 
-    With no arguments the endpoints come from :func:`broker.config.bus_endpoints`
+    With no arguments the endpoints come from :func:`schemas.bus.default_endpoints`
     (``UPBIT_BROKER_CONTROL`` / ``UPBIT_BROKER_DATA`` or the per-user defaults). The
     first request connects lazily; :meth:`connect` does it eagerly and raises
     :class:`BrokerUnavailable` if no broker answers within ``request_timeout``. One
@@ -113,7 +122,7 @@ class BrokerClient(StreamMethods):
         request_timeout: float = 5.0,
     ) -> None:
         if control is None or data is None:
-            default_control, default_data = bus_endpoints()
+            default_control, default_data = default_endpoints(os.environ)
             control = control or default_control
             data = data or default_data
         self.control_endpoint = control
@@ -121,30 +130,20 @@ class BrokerClient(StreamMethods):
         self.name = name or os.path.basename(sys.argv[0] or "python")
         self.request_timeout = request_timeout
         self.client_id = uuid.uuid4().hex
+        self._core = ClientCore(self.client_id, self.name, os.getpid())
         self._dispatcher = Dispatcher()
         self._io: sockets.IO | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
-        self._welcome: Welcome | None = None
         self._welcomed = asyncio.Event()
+        """Mirrors ``core.up`` for waiters (set by :meth:`_sync_up`)."""
         self._connect_lock = asyncio.Lock()
         self._state_lock = asyncio.Lock()
         self._hello_waiter: asyncio.Future[Welcome] | None = None
-        self._pending: dict[int, asyncio.Future[BrokerMessage]] = {}
-        self._req = itertools.count(1)
-        self._refs: dict[str, int] = {}
-        """Subscriptions per stream (keyed by the stream's topic as the client spells it)."""
-        self._specs: dict[str, StreamSpec] = {}
-        self._topics: dict[str, str] = {}
-        """Client topic -> the topic the broker confirmed (normally the same)."""
-        self._public = False
-        self._private = False
-        self._closed = False
-        self._last_rx = 0.0
+        self._futures: dict[int, asyncio.Future[BrokerMessage]] = {}
         self._lag_ms = 0.0
-        self._probe_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
+        self._resync_reason = ""
         self._log = structlog.get_logger("clients").bind(client=self.client_id[:8])
-        self._ref = weakref.ref(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,7 +157,7 @@ class BrokerClient(StreamMethods):
     @property
     def connected(self) -> bool:
         """True while a broker has welcomed this client (False while recovering)."""
-        return self._welcomed.is_set()
+        return self._core.up
 
     @property
     def epoch(self) -> str | None:
@@ -167,12 +166,12 @@ class BrokerClient(StreamMethods):
 
     async def connect(self) -> None:
         """Open the sockets and hello the broker; raises BrokerUnavailable if none answers."""
-        if self._closed:
+        if self._core.closed:
             raise ClientClosed("client closed")
-        if self._welcome is not None:
+        if self._core.welcome is not None:
             return
         async with self._connect_lock:
-            if self._welcome is not None:
+            if self._core.welcome is not None:
                 return
             if self._io is None:
                 self._open(asyncio.get_running_loop())
@@ -188,11 +187,10 @@ class BrokerClient(StreamMethods):
 
     async def close(self) -> None:
         """Say Bye, close the sockets, end every subscription and task. Idempotent."""
-        if self._closed:
+        if self._core.closed:
             return
-        self._closed = True
-        self._welcomed.clear()
-        self._fail_pending(ClientClosed("client closed"))
+        self._fail(self._core.close(), ClientClosed("client closed"))
+        self._sync_up()
         self._dispatcher.clear()
         tasks = list(self._io.tasks) if self._io is not None else []
         self._shutdown_io()
@@ -201,25 +199,16 @@ class BrokerClient(StreamMethods):
 
     def _open(self, loop: asyncio.AbstractEventLoop) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        data: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
-        data.setsockopt(zmq.LINGER, 0)
-        data.setsockopt(zmq.RCVHWM, RCVHWM)
-        data.connect(self.data_endpoint)
-        for prefix in (HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes):
-            data.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        io = sockets.IO(loop, self._new_ctrl(ctx), data, self._dispatcher)
+        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
+        data = sockets.open_sub(ctx, self.data_endpoint, prefixes, hwm=RCVHWM)
+        ctrl = sockets.open_dealer(ctx, self.control_endpoint)
+        io = sockets.IO(loop, ctrl, data, self._dispatcher)
         self._io = io
-        loop.add_reader(io.ctrl.FD, sockets.on_ctrl_readable, self._ref)
-        loop.add_reader(data.FD, sockets.on_data_readable, self._ref)
+        loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
+        loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         self._finalizer = weakref.finalize(self, sockets.release, io)
-        self._spawn(sockets.heartbeat_loop(self._ref))
-        self._last_rx = loop.time()
-
-    def _new_ctrl(self, ctx: zmq.Context[Any]) -> zmq.Socket[bytes]:
-        ctrl: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-        ctrl.setsockopt(zmq.LINGER, 0)
-        ctrl.connect(self.control_endpoint)
-        return ctrl
+        self._spawn(sockets.heartbeat_loop(weakref.WeakMethod(self._tick)))
+        self._core.heard_data(loop.time())
 
     def _replace_ctrl(self) -> None:
         """Lazy Pirate: a fresh DEALER, so nothing queued for a dead broker is replayed."""
@@ -228,24 +217,48 @@ class BrokerClient(StreamMethods):
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.ctrl.FD)
         sockets.close_ctrl(io.ctrl)
-        io.ctrl = self._new_ctrl(zmq.Context.instance())
-        io.loop.add_reader(io.ctrl.FD, sockets.on_ctrl_readable, self._ref)
-        self._fail_pending(_Reset())
+        io.ctrl = sockets.open_dealer(zmq.Context.instance(), self.control_endpoint)
+        io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
+        self._fail(self._core.reset(), _Reset())
+
+    def _replace_data(self) -> None:
+        """A fresh SUB too: libzmq never reconnects one that dropped a misbehaving peer."""
+        io = self._io
+        assert io is not None
+        with contextlib.suppress(Exception):
+            io.loop.remove_reader(io.data.FD)
+        io.data.close(linger=0)
+        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
+        io.data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
+        io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
 
     def _shutdown_io(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # runs sockets.release once and detaches
         self._finalizer = None
         self._io = None
-        self._welcome = None
+        self._core.disconnect()
+        self._sync_up()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         io = self._io
         assert io is not None
         task = io.loop.create_task(coro)
         io.tasks.add(task)
         task.add_done_callback(io.tasks.discard)
         return task
+
+    def _sync_up(self) -> None:
+        """Make the waiters' event follow the core's ``up``."""
+        if self._core.up:
+            self._welcomed.set()
+        else:
+            self._welcomed.clear()
+
+    def _wake_data(self) -> None:
+        io = self._io
+        if io is not None:
+            io.loop.call_soon(sockets.on_readable, weakref.WeakMethod(self._drain_data))
 
     # ------------------------------------------------------------------ control plane
 
@@ -254,7 +267,7 @@ class BrokerClient(StreamMethods):
         if io is None:
             raise (
                 ClientClosed("client closed")
-                if self._closed
+                if self._core.closed
                 else BrokerUnavailable("not connected")
             )
         try:
@@ -262,84 +275,76 @@ class BrokerClient(StreamMethods):
         except zmq.Again:
             raise BrokerUnavailable("control queue to the broker is full") from None
         # A send can consume the socket's edge-triggered readiness: look again soon.
-        io.loop.call_soon(sockets.on_ctrl_readable, self._ref)
+        io.loop.call_soon(sockets.on_readable, weakref.WeakMethod(self._drain_control))
 
     def _drain_control(self) -> None:
         io = self._io
         if io is None:
             return
         recv = io.ctrl.recv
-        got = False
         while True:
             try:
                 frame = recv(zmq.NOBLOCK)
             except zmq.ZMQError:  # Again, or the socket was just replaced
                 break
-            got = True
             try:
                 message = decode_broker_message(frame)
             except DecodeError as exc:
+                self._core.heard(io.loop.time())
                 self._log.warning("unreadable broker message", error=str(exc))
                 continue
-            self._on_control(message)
-        if got:
-            self._last_rx = io.loop.time()
+            self._on_control(message, io.loop.time())
 
-    def _on_control(self, message: BrokerMessage) -> None:
-        if isinstance(message, Welcome):
+    def _on_control(self, message: BrokerMessage, now: float) -> None:
+        event = self._core.receive(message, now)
+        if isinstance(event, Replied | Refused):
+            future = self._futures.get(event.req)
+            if future is not None and not future.done():
+                if isinstance(event, Replied):
+                    future.set_result(event.message)
+                else:
+                    future.set_exception(event.error)
+        elif isinstance(event, Welcomed | HelloRefused):
             waiter = self._hello_waiter
             if waiter is not None and not waiter.done():
-                waiter.set_result(message)
-            elif self._welcome is not None and message.epoch != self._dispatcher.epoch:
-                self._schedule_resync(f"broker restarted (epoch {message.epoch})")
-            return
-        req = message.req
-        future = self._pending.get(req) if req is not None else None
-        if isinstance(message, ErrorReply):
-            if future is None:
-                waiter = self._hello_waiter
-                if message.code == "unknown_client":  # the answer to a heartbeat
-                    self._schedule_resync("the broker does not know this client")
-                elif waiter is not None and not waiter.done():  # e.g. protocol_version
-                    waiter.set_exception(BrokerError(message.code, message.message))
+                if isinstance(event, Welcomed):
+                    waiter.set_result(event.welcome)
                 else:
-                    self._log.warning("broker error", code=message.code, message=message.message)
-                return
-            if not future.done():
-                future.set_exception(BrokerError(message.code, message.message))
-            return
-        if future is not None and not future.done():
-            future.set_result(message)
+                    waiter.set_exception(event.error)
+        elif isinstance(event, Resync):
+            self._schedule_resync(event.reason)
+        elif isinstance(event, Stray):
+            self._log.warning("broker error", code=event.code, message=event.message)
 
     async def _hello(self, limit: float) -> Welcome:
         waiter: asyncio.Future[Welcome] = asyncio.get_running_loop().create_future()
         self._hello_waiter = waiter
         try:
-            self._send(Hello(client_id=self.client_id, name=self.name, pid=os.getpid()))
+            self._send(self._core.hello())
             return await asyncio.wait_for(waiter, limit)
         except TimeoutError:
             raise BrokerTimeout(f"no welcome within {limit:g} s") from None
         finally:
             self._hello_waiter = None
+            self._core.hello_over()
 
     def _on_welcomed(self, welcome: Welcome) -> None:
-        self._welcome = welcome
-        self._public = welcome.public_available
-        self._private = welcome.private_available
+        io = self._io
+        self._core.welcomed(welcome, io.loop.time() if io is not None else 0.0)
         self._dispatcher.resume(welcome.epoch)
-        self._welcomed.set()
+        self._sync_up()
 
     async def _ensure_welcomed(self) -> None:
-        if self._closed:
+        if self._core.closed:
             raise ClientClosed("client closed")
-        if self._welcome is None:
+        if self._core.welcome is None:
             await self.connect()
-        if not self._welcomed.is_set():
+        if not self._core.up:
             try:
                 await asyncio.wait_for(self._welcomed.wait(), self.request_timeout)
             except TimeoutError:
                 raise BrokerUnavailable("the broker is unavailable (reconnecting)") from None
-        if self._closed:
+        if self._core.closed:
             raise ClientClosed("client closed")
 
     async def _request(self, make: Callable[[int], ClientMessage], expect: type[R]) -> R:
@@ -361,23 +366,25 @@ class BrokerClient(StreamMethods):
     async def _request_once(
         self, make: Callable[[int], ClientMessage], expect: type[R], limit: float
     ) -> R:
-        req = next(self._req)
+        req, message = self._core.request(make, expect)  # type: ignore[arg-type]
         future: asyncio.Future[BrokerMessage] = asyncio.get_running_loop().create_future()
-        self._pending[req] = future
+        self._futures[req] = future
         try:
-            self._send(make(req))
+            self._send(message)
             reply = await asyncio.wait_for(future, limit)
         except TimeoutError:
             raise BrokerTimeout(f"no reply from the broker within {limit:g} s") from None
         finally:
-            self._pending.pop(req, None)
-        if not isinstance(reply, expect):
-            raise BrokerError("bad_message", f"unexpected reply {type(reply).__name__}")
+            self._futures.pop(req, None)
+            self._core.abandon(req)
+        assert isinstance(reply, expect)  # the core checked the reply's type
         return reply
 
-    def _fail_pending(self, exc: BaseException) -> None:
-        for future in self._pending.values():
-            if not future.done():
+    def _fail(self, reqs: Iterable[int], exc: BaseException) -> None:
+        """Requests that will never be answered fail with ``exc``; so does a hello."""
+        for req in reqs:
+            future = self._futures.get(req)
+            if future is not None and not future.done():
                 future.set_exception(exc)
         waiter = self._hello_waiter
         if waiter is not None and not waiter.done():
@@ -385,42 +392,37 @@ class BrokerClient(StreamMethods):
 
     # ------------------------------------------------------------------ liveness, recovery
 
-    def _tick(self) -> float:
-        """One heartbeat period: beat, re-check readiness, probe a silent broker."""
+    def _tick(self) -> float | None:
+        """One heartbeat period: beat, re-check readiness, probe a silent broker.
+
+        None ends the heartbeat loop (the client is closed).
+        """
+        core = self._core
+        if core.closed:
+            return None
         io = self._io
-        welcome = self._welcome
-        if io is None or welcome is None:
-            return 0.25
-        interval = welcome.heartbeat_interval
+        if io is None or core.welcome is None:
+            return core.tick(0.0).delay
         # Edge-triggered zmq fds can miss a wake-up in rare interleavings: look anyway.
         self._drain_control()
         self._drain_data()
-        if self._resync_task is not None:
-            return interval
-        d = self._dispatcher
-        with contextlib.suppress(BrokerUnavailable, ClientClosed):
+        tick = core.tick(io.loop.time())
+        if tick.beat:
+            d = self._dispatcher
             dropped = sum(sub.dropped for sub in d.subscriptions)
-            self._send(
-                Heartbeat(
-                    received=d.received,
-                    gaps=d.gaps,
-                    lag_ms=round(self._lag_ms, 3),
-                    dropped=dropped,
-                )
-            )
-        silent = io.loop.time() - self._last_rx
-        if silent > interval * welcome.liveness and self._probe_task is None:
-            self._probe_task = self._spawn(sockets.probe(self._ref))
-        return interval
+            with contextlib.suppress(BrokerUnavailable, ClientClosed):
+                self._send(core.heartbeat(d.received, d.gaps, self._lag_ms, dropped))
+        if tick.probe:
+            self._spawn(sockets.run_weak(weakref.WeakMethod(self._probe_once)))
+        return tick.delay
 
     async def _probe_once(self) -> None:
         """Nothing heard for a while: ask for health; no answer means the broker is gone."""
-        welcome = self._welcome
+        core = self._core
         try:
-            if welcome is None:
+            if core.welcome is None:
                 return
-            timeout = welcome.heartbeat_interval * welcome.liveness
-            reply = await self._request_once(HealthRequest, HealthReply, timeout)
+            reply = await self._request_once(HealthRequest, HealthReply, core.liveness_timeout)
         except _Reset:
             return
         except (BrokerTimeout, BrokerUnavailable):
@@ -428,47 +430,57 @@ class BrokerClient(StreamMethods):
         except BrokerError as exc:
             self._schedule_resync(f"health probe refused ({exc.code})")
         else:
-            if reply.health.epoch != self._dispatcher.epoch:
-                self._schedule_resync(f"broker restarted (epoch {reply.health.epoch})")
+            io = self._io
+            now = io.loop.time() if io is not None else 0.0
+            resync = core.probe_answered(reply.health.epoch, now)
+            if resync is not None:
+                self._schedule_resync(resync.reason)
         finally:
-            self._probe_task = None
+            core.probe_over()
 
     def _schedule_resync(self, reason: str) -> None:
         """Start recovery (once): subscribers hear ``down``, updates buffer meanwhile."""
-        if self._closed or self._io is None or self._welcome is None:
-            return
-        if self._resync_task is not None:
+        if self._io is None or not self._core.begin_resync():
             return
         self._log.warning("reconnecting to the broker", reason=reason)
-        self._welcomed.clear()
-        self._public = self._private = False
+        self._sync_up()
         self._notify("down", reason)
         self._dispatcher.suspend()
-        self._resync_task = self._spawn(sockets.resync_loop(self._ref, reason))
+        self._resync_reason = reason
+        self._resync_task = self._spawn(
+            sockets.retry_loop(weakref.WeakMethod(self._resync_attempt))
+        )
 
-    async def _resync_once(self, reason: str) -> bool:
-        """One recovery attempt: fresh DEALER, hello, re-subscribe with snapshots."""
+    async def _resync_attempt(self) -> bool | None:
+        """One recovery attempt; True when done, None when the client went away."""
+        done = await self._resync_once(self._resync_reason)
+        if done is None or done:
+            self._core.resync_done()
+            self._resync_task = None
+        return done
+
+    async def _resync_once(self, reason: str) -> bool | None:
+        """One recovery attempt: fresh DEALER and SUB, hello, re-subscribe with snapshots."""
         async with self._state_lock:
-            if self._closed or self._io is None:
-                return True
-            welcome = self._welcome
-            timeout = self.request_timeout
-            if welcome is not None:
-                timeout = min(timeout, welcome.heartbeat_interval * welcome.liveness)
+            if self._core.closed or self._io is None:
+                return None
+            timeout = self._core.recovery_timeout(self.request_timeout)
             self._dispatcher.suspend()
             self._replace_ctrl()
+            self._replace_data()
             try:
                 self._on_welcomed(await self._hello(timeout))
                 await self._resubscribe_all(timeout)
             except (BrokerError, BrokerTimeout, BrokerUnavailable, _Reset):
-                self._welcomed.clear()  # retried with backoff; "down" was already told
+                self._core.resync_failed()  # retried with backoff; "down" was already told
+                self._sync_up()
                 return False
             self._log.info("reconnected to the broker", epoch=self._dispatcher.epoch, reason=reason)
             self._notify("restored", f"reconnected after: {reason}")
             return True
 
     async def _resubscribe_all(self, limit: float) -> None:
-        specs = list(self._specs.values())
+        specs = self._core.streams.held
         snapshot: list[Envelope] = []
         failed: dict[str, BrokerError] = {}
         if specs:
@@ -498,21 +510,19 @@ class BrokerClient(StreamMethods):
             if errors:
                 self._notify("error", "; ".join(str(e) for e in errors), [sub])
 
-    def _notify(self, state: str, detail: str, subs: list[Subscription[Any]] | None = None) -> None:
-        """A status notice made by the client itself (topic ``_client/``, seq 0)."""
+    def _notify(
+        self, state: StatusState, detail: str, subs: list[Subscription[Any]] | None = None
+    ) -> None:
+        """A status notice made by the client itself, to each listening subscription."""
         now_ns = time.time_ns()
+        epoch = self._dispatcher.epoch or ""
         for sub in self._dispatcher.subscriptions if subs is None else subs:
-            if sub._on_status is None:
-                continue
-            event = StatusEvent(
-                connection=sub.connection,
-                state=state,
-                detail=detail,
-                topics=list(sub.topics),
-                timestamp=now_ns // 1_000_000,
-            )
-            epoch = self._dispatcher.epoch or ""
-            sub._status(Envelope(_CLIENT_TOPIC, 0, epoch, now_ns, "websocket", event))
+            if sub._on_status is not None:
+                sub._status(
+                    client_notice(
+                        state, detail, sub.connection, sub.topics, epoch=epoch, now_ns=now_ns
+                    )
+                )
 
     # ------------------------------------------------------------------ data plane
 
@@ -543,32 +553,18 @@ class BrokerClient(StreamMethods):
         if not n:
             return
         loop = io.loop
-        self._last_rx = loop.time()
+        self._core.heard_data(loop.time())
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH or d.received >= stop_at:  # more may wait: after other tasks ran
-            loop.call_soon(sockets.on_data_readable, self._ref)
+            self._wake_data()
         if d.status_events:
             events, d.status_events = d.status_events, []
-            self._on_status_events(events)
+            for env in events:
+                assert isinstance(env.data, StatusEvent)
+                self._core.on_status(env.data)
         if d.foreign_epoch is not None:
             self._schedule_resync(f"broker restarted (epoch {d.foreign_epoch})")
-
-    def _on_status_events(self, events: list[Envelope]) -> None:
-        """Availability follows the upstream connections' state changes."""
-        for env in events:
-            event = env.data
-            assert isinstance(event, StatusEvent)
-            available: bool | None = None
-            if event.state in _DOWN_STATES:
-                available = False
-            elif event.state in _UP_STATES:
-                available = True
-            if available is not None and self._welcomed.is_set():
-                if event.connection == "public":
-                    self._public = available
-                else:
-                    self._private = available
 
     def _sub_prefixes(self, prefixes: Iterable[str], *, subscribe: bool) -> None:
         io = self._io
@@ -580,7 +576,7 @@ class BrokerClient(StreamMethods):
             io.data.setsockopt(option, prefix.encode())
             changed = True
         if changed:
-            io.loop.call_soon(sockets.on_data_readable, self._ref)
+            self._wake_data()
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -602,7 +598,7 @@ class BrokerClient(StreamMethods):
                 return sub
             except (BrokerUnavailable, BrokerError) as exc:
                 recoverable = isinstance(exc, BrokerUnavailable) or exc.code == "unknown_client"
-                if attempt or not recoverable or self._closed:
+                if attempt or not recoverable or self._core.closed:
                     raise
                 self._schedule_resync(f"subscribe failed ({exc})")
         raise AssertionError("unreachable")  # pragma: no cover
@@ -610,14 +606,14 @@ class BrokerClient(StreamMethods):
     async def _subscribe_locked(self, sub: Subscription[Any]) -> None:
         """Clone pattern: SUB first, then Subscribe (new streams) / GetSnapshot (held ones)."""
         d = self._dispatcher
-        if not self._welcomed.is_set():
+        book = self._core.streams
+        if not self._core.up:
             raise BrokerUnavailable("the broker is unavailable (reconnecting)")
         self._sub_prefixes(d.add(sub), subscribe=True)
-        new = [s for s in sub.streams if s.topic not in self._refs]
-        held = [s for s in sub.streams if s.topic in self._refs]
+        new, held = book.split(sub.streams)
         timeout = self.request_timeout
         snapshot: list[Envelope] = []
-        topics = [self._topics[s.topic] for s in held]
+        topics = [book.topic(s) for s in held]
         try:
             # Snapshot of held streams first: if the Subscribe then fails, the broker
             # is left holding nothing new for us.
@@ -629,18 +625,14 @@ class BrokerClient(StreamMethods):
             if new:
                 ok = await self._request_once(lambda r: Subscribe(r, new), SubscribeOk, timeout)
                 snapshot.extend(ok.snapshot)
-                for spec, topic in zip(new, ok.topics, strict=False):
-                    self._specs[spec.topic] = spec
-                    self._topics[spec.topic] = topic
-                    topics.append(topic)
+                topics.extend(book.adopt(new, ok.topics))
         except BaseException as exc:
             self._sub_prefixes(d.remove(sub), subscribe=False)
             sub._close()
             if isinstance(exc, _Reset):
                 raise BrokerUnavailable("the connection to the broker was reset") from None
             raise
-        for spec in sub.streams:
-            self._refs[spec.topic] = self._refs.get(spec.topic, 0) + 1
+        book.hold(sub.streams)
         added, removed = d.retopic(sub, topics)
         self._sub_prefixes(added, subscribe=True)
         self._sub_prefixes(removed, subscribe=False)
@@ -656,16 +648,8 @@ class BrokerClient(StreamMethods):
                 return
             self._sub_prefixes(self._dispatcher.remove(sub), subscribe=False)
             sub._close()
-            release: list[StreamSpec] = []
-            for spec in sub.streams:
-                count = self._refs.get(spec.topic, 0) - 1
-                if count > 0:
-                    self._refs[spec.topic] = count
-                    continue
-                self._refs.pop(spec.topic, None)
-                self._topics.pop(spec.topic, None)
-                release.append(self._specs.pop(spec.topic, spec))
-            if not release or self._closed or not self._welcomed.is_set():
+            release = self._core.streams.release(sub.streams)
+            if not release or not self._core.up:
                 return  # a recovery re-subscribes only what is still held
             try:
                 await self._request_once(
@@ -720,11 +704,11 @@ class BrokerClient(StreamMethods):
 
     def is_public_available(self) -> bool:
         """Whether public market data flows now (Welcome, then status events). No I/O."""
-        return self._public and self._welcomed.is_set()
+        return self._core.available("public")
 
     def is_private_available(self) -> bool:
         """Whether myOrder/myAsset can flow now; False when the broker has no keys."""
-        return self._private and self._welcomed.is_set()
+        return self._core.available("private")
 
     @property
     def received(self) -> int:

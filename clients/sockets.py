@@ -1,41 +1,91 @@
-"""The client's sockets and the loop callbacks that reach it through weak references.
+"""The client's sockets, and the loop callbacks that reach the client only weakly.
 
-:class:`IO` holds what a :func:`weakref.finalize` must release (sockets, tasks, the
-dispatcher) and nothing that points back at the client, so a client dropped without
-``close()`` is still collected and its sockets closed. The module-level callbacks take
-a weak reference for the same reason: a reader registered with the loop or a
-background task never keeps a dropped client alive.
+:func:`open_dealer` and :func:`open_sub` make the two sockets with the client's trust
+settings: a random routing id of our own on the DEALER, and a bound on the size of any
+message either socket accepts (:data:`schemas.bus.MAX_MESSAGE_BYTES`). :class:`IO`
+holds what a :func:`weakref.finalize` must release (sockets, tasks, the dispatcher) and
+nothing that points back at the client, so a client dropped without ``close()`` is
+still collected and its sockets closed. The loop callbacks take weak methods for the
+same reason: a reader registered with the loop or a background task never keeps a
+dropped client alive, and this module knows nothing of the client but those methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import weakref
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
+import structlog
 import zmq
 
 from clients.dispatch import Dispatcher
-from schemas.bus import Bye, encode
-
-if TYPE_CHECKING:
-    from clients.client import BrokerClient
+from schemas.bus import MAX_MESSAGE_BYTES, Bye, encode
 
 __all__ = [
     "BYE_LINGER_MS",
     "IO",
+    "ROUTING_ID_BYTES",
     "close_ctrl",
     "heartbeat_loop",
-    "on_ctrl_readable",
-    "on_data_readable",
-    "probe",
+    "new_routing_id",
+    "on_readable",
+    "open_dealer",
+    "open_sub",
     "release",
-    "resync_loop",
+    "retry_loop",
+    "run_weak",
 ]
 
 BYE_LINGER_MS: Final = 100
 """The control socket lingers this long on close so the Bye gets out (never blocks)."""
+ROUTING_ID_BYTES: Final = 16
+"""Length of the routing id the client gives each DEALER it opens."""
+
+_log = structlog.get_logger("clients")
+
+
+def new_routing_id() -> bytes:
+    """16 random bytes, the first non-zero: libzmq's own ids start with a zero byte.
+
+    Our own unguessable id means another local process cannot predict it, and the
+    broker can tell a client's id from one libzmq made up.
+    """
+    return bytes((secrets.randbelow(255) + 1,)) + secrets.token_bytes(ROUTING_ID_BYTES - 1)
+
+
+def open_dealer(
+    ctx: zmq.Context[Any], endpoint: str, *, max_message: int = MAX_MESSAGE_BYTES
+) -> zmq.Socket[bytes]:
+    """A DEALER to the broker's control ROUTER, with a fresh random routing id."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.connect(endpoint)
+    return sock
+
+
+def open_sub(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    prefixes: list[str],
+    *,
+    hwm: int,
+    max_message: int = MAX_MESSAGE_BYTES,
+) -> zmq.Socket[bytes]:
+    """A SUB to the broker's data PUB, subscribed to ``prefixes``."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.connect(endpoint)
+    for prefix in prefixes:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    return sock
 
 
 class IO:
@@ -86,6 +136,7 @@ def release(io: IO) -> None:
 
 
 def close_ctrl(sock: zmq.Socket[bytes]) -> None:
+    """Say Bye (if it can go out at once) and close the control socket."""
     if sock.closed:
         return
     with contextlib.suppress(zmq.ZMQError):
@@ -93,54 +144,56 @@ def close_ctrl(sock: zmq.Socket[bytes]) -> None:
     sock.close(linger=BYE_LINGER_MS)
 
 
-def on_ctrl_readable(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        client._drain_control()
+def on_readable(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """Loop reader callback: drain a socket if its client still exists."""
+    drain = method()
+    if drain is not None:
+        drain()
 
 
-def on_data_readable(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        client._drain_data()
-
-
-async def heartbeat_loop(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    """Beat, watch for silence, re-arm the readers; holds the client only while working."""
+async def heartbeat_loop(tick: weakref.WeakMethod[Callable[[], float | None]]) -> None:
+    """Call ``tick`` and sleep what it returns, until it returns None or its client is gone."""
     while True:
-        client = ref()
-        if client is None or client._closed:
+        fn = tick()
+        if fn is None:
             return
         try:
-            delay = client._tick()
+            delay = fn()
         except Exception:  # a bug here must not silence the heartbeats for good
-            client._log.exception("heartbeat tick failed")
+            _log.exception("heartbeat tick failed")
             delay = 0.25
-        del client
+        del fn
+        if delay is None:
+            return
         await asyncio.sleep(delay)
 
 
-async def probe(ref: weakref.ReferenceType[BrokerClient]) -> None:
-    client = ref()
-    if client is not None:
-        await client._probe_once()
+async def run_weak(method: weakref.WeakMethod[Callable[[], Awaitable[None]]]) -> None:
+    """Run a coroutine method if its client still exists."""
+    fn = method()
+    if fn is not None:
+        await fn()
 
 
-async def resync_loop(ref: weakref.ReferenceType[BrokerClient], reason: str) -> None:
-    """Hello + re-subscribe until it works, backing off; stops if the client goes away."""
-    delay = 0.1
+async def retry_loop(
+    attempt: weakref.WeakMethod[Callable[[], Awaitable[bool | None]]],
+    *,
+    first_delay: float = 0.1,
+    max_delay: float = 2.0,
+) -> None:
+    """Await ``attempt`` until it returns True or None (give up), backing off between."""
+    delay = first_delay
     while True:
-        client = ref()
-        if client is None or client._closed:
+        fn = attempt()
+        if fn is None:
             return
         try:
-            done = await client._resync_once(reason)
+            done = await fn()
         except Exception:  # keep trying: giving up would leave the client deaf forever
-            client._log.exception("reconnect attempt crashed")
+            _log.exception("reconnect attempt crashed")
             done = False
-        if done:
-            client._resync_task = None
+        del fn
+        if done is None or done:
             return
-        del client
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+        delay = min(delay * 2, max_delay)

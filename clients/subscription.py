@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import structlog
@@ -239,6 +239,41 @@ class Subscription(Generic[T]):
             if item is not None:
                 return item
             await self._deliver_status(env)
+
+    def next_blocking(
+        self,
+        timeout: float | None = None,
+        *,
+        run_async: Callable[[Awaitable[object]], object] | None = None,
+    ) -> T:
+        """The next payload, for a consumer *thread* (what :class:`clients.SyncSubscription`
+        reads); the blocking twin of ``__anext__``.
+
+        Status events met on the way go to ``on_status`` first; the awaitable an async
+        handler returns is handed to ``run_async`` (which runs it on the client's loop).
+        Raises TimeoutError after ``timeout`` s without a payload, ClientClosed once
+        closed and drained, TypeError when this subscription has a callback.
+        """
+        queue = self._queue
+        if queue is None or not self._iterator:
+            raise TypeError("this subscription has a callback; it is not an iterator")
+        while True:
+            env = queue.get_blocking(timeout)
+            item = self._unwrap(env)
+            if item is not None:
+                return item
+            handler = self._on_status
+            if handler is None or not isinstance(env.data, StatusEvent):
+                continue
+            try:
+                result = handler(env.data)
+                if inspect.isawaitable(result):
+                    if run_async is not None:
+                        run_async(result)
+                    elif inspect.iscoroutine(result):
+                        result.close()  # no loop to run it on: never awaited, say nothing
+            except Exception as exc:
+                self._failed(exc)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "pending" if self._pending is not None else "live"

@@ -12,29 +12,31 @@ RuntimeError says so). Subscriptions without a callback are plain iterators::
             print(trade.trade_price)
 
 Dropping the client (or interpreter exit) closes it through a ``weakref.finalize``.
+Every blocking method is made from the :class:`BrokerClient` coroutine method of the
+same name (:class:`_Blocking`, :class:`_BlockingSubscribe`): one definition of each
+parameter list and docstring, no hand-written mirror.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import functools
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 from clients.client import BrokerClient
 from clients.errors import ClientClosed
-from clients.streams import StatusCallback
-from clients.subscription import DEFAULT_MAXSIZE, Subscription
-from schemas.bus import Envelope, Health, Metrics, StatusEvent, StreamSpec
-from schemas.upbit import Candle, MyAsset, MyOrder, Orderbook, Ticker, Trade
+from clients.subscription import Subscription
+from schemas.bus import Envelope, StreamSpec
 
 __all__ = ["SyncBrokerClient", "SyncSubscription"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 _STOP_TIMEOUT = 5.0
 
 
@@ -101,7 +103,7 @@ def _shutdown(runner: _LoopThread, client: BrokerClient) -> None:
 
 
 class SyncSubscription(Generic[T]):
-    """Blocking view of a :class:`clients.dispatch.Subscription`; iterable without callback."""
+    """Blocking view of a :class:`clients.Subscription`; iterable without callback."""
 
     def __init__(self, sub: Subscription[T], runner: _LoopThread) -> None:
         self._sub = sub
@@ -150,32 +152,16 @@ class SyncSubscription(Generic[T]):
     def unsubscribe(self) -> None:
         """Stop and release the streams at the broker (idempotent)."""
         if self._sub.closed or self._runner.loop.is_closed():
-            self._sub._close()
-            return
+            return  # a closed client already ended its subscriptions
         self._runner.run(self._sub.unsubscribe(), None)
 
     def get(self, timeout: float | None = None) -> T:
         """The next payload; TimeoutError after ``timeout`` s, ClientClosed once closed."""
-        queue = self._sub._queue
-        if queue is None or self._sub.needs_worker:
-            raise TypeError("this subscription has a callback; it is not an iterator")
-        while True:
-            env = queue.get_blocking(timeout)
-            item = self._sub._unwrap(env)
-            if item is not None:
-                return item
-            self._status(env.data)
+        return self._sub.next_blocking(timeout, run_async=self._run_status)
 
-    def _status(self, event: object) -> None:
-        handler = self._sub._on_status
-        if handler is None or not isinstance(event, StatusEvent):
-            return
-        try:
-            result = handler(event)
-            if inspect.isawaitable(result):
-                self._runner.run(_await(result), None)
-        except Exception as exc:
-            self._sub._failed(exc)
+    def _run_status(self, awaitable: Awaitable[object]) -> None:
+        """Run an async ``on_status`` handler's awaitable on the client's loop."""
+        self._runner.run(_await(awaitable), None)
 
     def iter(self, timeout: float | None = None) -> Iterator[T]:
         """Payloads until closed, or until ``timeout`` s pass without one."""
@@ -192,8 +178,69 @@ class SyncSubscription(Generic[T]):
         return f"<SyncSubscription {','.join(self.topics)} received={self.received}>"
 
 
-async def _await(awaitable: Any) -> None:
+async def _await(awaitable: Awaitable[object]) -> None:
     await awaitable
+
+
+class _Blocking(Generic[P, R]):
+    """A blocking method made from a :class:`BrokerClient` coroutine method.
+
+    Same parameters and docstring; the call runs on the client's loop and waits.
+    """
+
+    def __init__(self, method: Callable[Concatenate[BrokerClient, P], Coroutine[Any, Any, R]]):
+        self._method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: SyncBrokerClient, owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, obj: SyncBrokerClient | None, owner: type[Any]) -> Self | Callable[P, R]:
+        if obj is None:
+            return self
+        method = self._method
+        client = obj.client
+
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            return obj._call(method(client, *args, **kwargs))
+
+        return call
+
+
+class _BlockingSubscribe(Generic[P, T]):
+    """A blocking ``subscribe_*`` made from the :class:`BrokerClient` one.
+
+    Same parameters and docstring; returns a :class:`SyncSubscription`.
+    """
+
+    def __init__(
+        self,
+        method: Callable[Concatenate[BrokerClient, P], Coroutine[Any, Any, Subscription[T]]],
+    ):
+        self._method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(
+        self, obj: SyncBrokerClient, owner: type[Any]
+    ) -> Callable[P, SyncSubscription[T]]: ...
+    def __get__(
+        self, obj: SyncBrokerClient | None, owner: type[Any]
+    ) -> Self | Callable[P, SyncSubscription[T]]:
+        if obj is None:
+            return self
+        method = self._method
+        client = obj.client
+
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> SyncSubscription[T]:
+            return SyncSubscription(obj._call(method(client, *args, **kwargs)), obj._runner)
+
+        return call
 
 
 class SyncBrokerClient:
@@ -219,14 +266,8 @@ class SyncBrokerClient:
         return self._client
 
     def _call(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run a coroutine of the client on its loop and wait for its result."""
         return self._runner.run(coro, self._wait)
-
-    def _wrap(self, sub: Subscription[T]) -> SyncSubscription[T]:
-        return SyncSubscription(sub, self._runner)
-
-    def connect(self) -> None:
-        """Hello the broker now; raises BrokerUnavailable if none answers."""
-        self._call(self._client.connect())
 
     def close(self) -> None:
         """Bye, close sockets, stop the client thread. Idempotent."""
@@ -244,111 +285,6 @@ class SyncBrokerClient:
         """True while a broker has welcomed this client."""
         return self._client.connected
 
-    def subscribe_ticker(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Ticker], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[Ticker]:
-        """Tickers of ``codes``; see :meth:`BrokerClient.subscribe_ticker`."""
-        c = self._client
-        return self._wrap(
-            self._call(c.subscribe_ticker(codes, callback, on_status=on_status, maxsize=maxsize))
-        )
-
-    def subscribe_trade(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Trade], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[Trade]:
-        """Trades of ``codes``."""
-        c = self._client
-        return self._wrap(
-            self._call(c.subscribe_trade(codes, callback, on_status=on_status, maxsize=maxsize))
-        )
-
-    def subscribe_orderbook(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Orderbook], object] | None = None,
-        *,
-        depth: int | None = None,
-        level: float | None = None,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[Orderbook]:
-        """Orderbooks of ``codes`` at ``depth`` / ``level``."""
-        coro = self._client.subscribe_orderbook(
-            codes, callback, depth=depth, level=level, on_status=on_status, maxsize=maxsize
-        )
-        return self._wrap(self._call(coro))
-
-    def subscribe_candle(
-        self,
-        codes: str | Iterable[str],
-        callback: Callable[[Candle], object] | None = None,
-        *,
-        unit: str = "1m",
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[Candle]:
-        """Candles of ``codes`` in ``unit``."""
-        coro = self._client.subscribe_candle(
-            codes, callback, unit=unit, on_status=on_status, maxsize=maxsize
-        )
-        return self._wrap(self._call(coro))
-
-    def subscribe_my_order(
-        self,
-        codes: str | Iterable[str] | None = None,
-        callback: Callable[[MyOrder], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[MyOrder]:
-        """Your orders (every market when ``codes`` is None)."""
-        coro = self._client.subscribe_my_order(
-            codes, callback, on_status=on_status, maxsize=maxsize
-        )
-        return self._wrap(self._call(coro))
-
-    def subscribe_my_asset(
-        self,
-        callback: Callable[[MyAsset], object] | None = None,
-        *,
-        on_status: StatusCallback | None = None,
-        maxsize: int = DEFAULT_MAXSIZE,
-    ) -> SyncSubscription[MyAsset]:
-        """Your balances."""
-        coro = self._client.subscribe_my_asset(callback, on_status=on_status, maxsize=maxsize)
-        return self._wrap(self._call(coro))
-
-    def get_snapshot(
-        self,
-        type_: str,
-        codes: str | Iterable[str] | None = None,
-        *,
-        depth: int | None = None,
-        level: float | None = None,
-        unit: str | None = None,
-    ) -> list[Envelope]:
-        """Current values; see :meth:`BrokerClient.get_snapshot`."""
-        coro = self._client.get_snapshot(type_, codes, depth=depth, level=level, unit=unit)
-        return self._call(coro)
-
-    def health(self) -> Health:
-        """The broker's health."""
-        return self._call(self._client.health())
-
-    def metrics(self) -> Metrics:
-        """The broker's metrics."""
-        return self._call(self._client.metrics())
-
     def is_public_available(self) -> bool:
         """Whether public data flows now."""
         return self._client.is_public_available()
@@ -356,3 +292,14 @@ class SyncBrokerClient:
     def is_private_available(self) -> bool:
         """Whether private streams flow now (False without keys at the broker)."""
         return self._client.is_private_available()
+
+    connect = _Blocking(BrokerClient.connect)
+    get_snapshot = _Blocking(BrokerClient.get_snapshot)
+    health = _Blocking(BrokerClient.health)
+    metrics = _Blocking(BrokerClient.metrics)
+    subscribe_ticker = _BlockingSubscribe(BrokerClient.subscribe_ticker)
+    subscribe_trade = _BlockingSubscribe(BrokerClient.subscribe_trade)
+    subscribe_orderbook = _BlockingSubscribe(BrokerClient.subscribe_orderbook)
+    subscribe_candle = _BlockingSubscribe(BrokerClient.subscribe_candle)
+    subscribe_my_order = _BlockingSubscribe(BrokerClient.subscribe_my_order)
+    subscribe_my_asset = _BlockingSubscribe(BrokerClient.subscribe_my_asset)

@@ -24,10 +24,16 @@ Topic layout (the one place it is written down)::
     myOrder/KRW-BTC/                (one topic per market; "myOrder/" = all markets)
     myAsset/
     _status/public/  _status/private/                      _heartbeat/
+    _client/                        (made by the client library itself, never published)
 
 Every topic ends with ``/`` so ``ticker/KRW-ETH/`` never prefix-matches
 ``ticker/KRW-ETHW/``. Useful prefixes: ``ticker/`` (all tickers), ``myOrder/``
 (all orders), ``_status/`` (every status event).
+
+Endpoints: :func:`default_endpoints` says where the local broker listens
+(``UPBIT_BROKER_CONTROL`` / ``UPBIT_BROKER_DATA``, else ipc sockets in the per-user
+runtime directory); it only computes, creating and checking nothing (the broker
+creates and guards the directory, :mod:`broker.config`).
 
 Decoders are built once at import and reused. Malformed input raises
 :class:`schemas.errors.DecodeError` with the path of the bad field.
@@ -35,6 +41,10 @@ Decoders are built once at import and reused. Malformed input raises
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
@@ -44,9 +54,15 @@ from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
     "ALL_STREAM_TYPES",
+    "CLIENT_TOPIC",
+    "CONTROL_ENV",
+    "DATA_ENV",
+    "DEFAULT_ORDERBOOK_DEPTH",
     "HEARTBEAT_TOPIC",
+    "IPC_PATH_MAX",
     "MAX_BATCH",
     "MAX_BATCH_BYTES",
+    "MAX_MESSAGE_BYTES",
     "ORDERBOOK_DEPTHS",
     "PRIVATE_STREAM_TYPES",
     "PROTOCOL_VERSION",
@@ -60,6 +76,7 @@ __all__ = [
     "ClientMetrics",
     "ConnectionHealth",
     "DecodeError",
+    "EndpointError",
     "Envelope",
     "ErrorCode",
     "ErrorReply",
@@ -76,6 +93,7 @@ __all__ = [
     "Payload",
     "SnapshotReply",
     "StatusEvent",
+    "StatusState",
     "StreamSpec",
     "Subscribe",
     "SubscribeOk",
@@ -87,9 +105,11 @@ __all__ = [
     "decode_broker_message",
     "decode_client_message",
     "decode_envelope",
+    "default_endpoints",
     "encode",
     "format_level",
     "pack_published",
+    "runtime_dir_path",
     "split_published",
     "status_topic",
     "topic_for",
@@ -113,6 +133,17 @@ hold: ``UPBIT_BROKER_SEND_HWM`` frames of at most 8 KB (three 30-level orderbook
 tickers, sixteen trades). 8 KB is also what ZeroMQ's I/O thread writes at a time.
 """
 
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+"""Largest ZeroMQ message a bus peer accepts (``zmq.MAXMSGSIZE``), 16 MiB.
+
+A published message holds at most :data:`MAX_BATCH_BYTES` of envelopes unless one
+envelope is larger (a 30-level orderbook is a few KB); the big legitimate messages are
+control replies (a snapshot of every held stream, metrics with one row per client), a
+few MB at the very most. 16 MiB sits far above both, and a hostile or broken peer
+cannot make the reader allocate more than that for one message: ZeroMQ drops the
+connection instead.
+"""
+
 TOPIC_END: Final = b"\x00"
 """Ends the topic in a published message; topics are ASCII and never contain it."""
 
@@ -123,9 +154,14 @@ PRIVATE_STREAM_TYPES: Final[frozenset[str]] = frozenset({"myOrder", "myAsset"})
 ALL_STREAM_TYPES: Final[frozenset[str]] = PUBLIC_STREAM_TYPES | PRIVATE_STREAM_TYPES
 ORDERBOOK_DEPTHS: Final[tuple[int, ...]] = (1, 5, 15, 30)
 """Depths Upbit serves (``CODE.N``); anything else falls back to 30 upstream."""
+DEFAULT_ORDERBOOK_DEPTH: Final = 30
+"""Levels of an orderbook asked for without a depth (what Upbit sends by default)."""
 
 STATUS_TOPIC_PREFIX: Final = "_status/"
 HEARTBEAT_TOPIC: Final = "_heartbeat/"
+CLIENT_TOPIC: Final = "_client/"
+"""Topic of the status notices a client library makes itself (broker lost / restored,
+``seq`` 0); never published by the broker."""
 
 Source = Literal["websocket", "rest"]
 ConnectionName = Literal["public", "private"]
@@ -151,7 +187,7 @@ def topic_for(
             return "myOrder/"
         raise ValueError(f"stream type {type_!r} needs a market code")
     if type_ == "orderbook":
-        return f"orderbook/{code}/{depth or 30}/{format_level(level)}/"
+        return f"orderbook/{code}/{depth or DEFAULT_ORDERBOOK_DEPTH}/{format_level(level)}/"
     return f"{type_}/{code}/"
 
 
@@ -160,11 +196,77 @@ def status_topic(connection: ConnectionName) -> str:
     return f"{STATUS_TOPIC_PREFIX}{connection}/"
 
 
+# ----------------------------------------------------------------------------- endpoints
+
+CONTROL_ENV: Final = "UPBIT_BROKER_CONTROL"
+"""Environment variable naming the broker's control (ROUTER) endpoint."""
+DATA_ENV: Final = "UPBIT_BROKER_DATA"
+"""Environment variable naming the broker's data (PUB) endpoint."""
+IPC_PATH_MAX: Final = 107
+"""Longest ``ipc://`` path the kernel accepts (sun_path is 108 bytes with the NUL)."""
+_SCHEMES: Final = frozenset({"ipc", "tcp", "inproc"})
+
+
+class EndpointError(ValueError):
+    """An endpoint setting is unusable; the message names the variable."""
+
+
+def runtime_dir_path(env: Mapping[str, str]) -> Path:
+    """Where the per-user ipc sockets live; computed only, nothing is created.
+
+    ``$XDG_RUNTIME_DIR/upbit-broker``, else ``upbit-broker-<uid>`` in the temporary
+    directory (``tempfile.tempdir``, ``TMPDIR``, ``TEMP``, ``TMP``, else ``/tmp``).
+    """
+    base = env.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "upbit-broker"
+    temp = (
+        tempfile.tempdir or env.get("TMPDIR") or env.get("TEMP") or env.get("TMP") or "/tmp"  # noqa: S108
+    )
+    return Path(os.path.abspath(temp)) / f"upbit-broker-{os.getuid()}"
+
+
+def _endpoint(env: Mapping[str, str], name: str, default_file: str) -> str:
+    value = env.get(name)
+    if not value:
+        value = f"ipc://{runtime_dir_path(env) / default_file}"
+        if len(value.encode()) - len("ipc://") > IPC_PATH_MAX:
+            raise EndpointError(
+                f"{name} is unset and the default ipc path {value} is longer than "
+                f"{IPC_PATH_MAX} bytes: set {name} (or a shorter XDG_RUNTIME_DIR)"
+            )
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in _SCHEMES or not rest:
+        raise EndpointError(
+            f"{name}={value!r} is not a ZeroMQ endpoint (ipc://PATH, tcp://HOST:PORT or "
+            "inproc://NAME)"
+        )
+    if scheme == "ipc" and len(rest.encode()) > IPC_PATH_MAX:
+        raise EndpointError(
+            f"{name}: ipc path is {len(rest.encode())} bytes; the limit is {IPC_PATH_MAX}"
+        )
+    return value
+
+
+def default_endpoints(env: Mapping[str, str]) -> tuple[str, str]:
+    """``(control, data)`` endpoints of the local broker, from ``env`` or the defaults.
+
+    Pure: validates and computes, creates nothing. Raises :class:`EndpointError` (a
+    ValueError) naming the variable when a value is unusable.
+    """
+    return (
+        _endpoint(env, CONTROL_ENV, "control.sock"),
+        _endpoint(env, DATA_ENV, "data.sock"),
+    )
+
+
 class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     """One stream a client wants: a type, a market code and orderbook options.
 
     ``code`` is None for ``myAsset`` and for ``myOrder`` on every market. ``depth`` and
-    ``level`` apply to ``orderbook`` only (None means Upbit's defaults: 30 and 0).
+    ``level`` apply to ``orderbook`` only (None means Upbit's defaults:
+    :data:`DEFAULT_ORDERBOOK_DEPTH` and 0).
     """
 
     type: str
@@ -186,17 +288,46 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
 # ---------------------------------------------------------------------------- data plane
 
 
+StatusState = Literal[
+    "connecting",
+    "up",
+    "idle",
+    "down",
+    "reconnecting",
+    "restored",
+    "stale",
+    "gap",
+    "source_rest",
+    "source_websocket",
+    "error",
+    "auth_failed",
+]
+"""Every value :attr:`StatusEvent.state` takes; see :class:`StatusEvent` for each."""
+
+
 class StatusEvent(msgspec.Struct, tag="status", tag_field="type", omit_defaults=True):
     """A machine-readable event about an upstream connection or a topic.
 
-    ``state`` is one of ``up``, ``down``, ``reconnecting``, ``restored``, ``stale``,
-    ``gap`` (published on a data topic: updates may have been missed), ``source_rest``
-    and ``source_websocket`` (the topic's data now comes from REST polling / the stream
-    again), ``error`` (Upbit rejected a request).
+    ``state`` (:data:`StatusState`) is one of:
+
+    * ``connecting`` - the first connection to Upbit is being opened;
+    * ``up`` - the connection carries data (it answered a ping);
+    * ``idle`` - the connection is closed on purpose: nobody wants its streams;
+    * ``down`` - the connection was lost (or the client lost the broker); data stops;
+    * ``reconnecting`` - a connection that was up is being opened again;
+    * ``restored`` - it is back after ``reconnecting`` (or the client re-subscribed to
+      a restarted broker); streams were requested again;
+    * ``stale`` - the connection is up but a topic's data is older than it should be;
+    * ``gap`` - on a data topic: updates may have been missed before the next one;
+    * ``source_rest`` / ``source_websocket`` - the topic's data now comes from REST
+      polling / from the WebSocket stream again;
+    * ``error`` - Upbit (or the broker) rejected a request for these streams;
+    * ``auth_failed`` - Upbit refused the broker's API keys: private streams cannot
+      run until the keys are fixed.
     """
 
     connection: ConnectionName
-    state: str
+    state: StatusState
     detail: str = ""
     topics: list[str] = []
     timestamp: int = 0

@@ -420,3 +420,31 @@ def test_bus_endpoints_with_an_empty_env(tmp_path: Path, monkeypatch: pytest.Mon
     assert control.endswith("/control.sock")
     assert data.endswith("/data.sock")
     assert control != data
+
+
+def test_bus_endpoints_are_the_schemas_defaults(tmp_path: Path) -> None:
+    from schemas.bus import default_endpoints
+
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    assert bus_endpoints(env) == default_endpoints(env)
+
+
+def test_bus_endpoints_both_set_create_no_runtime_dir(tmp_path: Path) -> None:
+    env = {
+        "XDG_RUNTIME_DIR": str(tmp_path),
+        "UPBIT_BROKER_CONTROL": "inproc://c",
+        "UPBIT_BROKER_DATA": "inproc://d",
+    }
+    assert bus_endpoints(env) == ("inproc://c", "inproc://d")
+    assert not (tmp_path / "upbit-broker").exists()
+
+
+def test_bus_endpoints_refuse_a_runtime_dir_of_another_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    (tmp_path / "upbit-broker").mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(ConfigError, match="another user"):
+        bus_endpoints({"XDG_RUNTIME_DIR": str(tmp_path)})

@@ -32,6 +32,7 @@ from clients import (
     SyncBrokerClient,
 )
 from schemas.bus import (
+    MAX_MESSAGE_BYTES,
     BrokerHeartbeat,
     Bye,
     ClientMessage,
@@ -87,6 +88,8 @@ class FakeBroker:
         self.snapshots: dict[str, list[Envelope]] = {}
         self.messages: list[ClientMessage] = []
         self.known: set[bytes] = set()
+        self.hello_ids: list[bytes] = []
+        """The routing id of every hello, in order."""
         self._seq: dict[str, int] = {}
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -166,6 +169,7 @@ class FakeBroker:
     def _answer(self, identity: bytes, m: ClientMessage) -> Any:
         if isinstance(m, Hello):
             self.known.add(identity)
+            self.hello_ids.append(identity)
             return Welcome(self.epoch, 1, self.interval, 3, True, self.private)
         if isinstance(m, Bye):
             self.known.discard(identity)
@@ -347,16 +351,17 @@ async def test_a_wake_up_is_bounded_in_messages_and_the_rest_follows(
     # (fairness to the loop's other tasks), and what is left still arrives, in order.
     monkeypatch.setattr(client_module, "BATCH", 20)
     got: list[float] = []
-    await client.subscribe_ticker("KRW-BTC", lambda t: got.append(t.trade_price))
     per_wake: list[int] = []
-    drain = client._drain_data
+    drain = BrokerClient._drain_data
 
-    def counted() -> None:
+    def counted(self: BrokerClient) -> None:
         before = len(got)
-        drain()
+        drain(self)
         per_wake.append(len(got) - before)
 
-    monkeypatch.setattr(client, "_drain_data", counted)
+    # On the class, before the client opens: every wake-up (reader or rescheduled) counts.
+    monkeypatch.setattr(BrokerClient, "_drain_data", counted)
+    await client.subscribe_ticker("KRW-BTC", lambda t: got.append(t.trade_price))
     frames = []
     for first in (1, 17, 33):
         bodies = [
@@ -400,6 +405,39 @@ async def test_a_new_epoch_resubscribes_and_resnapshots_by_itself(
     assert states == ["down", "restored"]
     assert client.epoch == fake.epoch
     assert len(fake.of(Hello)) == 2
+
+
+async def test_each_dealer_has_its_own_random_routing_id(
+    fake: FakeBroker, client: BrokerClient
+) -> None:
+    await client.connect()
+    fake.restart()
+    fake.publish("_heartbeat/", BrokerHeartbeat(timestamp=2))  # new epoch: a fresh DEALER
+    await async_wait_until(lambda: len(fake.hello_ids) == 2, 5, what="hello on a new DEALER")
+    for routing_id in fake.hello_ids:
+        assert len(routing_id) == 16
+        assert routing_id[0] != 0  # libzmq's own ids start with a zero byte
+    assert fake.hello_ids[0] != fake.hello_ids[1]
+
+
+async def test_a_data_frame_over_the_bound_costs_a_resync_not_the_data_for_good(
+    fake: FakeBroker, client: BrokerClient
+) -> None:
+    got: list[float] = []
+    states: list[str] = []
+    await client.subscribe_ticker(
+        "KRW-BTC", lambda t: got.append(t.trade_price), on_status=lambda e: states.append(e.state)
+    )
+    fake.publish(T_BTC, ticker(price=1.0))
+    await async_wait_until(lambda: got == [1.0], 5)
+    # libzmq drops (and never reconnects) a PUB that sends over MAXMSGSIZE.
+    fake.send_raw([pack_published(T_BTC.encode(), b"\x00" * (MAX_MESSAGE_BYTES + 1))])
+    await async_wait_until(lambda: "restored" in states, 10, what="recovery with a fresh SUB")
+    await async_wait_until(
+        lambda: fake.publish(T_BTC, ticker(price=2.0)) and 2.0 in got, 5, what="data again"
+    )
+    assert states[:2] == ["down", "restored"]
+    assert all(price in (1.0, 2.0) for price in got)
 
 
 async def test_an_expired_client_hellos_again(fake: FakeBroker, client: BrokerClient) -> None:

@@ -761,3 +761,101 @@ def test_an_empty_or_malformed_batch_is_a_decode_error_naming_the_path() -> None
     assert str(info.value).startswith("invalid published batch: ")
     with pytest.raises(DecodeError):  # protocol 2: one bare envelope, not a batch
         decode_batch(good)
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_an_orderbook_without_depth_is_the_default_depth() -> None:
+    from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, ORDERBOOK_DEPTHS
+
+    assert DEFAULT_ORDERBOOK_DEPTH == 30
+    assert DEFAULT_ORDERBOOK_DEPTH in ORDERBOOK_DEPTHS
+    assert topic_for("orderbook", "KRW-BTC") == topic_for("orderbook", "KRW-BTC", 30)
+
+
+def test_status_state_lists_every_state_and_the_event_uses_it() -> None:
+    from typing import get_args, get_type_hints
+
+    from schemas.bus import StatusState
+
+    states = set(get_args(StatusState))
+    assert states == {
+        "connecting",
+        "up",
+        "idle",
+        "down",
+        "reconnecting",
+        "restored",
+        "stale",
+        "gap",
+        "source_rest",
+        "source_websocket",
+        "error",
+        "auth_failed",
+    }
+    assert get_type_hints(StatusEvent)["state"] == StatusState
+    doc = StatusEvent.__doc__ or ""
+    assert all(f"``{state}``" in doc for state in states)  # each one documented
+
+
+def test_a_status_event_with_an_unknown_state_does_not_decode() -> None:
+    bad = msgspec.msgpack.encode({"type": "status", "connection": "public", "state": "weird"})
+    with pytest.raises(msgspec.ValidationError, match="state"):
+        msgspec.msgpack.decode(bad, type=StatusEvent)
+
+
+def test_default_endpoints_live_in_the_runtime_dir_and_create_nothing(tmp_path: Path) -> None:
+    from schemas.bus import default_endpoints, runtime_dir_path
+
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    run = tmp_path / "upbit-broker"
+    assert runtime_dir_path(env) == run
+    assert default_endpoints(env) == (f"ipc://{run}/control.sock", f"ipc://{run}/data.sock")
+    assert not run.exists()
+
+
+def test_without_xdg_the_runtime_dir_is_per_user_in_the_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from schemas.bus import runtime_dir_path
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    expected = tmp_path / f"upbit-broker-{os.getuid()}"
+    assert runtime_dir_path({"TMPDIR": str(tmp_path)}) == expected
+    assert not expected.exists()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    assert runtime_dir_path({"TMPDIR": "/elsewhere"}).parent == tmp_path / "t"
+
+
+def test_endpoint_variables_override_the_defaults() -> None:
+    from schemas.bus import CONTROL_ENV, DATA_ENV, default_endpoints
+
+    env = {CONTROL_ENV: "tcp://127.0.0.1:5555", DATA_ENV: "inproc://data"}
+    assert (CONTROL_ENV, DATA_ENV) == ("UPBIT_BROKER_CONTROL", "UPBIT_BROKER_DATA")
+    assert default_endpoints(env) == ("tcp://127.0.0.1:5555", "inproc://data")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("UPBIT_BROKER_CONTROL", "http://x"),
+        ("UPBIT_BROKER_DATA", "ipc://"),
+        ("UPBIT_BROKER_DATA", "ipc:///" + "p" * 120),
+    ],
+)
+def test_a_bad_endpoint_is_an_error_naming_the_variable(name: str, value: str) -> None:
+    from schemas.bus import EndpointError, default_endpoints
+
+    with pytest.raises(EndpointError, match=name) as info:
+        default_endpoints({"UPBIT_BROKER_CONTROL": "inproc://c", name: value})
+    assert isinstance(info.value, ValueError)
+
+
+def test_the_message_bound_sits_far_above_a_published_batch() -> None:
+    from schemas.bus import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES
+
+    assert MAX_MESSAGE_BYTES == 16 * 1024 * 1024
+    assert MAX_MESSAGE_BYTES >= 1000 * MAX_BATCH_BYTES
