@@ -10,10 +10,18 @@ concrete objects (links, router, publisher, the broker itself) satisfy them as t
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Literal, Protocol, cast, get_args
+from typing import Protocol, cast, get_args
 
 from broker.subscriptions import UpstreamStream
-from schemas.bus import ConnectionName, Envelope, Health, Metrics, Source, StreamSpec
+from schemas.bus import (
+    ConnectionName,
+    Envelope,
+    Health,
+    Metrics,
+    Source,
+    StatusState,
+    StreamSpec,
+)
 from schemas.upbit import UpbitData
 
 __all__ = [
@@ -32,22 +40,6 @@ __all__ = [
     "status_state",
 ]
 
-# TODO(merge): import from schemas.bus
-StatusState = Literal[
-    "connecting",
-    "up",
-    "idle",
-    "down",
-    "reconnecting",
-    "restored",
-    "stale",
-    "gap",
-    "source_rest",
-    "source_websocket",
-    "error",
-    "auth_failed",
-]
-"""Every state a :class:`schemas.bus.StatusEvent` may carry."""
 
 _STATUS_STATES: frozenset[str] = frozenset(get_args(StatusState))
 

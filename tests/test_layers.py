@@ -183,14 +183,7 @@ def test_the_cycle_finder_finds_a_circle() -> None:
     [
         "schemas",
         "broker",
-        pytest.param(
-            "clients",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="clients.sockets imports clients.client under TYPE_CHECKING; "
-                "the client-core branch removes that circle",
-            ),
-        ),
+        "clients",
     ],
 )
 def test_no_import_circle_within_a_package(package: str) -> None:
@@ -206,11 +199,6 @@ def test_schemas_import_nothing_of_the_project() -> None:
     assert not bad, "schemas must stand on nothing of the project:\n" + _show(GRAPH, bad)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="clients.client still takes bus_endpoints from broker.config; "
-    "moving the endpoint defaults to schemas is another branch's work",
-)
 def test_clients_import_nothing_from_the_broker() -> None:
     bad = _violations("clients", {"broker"})
     assert not bad, "clients must not import the broker:\n" + _show(GRAPH, bad)
