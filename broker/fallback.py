@@ -34,7 +34,7 @@ from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
 from broker.reconcile import PrivateState
 from broker.rest import PRIORITY_POLL, RestClient, RestError
-from schemas.bus import PRIVATE_STREAM_TYPES
+from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES
 from schemas.errors import DecodeError
 from schemas.rest import (
     RestOrder,
@@ -127,7 +127,7 @@ class PublicFallback(_Supervisor):
             if spec.type == "ticker":
                 tickers.append(spec.code)
             elif spec.type == "orderbook":
-                books.append((spec.code, spec.level or 0.0, spec.depth or 30))
+                books.append((spec.code, spec.level or 0.0, spec.depth or DEFAULT_ORDERBOOK_DEPTH))
             elif spec.type == "trade":
                 trades.append(spec.code)
         return tickers, books, trades

@@ -14,7 +14,7 @@ from typing import cast
 
 from broker.ports import LastValues
 from broker.rest import RestClient
-from schemas.bus import Envelope, Payload, StreamSpec
+from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, Envelope, Payload, StreamSpec, topic_for
 from schemas.rest import (
     rest_accounts_to_my_asset,
     rest_candle_to_candle,
@@ -66,7 +66,9 @@ async def _fetch(rest: RestClient, spec: StreamSpec) -> list[tuple[str, Payload]
             for t in await rest.tickers([code])
         ]
     if spec.type == "orderbook" and code:
-        books = await rest.orderbooks([code], level=spec.level, count=spec.depth or 30)
+        books = await rest.orderbooks(
+            [code], level=spec.level, count=spec.depth or DEFAULT_ORDERBOOK_DEPTH
+        )
         return [
             (spec.topic, rest_orderbook_to_orderbook(b, stream_type="SNAPSHOT", now_ms=now_ms))
             for b in books
@@ -93,7 +95,7 @@ async def _fetch(rest: RestClient, spec: StreamSpec) -> list[tuple[str, Payload]
     if spec.type == "myOrder":
         orders = await rest.open_orders()
         return [
-            (f"myOrder/{o.market}/", rest_order_to_my_order(o, now_ms=now_ms))
+            (topic_for("myOrder", o.market), rest_order_to_my_order(o, now_ms=now_ms))
             for o in orders
             if code is None or o.market == code
         ]

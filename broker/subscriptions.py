@@ -29,6 +29,7 @@ import msgspec
 
 from schemas.bus import (
     ALL_STREAM_TYPES,
+    DEFAULT_ORDERBOOK_DEPTH,
     ORDERBOOK_DEPTHS,
     PRIVATE_STREAM_TYPES,
     ErrorCode,
@@ -55,7 +56,7 @@ __all__ = [
     "widen_request",
 ]
 
-DEFAULT_DEPTH: Final = 30
+DEFAULT_DEPTH: Final = DEFAULT_ORDERBOOK_DEPTH
 """Orderbook depth Upbit sends without a ``.N`` suffix."""
 PRIVATE_UNAVAILABLE_MESSAGE: Final = "private streams need UPBIT_ACCESS_KEY and UPBIT_SECRET_KEY"
 _CODE_RE: Final = re.compile(r"[A-Z0-9]+-[A-Z0-9]+")
@@ -452,7 +453,7 @@ def carries(carried: frozenset[UpstreamStream], spec: StreamSpec) -> bool:
             if (
                 stream.code == spec.code
                 and (stream.level or 0.0) == (spec.level or 0.0)
-                and (stream.depth or 30) >= (spec.depth or 30)
+                and (stream.depth or DEFAULT_DEPTH) >= (spec.depth or DEFAULT_DEPTH)
             ):
                 return True
         elif stream.code == spec.code or (spec.type == "myOrder" and stream.code is None):
