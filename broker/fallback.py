@@ -268,6 +268,14 @@ class PrivateFallback(_Supervisor):
         self._needs_reconcile = True
         if down_for < self._grace:
             return self._grace - down_for
+        if self._credentials.rejected:
+            # Not an outage REST can bridge: the same keys sign those calls. Their one
+            # try a minute (shared with the link) tells when they work again.
+            wait = self._credentials.wait(time.monotonic())
+            if wait > 0.0:
+                return wait
+            await self._sync(publish=True)
+            return self._interval
         if not self.active:
             self.active = True
             self._announcer.announce(

@@ -290,6 +290,8 @@ class UpstreamLink:
         if self.stats.connects > (0 if state == "connecting" else 1):
             event = {"connecting": "reconnecting", "up": "restored"}.get(state, state)
         self._log.info("link state", state=event, previous=previous, detail=detail)
+        if state == "up" and self._credentials is not None and self._credentials.rejected:
+            return  # connected, but with keys Upbit rejected: up once they prove good
         self._on_status(self.name, event, detail)
 
     async def _connect(self, client: WsClient) -> WebSocket | None:

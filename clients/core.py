@@ -56,7 +56,9 @@ M = TypeVar("M", bound=ClientMessage)
 
 IDLE_TICK: Final = 0.25
 """Seconds between two ticks while no broker has welcomed the client yet."""
-_DOWN_STATES: Final[frozenset[StatusState]] = frozenset({"down", "connecting", "reconnecting"})
+_DOWN_STATES: Final[frozenset[StatusState]] = frozenset(
+    {"down", "connecting", "reconnecting", "auth_failed"}
+)
 _UP_STATES: Final[frozenset[StatusState]] = frozenset(
     {"up", "idle", "restored", "source_rest", "source_websocket"}
 )
