@@ -123,10 +123,11 @@ class Child:
     """A ``python ...`` child process: own session, output logged, always reaped.
 
     stderr goes to ``logdir/stderr``; stdout lines go to ``logdir/stdout`` and to a queue
-    read by :meth:`read_line`, :meth:`first_json` and :meth:`wait_tagged`. The child gets
-    SIGTERM when the thread that started it dies (``PR_SET_PDEATHSIG``): start children
-    from the main thread. ``read_first_line`` (without ``stdin``) parses the first stdout
-    line as JSON into :attr:`first_line` (the simulator's URLs).
+    read by :meth:`read_line`, :meth:`first_json` and :meth:`wait_tagged`. Started from
+    the main thread, the child gets SIGTERM when it dies (``PR_SET_PDEATHSIG`` fires when
+    the starting *thread* ends, so children started from other threads, e.g. via
+    ``asyncio.to_thread``, go without it and rely on the atexit hook). ``read_first_line``
+    (without ``stdin``) parses the first stdout line as JSON into :attr:`first_line`.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class Child:
         _LOGDIRS.append(self.logdir)
         self._stderr: IO[bytes] = open(self.logdir / "stderr", "wb")  # noqa: SIM115
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        on_main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
             [sys.executable, *args],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -151,7 +153,7 @@ class Child:
             env=full_env,
             cwd=ROOT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, no locks
+            preexec_fn=_die_with_parent if on_main else None,  # noqa: PLW1509 - one prctl
         )
         _LIVE.append(self)
         self._lines: queue.Queue[str] = queue.Queue(_MAX_QUEUED_LINES)
