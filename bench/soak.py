@@ -211,8 +211,8 @@ def main() -> None:
     died_at = {d["at"] for d in deaths}
     for f in faults:
         per_fault[f["fault"]]["broker"].append(_outage_after(ticker_out, f["at"], horizon))
-        if f["at"] in died_at:
-            continue  # pyupbit never came back from this one (counted as a death)
+        if baseline is None or f["at"] in died_at:
+            continue  # no baseline, or pyupbit never came back (counted as a death)
         per_fault[f["fault"]]["pyupbit"].append(_outage_after(pyupbit_out, f["at"], horizon))
     warm_s = min(300.0, seconds * 0.1)
     warm = next((v for t, v in rss if t >= warm_s), rss[0][1] if rss else 0)
