@@ -28,7 +28,7 @@ def test_read_line_times_out_and_then_sees_the_end_of_output() -> None:
 
 
 def test_output_holds_stdout_and_stderr() -> None:
-    child = Child("talker", ["-c", "import sys; print('out-1'); print('err-1', file=sys.stderr)"])
+    child = Child("talker", ["-c", "import sys; print('err-1', file=sys.stderr); print('out-1')"])
     assert child.read_line() == "out-1"
     child.stop()
     output = child.output()
