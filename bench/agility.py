@@ -34,7 +34,7 @@ import uuid
 from typing import Any
 
 from bench.common import (
-    Proc,
+    Child,
     Row,
     Sim,
     _emit,
@@ -188,9 +188,9 @@ class Prober:
             await asyncio.wait(tasks, timeout=15)
 
 
-def _role(role: str, args: list[str], env: dict[str, str]) -> Proc:
+def _role(role: str, args: list[str], env: dict[str, str]) -> Child:
     """``python -m bench.agility <role> ...`` as a child process."""
-    return Proc(role, ["-m", "bench.agility", role, *args], env=env)
+    return Child(role, ["-m", "bench.agility", role, *args], env=env)
 
 
 def _max_in_window(times: list[float], width: float) -> int:
@@ -341,7 +341,7 @@ def main() -> None:
     t_start = time.monotonic()
     sim = start_sim("--rate", str(args.rate))
     broker = None
-    workers: list[Proc] = []
+    workers: list[Child] = []
     try:
         krw = sim.krw_codes(170)
         churn_codes = krw[:100]

@@ -1,16 +1,17 @@
-"""Shared plumbing of the benchmarks: processes, simulator, broker, workers, reports.
+"""What the benchmarks share beyond the process harness: workers, measurement, reports.
 
-Processes: :class:`Proc` starts ``python -m ...`` children in their own session with
-``PR_SET_PDEATHSIG`` (they die with the bench), keeps their stderr in a temp file and
-their stdout lines in a queue; :func:`reap_all` (atexit, SIGTERM) stops every one.
+Processes (children reaped whatever happens, the simulator, the broker and its readiness
+probe) come from :mod:`tests.harness`, the harness the integration tests use too; this
+module re-exports what the scripts need and adds the bench's defaults (quiet logs, JSON
+broker logs, ``--variant`` brokers).
 
 Workers (``python -m bench.common <role>``) are the measured processes: ``client`` (the
 ``clients`` library), ``ws`` (a bare websockets or aiohttp reader of the simulator),
 ``pyupbit`` (pyupbit's ``WebSocketManager`` pointed at the simulator), ``zmq-pub`` /
-``zmq-sub`` (bare pyzmq). Each prints ``READY {json}`` once streaming, starts its
-measurement window on SIGUSR1 and ends it on SIGUSR2 (or SIGTERM) by printing
-``RESULT {json}`` and exiting, so the parent reads other processes' CPU over the same
-window. Every worker also exits by itself after ``--max-seconds``.
+``zmq-sub`` (bare pyzmq), ``tap`` (a raw SUB on the broker). Each prints ``READY {json}``
+once streaming, starts its measurement window on SIGUSR1 and ends it on SIGUSR2 (or
+SIGTERM) by printing ``RESULT {json}`` and exiting, so the parent reads other processes'
+CPU over the same window. Every worker also exits by itself after ``--max-seconds``.
 """
 
 from __future__ import annotations
@@ -18,433 +19,80 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import atexit
 import contextlib
-import ctypes
 import datetime as dt
 import importlib.util
 import json
 import math
 import os
 import platform
-import queue
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import zmq
+
+from tests import harness
+from tests.harness import (
+    Broker,
+    Child,
+    Sim,
+    control_request,
+    install_signal_handlers,
+    stop_all,
+)
+
+__all__ = ["Broker", "Child", "Sim", "install_signal_handlers", "stop_all"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_CODES = 10
 """Markets per workload unless a script says otherwise."""
 
-# ---------------------------------------------------------------------------- processes
-
-_LIVE: list[Proc] = []
-_LOGDIRS: list[Path] = []
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Proc:
-    """A child process: own session, stderr in a file, stdout lines in a queue."""
-
-    def __init__(
-        self,
-        name: str,
-        args: Sequence[str],
-        env: dict[str, str] | None = None,
-        *,
-        python: bool = True,
-    ) -> None:
-        self.name = name
-        self.logdir = Path(tempfile.mkdtemp(prefix=f"bench-{name[:12]}-", dir="/tmp"))
-        _LOGDIRS.append(self.logdir)
-        self._stderr: IO[bytes] = open(self.logdir / "stderr", "wb")  # noqa: SIM115
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        argv = [sys.executable, *args] if python else list(args)
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=full_env,
-            cwd=ROOT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"out-{name}")
-        self._reader.start()
-        self._ps: Any = None
-        _LIVE.append(self)
-
-    def _read(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None
-        for raw in stdout:
-            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-        self.lines.put(None)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_tagged(self, tag: str, timeout: float) -> dict[str, Any]:
-        """The JSON after the first stdout line starting with ``tag`` (others skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                msg = f"{self.name}: no {tag} line within {timeout:g} s\n{self.tail()}"
-                raise TimeoutError(msg)
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.lines.put(None)
-                raise RuntimeError(f"{self.name} exited before {tag}\n{self.tail()}")
-            if line.startswith(tag + " "):
-                value: dict[str, Any] = json.loads(line[len(tag) + 1 :])
-                return value
-            if line.startswith("{") and tag == "":
-                return dict(json.loads(line))
-
-    def first_json(self, timeout: float) -> dict[str, Any]:
-        """The first stdout line as JSON (the simulator prints its URLs there)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{self.name}: nothing on stdout\n{self.tail()}")
-            with contextlib.suppress(queue.Empty):
-                line = self.lines.get(timeout=remaining)
-                if line is None:
-                    raise RuntimeError(f"{self.name} exited\n{self.tail()}")
-                value: dict[str, Any] = json.loads(line)
-                return value
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 5.0) -> int:
-        """SIGCONT + SIGTERM, SIGKILL after ``timeout``; always reaps."""
-        if self.alive():
-            self.signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stderr.close()
-        with contextlib.suppress(ValueError):
-            _LIVE.remove(self)
-
-    def ps(self) -> Any:
-        """The psutil.Process of this child (cached)."""
-        if self._ps is None:
-            self._ps = psutil.Process(self.proc.pid)
-        return self._ps
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the process (all threads)."""
-        return cpu_seconds(self.ps())
-
-    def rss(self) -> int:
-        """Resident set size in bytes."""
-        return int(self.ps().memory_info().rss)
-
-    def tail(self, chars: int = 3000) -> str:
-        path = self.logdir / "stderr"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return f"--- {self.name} stderr (tail) ---\n{text[-chars:]}"
-
-    def cleanup_logs(self) -> None:
-        shutil.rmtree(self.logdir, ignore_errors=True)
-
 
 def cpu_seconds(process: Any) -> float:
-    """User + system CPU seconds of a psutil.Process."""
+    """User + system CPU seconds of a psutil.Process (all threads)."""
     times = process.cpu_times()
     return float(times.user + times.system)
 
 
-def reap_all() -> None:
-    """Stop every child still running (children first, simulator last); drop their logs.
-
-    Failures print the tail of the failing child's stderr before this runs; set
-    ``BENCH_KEEP_LOGS=1`` to keep every child's log directory under /tmp.
-    """
-    for proc in reversed(list(_LIVE)):
-        with contextlib.suppress(Exception):
-            proc.stop(timeout=3.0)
-    if os.environ.get("BENCH_KEEP_LOGS") != "1":
-        for path in _LOGDIRS:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _on_term(signum: int, frame: types.FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-atexit.register(reap_all)
-
-
-def install_signal_handlers() -> None:
-    """Make SIGTERM unwind (so atexit reaps the children) like Ctrl-C does."""
-    signal.signal(signal.SIGTERM, _on_term)
-
-
-def stop_all(procs: Iterable[Proc], timeout: float = 5.0) -> None:
-    """SIGTERM all at once, then reap each (faster than one by one)."""
-    items = list(procs)
-    for p in items:
-        p.signal(signal.SIGCONT)
-        p.signal(signal.SIGTERM)
-    for p in items:
-        p.stop(timeout=timeout)
-
-
-# ---------------------------------------------------------------------------- simulator
-
-
-@dataclass
-class Sim:
-    """A running simulator and its control API."""
-
-    proc: Proc
-    urls: dict[str, Any]
-
-    def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        """POST (with a body) or GET ``/_sim/<path>``; decoded JSON."""
-        url = f"{self.urls['control']}/{path.lstrip('/')}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-    def set_rate(
-        self,
-        per_second: float | None = None,
-        firehose: bool | None = None,
-        firehose_rate: float | None = None,
-    ) -> Any:
-        body: dict[str, Any] = {}
-        if per_second is not None:
-            body["per_second"] = per_second
-        if firehose is not None:
-            body["firehose"] = firehose
-        if firehose_rate is not None:
-            body["firehose_rate"] = firehose_rate
-        return self.control("rate", body)
-
-    def stats(self) -> dict[str, Any]:
-        value: dict[str, Any] = self.control("stats")
-        return value
-
-    def connections(self, *, closed: bool = False, path: str | None = None) -> list[dict[str, Any]]:
-        raw = self.control("connections?closed=1" if closed else "connections")
-        items: list[dict[str, Any]] = raw["connections"] if isinstance(raw, dict) else raw
-        return [c for c in items if path is None or c.get("path") == path]
-
-    def codes(self, prefix: str, n: int, skip: int = 0) -> list[str]:
-        """``n`` market codes starting with ``prefix`` from the simulator's market list."""
-        with urllib.request.urlopen(f"{self.urls['rest']}/v1/market/all", timeout=30) as r:
-            markets = json.loads(r.read())
-        codes = [m["market"] for m in markets if m["market"].startswith(prefix)]
-        if len(codes) < skip + n:
-            raise ValueError(f"the simulator lists {len(codes)} {prefix} markets, need {skip + n}")
-        return codes[skip : skip + n]
-
-    def quiesce(self, timeout: float = 20.0, grace: float = 1.0) -> None:
-        """Return once no WebSocket is open; abort what is still open after ``grace`` s.
-
-        The broker keeps an idle upstream connection for 30 s after its last stream goes,
-        and the simulator keeps sending it the old streams (a firehose at full speed):
-        left alone it would load the machine during the next measurement.
-        """
-        t0 = time.monotonic()
-        quiet_since: float | None = None
-        while time.monotonic() - t0 < timeout:
-            now = time.monotonic()
-            if self.stats()["connections_open"] == 0:
-                quiet_since = quiet_since or now
-                if now - quiet_since >= 0.3:
-                    return
-            else:
-                quiet_since = None
-                if now - t0 >= grace:
-                    self.control("drop", {})
-            time.sleep(0.1)
-
-    def krw_codes(self, n: int, skip: int = 0) -> list[str]:
-        """``n`` KRW market codes (the simulator lists the well-known ones first)."""
-        return self.codes("KRW-", n, skip)
-
-    def env(self) -> dict[str, str]:
-        return {
-            "UPBIT_WS_URL": self.urls["ws"],
-            "UPBIT_WS_PRIVATE_URL": self.urls["ws_private"],
-            "UPBIT_REST_URL": self.urls["rest"],
-        }
-
-    def stop(self) -> None:
-        self.proc.stop()
-
-
-def start_sim(*extra: str, name: str = "simulator") -> Sim:
-    """``python -m simulator --port 0 ...``; waits for its URL line."""
-    proc = Proc(name, ["-m", "simulator", "--port", "0", "--log-level", "warning", *extra])
-    urls = proc.first_json(timeout=60)
-    return Sim(proc, urls)
-
-
-# ---------------------------------------------------------------------------- broker
-
-
-@dataclass
-class Broker:
-    """A running broker and the environment its clients need."""
-
-    proc: Proc
-    env: dict[str, str]
-    rundir: Path
-
-    def stop(self) -> None:
-        self.proc.stop()
-        shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def broker_env(sim: Sim, extra: dict[str, str] | None = None) -> tuple[dict[str, str], Path]:
-    """Environment for a public-only broker on private ipc endpoints (short /tmp path)."""
-    rundir = Path(tempfile.mkdtemp(prefix="ubb-", dir="/tmp"))
-    env = {
-        **sim.env(),
-        "UPBIT_BROKER_CONTROL": f"ipc://{rundir}/control",
-        "UPBIT_BROKER_DATA": f"ipc://{rundir}/data",
-        "UPBIT_BROKER_STATE_DIR": str(rundir),
-        "UPBIT_BROKER_LOG_LEVEL": "warning",
-        "UPBIT_BROKER_LOG_FORMAT": "json",
-        "UPBIT_ACCESS_KEY": "",
-        "UPBIT_SECRET_KEY": "",
-    }
-    env.update(extra or {})
-    return env, rundir
+def start_sim(*args: str, name: str = "simulator") -> Sim:
+    """The harness's simulator, quiet (warnings only): its log is not measured."""
+    return harness.start_sim(args, name=name, log_level="warning")
 
 
 def start_broker(sim: Sim, extra: dict[str, str] | None = None, *, variant: str = "") -> Broker:
-    """``python -m broker`` against ``sim`` (or a :mod:`bench.variants` variant of it)."""
+    """``python -m broker`` against ``sim`` (or a :mod:`bench.variants` variant of it).
+
+    Warnings only, as JSON; the harness's readiness probe waits for its hello.
+    """
     from bench.variants import broker_argv
 
-    env, rundir = broker_env(sim, extra)
-    args = ["-m", "broker"]
+    env = harness.broker_env(
+        sim, log_level="warning", extra={"UPBIT_BROKER_LOG_FORMAT": "json", **(extra or {})}
+    )
+    args: list[str] = ["-m", "broker"]
     if variant:  # its clients (given this env) import the variant's packages too
         args, tree_env = broker_argv(variant)
         env.update(tree_env)
-    proc = Proc(f"broker-{variant}" if variant else "broker", args, env=env)
-    broker = Broker(proc, env, rundir)
-    try:
-        wait_ready(env, proc)
-    except BaseException:
-        broker.stop()
-        raise
-    return broker
-
-
-class ProtocolMismatch(RuntimeError):
-    """The broker speaks another bus protocol (a ``--variant`` of another commit)."""
-
-
-def _request(env: dict[str, str], make: Callable[[int], Any], timeout: float = 5.0) -> Any:
-    """Hello, then one request on a fresh DEALER; returns the decoded reply."""
-    from schemas.bus import Bye, ErrorReply, Hello, Welcome, decode_broker_message, encode
-
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 100)
-    try:
-        sock.connect(env["UPBIT_BROKER_CONTROL"])
-        sock.send(encode(Hello(client_id=uuid.uuid4().hex, name="bench-probe")))
-        if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError("no welcome")
-        welcome = decode_broker_message(sock.recv())
-        if isinstance(welcome, ErrorReply) and welcome.code == "protocol_version":
-            raise ProtocolMismatch(welcome.message)
-        if not isinstance(welcome, Welcome):
-            raise RuntimeError(f"unexpected {welcome!r}")
-        sock.send(encode(make(1)))
-        if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError("no reply")
-        reply = decode_broker_message(sock.recv())
-        sock.send(encode(Bye()))
-        return reply
-    finally:
-        sock.close()
-
-
-def wait_ready(env: dict[str, str], proc: Proc | None = None, timeout: float = 30.0) -> None:
-    """Wait until the broker answers hello (and is still alive)."""
-    from schemas.bus import HealthRequest
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"broker exited\n{proc.tail()}")
-        try:
-            _request(env, HealthRequest, timeout=0.5)
-            return
-        except ProtocolMismatch:
-            return  # a --variant broker of another protocol: it answered, it is up
-        except (TimeoutError, zmq.ZMQError):
-            if time.monotonic() > deadline:
-                tail = proc.tail() if proc else ""
-                raise TimeoutError(f"broker did not answer\n{tail}") from None
+    return harness.start_broker(env, args=args, name=f"broker-{variant}" if variant else "broker")
 
 
 def broker_health(env: dict[str, str]) -> dict[str, Any]:
     """The broker's health as a plain dict."""
     from schemas.bus import HealthRequest
 
-    reply = _request(env, HealthRequest)
+    reply = control_request(env, HealthRequest)
     return dict(msgspec.to_builtins(reply.health))
 
 
@@ -452,14 +100,14 @@ def broker_metrics(env: dict[str, str]) -> dict[str, Any]:
     """The broker's metrics as a plain dict."""
     from schemas.bus import MetricsRequest
 
-    reply = _request(env, MetricsRequest)
+    reply = control_request(env, MetricsRequest)
     return dict(msgspec.to_builtins(reply.metrics))
 
 
 # ---------------------------------------------------------------------------- workers
 
 
-class Worker(Proc):
+class Worker(Child):
     """A measured worker process (``python -m bench.common <role> ...``)."""
 
     def __init__(

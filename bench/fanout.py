@@ -48,7 +48,7 @@ def _wait_connections(sim: Sim, count: int, timeout: float = 30.0) -> None:
 
 
 def _sim_sent(sim: Sim) -> int:
-    return sum(int(c["messages_sent"]) for c in sim.connections())
+    return sum(int(c["messages_sent"]) for c in sim.connections(path=None))
 
 
 def run_broker(
@@ -62,7 +62,7 @@ def run_broker(
         for w in workers:
             w.ready(180)
         time.sleep(warmup)
-        procs: dict[str, Any] = {"broker": broker.proc.ps(), "simulator": sim.proc.ps()}
+        procs: dict[str, Any] = {"broker": broker.child.ps(), "simulator": sim.child.ps()}
         procs.update({f"client{i}": w.ps() for i, w in enumerate(workers)})
         cpu = CpuWindow(procs)
         sent0 = _sim_sent(sim)
@@ -110,7 +110,7 @@ def run_pyupbit(sim: Sim, n: int, codes: str, warmup: float, seconds: float) -> 
         infos = [w.ready(180) for w in workers]
         _wait_connections(sim, 3 * n)
         time.sleep(warmup)
-        procs: dict[str, Any] = {"simulator": sim.proc.ps()}
+        procs: dict[str, Any] = {"simulator": sim.child.ps()}
         for i, (w, info) in enumerate(zip(workers, infos, strict=True)):
             procs[f"consumer{i}"] = w.ps()
             for pid in info["children"]:

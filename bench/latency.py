@@ -169,8 +169,8 @@ def main() -> None:
             time.sleep(2.0)
         cpu = CpuWindow(
             {
-                "simulator": sim.proc.ps(),
-                "broker": broker.proc.ps(),
+                "simulator": sim.child.ps(),
+                "broker": broker.child.ps(),
                 "client": client.ps(),
                 "websockets": bare.ps(),
             }

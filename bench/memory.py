@@ -35,7 +35,7 @@ import zmq
 
 from bench.common import (
     Broker,
-    Proc,
+    Child,
     Row,
     Worker,
     _emit,
@@ -143,7 +143,7 @@ def client_cycles(broker: Broker, codes: list[str], cycles: int, batch: int) -> 
     """Alternate SIGKILL and vanish batches; the broker's RSS after each expiry."""
     rng = random.Random(11)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    samples: list[dict[str, Any]] = [{"cycles": 0, "rss": broker.proc.rss()}]
+    samples: list[dict[str, Any]] = [{"cycles": 0, "rss": broker.child.rss()}]
     done = 0
     per_host = 10
     mode_counts = {"sigkill": 0, "vanish": 0}
@@ -163,7 +163,9 @@ def client_cycles(broker: Broker, codes: list[str], cycles: int, batch: int) -> 
                     seed = str(rng.randrange(1 << 30))
                     host_args = ["host", "--clients", str(k), "--codes", ",".join(codes)]
                     hosts.append(
-                        Proc("host", ["-m", "bench.memory", *host_args, "--seed", seed], broker.env)
+                        Child(
+                            "host", ["-m", "bench.memory", *host_args, "--seed", seed], broker.env
+                        )
                     )
                 for h in hosts:
                     h.wait_tagged("READY", 120)
@@ -180,7 +182,7 @@ def client_cycles(broker: Broker, codes: list[str], cycles: int, batch: int) -> 
             mode_counts[mode] += size
             done += size
             expiry.append(_wait_expired(broker.env))
-            samples.append({"cycles": done, "rss": broker.proc.rss(), "mode": mode})
+            samples.append({"cycles": done, "rss": broker.child.rss(), "mode": mode})
             print(f"     {done:5d} cycles ({mode}): broker RSS {samples[-1]['rss'] / MB:.1f} MB")
     finally:
         ctx.term()
@@ -218,7 +220,7 @@ def high_rate(broker: Broker, codes: list[str], seconds: float) -> dict[str, Any
         step = 5.0 if seconds >= 60 else 1.0
         while True:
             elapsed = time.monotonic() - t0
-            samples.append((round(elapsed, 1), broker.proc.rss()))
+            samples.append((round(elapsed, 1), broker.child.rss()))
             if elapsed >= seconds:
                 break
             time.sleep(min(step, seconds - elapsed + 0.01))

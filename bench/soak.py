@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--fault-every", type=float, default=0.0, help="seconds between faults")
     p.add_argument("--codes", type=int, default=10)
     p.add_argument("--rate", type=float, default=20.0, help="events/s per market")
+    p.add_argument("--no-pyupbit", action="store_true", help="skip the pyupbit baseline")
     args = p.parse_args()
     quick = args.quick
     seconds = (args.minutes or (2.0 if quick else 60.0)) * 60
@@ -154,7 +155,8 @@ def main() -> None:
             clients[name] = Worker("client", [*spec, *limit, "--name", name], broker.env, name)
         for w in clients.values():
             w.ready(120)
-        baseline = PyupbitBaseline(sim, all_codes, seconds + 600)
+        if not args.no_pyupbit:
+            baseline = PyupbitBaseline(sim, all_codes, seconds + 600)
         for w in clients.values():
             w.start_window()
         t0 = time.time()
@@ -165,7 +167,7 @@ def main() -> None:
         while time.time() - t0 < seconds:
             now = time.time()
             if now >= next_rss:
-                rss.append((round(now - t0, 1), broker.proc.rss()))
+                rss.append((round(now - t0, 1), broker.child.rss()))
                 next_rss = now + (10.0 if seconds > 300 else 2.0)
             if now >= next_fault and now - t0 < seconds - min(every, 60.0):
                 fault = FAULTS[i % len(FAULTS)]
@@ -178,16 +180,18 @@ def main() -> None:
                 next_fault = now + every
             if faults and now - faults[-1]["at"] > 45 and "checked" not in faults[-1]:
                 faults[-1]["checked"] = True
-                baseline.check(last_fault, faults[-1]["at"])
+                if baseline is not None:
+                    baseline.check(last_fault, faults[-1]["at"])
                 h = broker_health(broker.env)
                 health_log.append({"t": round(now - t0, 1), "public": h["public"]})
-            if not broker.proc.alive():
-                raise RuntimeError(f"broker died\n{broker.proc.tail()}")
+            if not broker.child.alive():
+                raise RuntimeError(f"broker died\n{broker.child.output(3000)}")
             time.sleep(0.5)
         final_health = broker_health(broker.env)
         for name, w in clients.items():
             results[name] = w.stop_window(60)
-        baseline.finish()
+        if baseline is not None:
+            baseline.finish()
     finally:
         for w in clients.values():
             w.stop()
@@ -207,8 +211,8 @@ def main() -> None:
     died_at = {d["at"] for d in deaths}
     for f in faults:
         per_fault[f["fault"]]["broker"].append(_outage_after(ticker_out, f["at"], horizon))
-        if f["at"] in died_at:
-            continue  # pyupbit never came back from this one (counted as a death)
+        if baseline is None or f["at"] in died_at:
+            continue  # no baseline, or pyupbit never came back (counted as a death)
         per_fault[f["fault"]]["pyupbit"].append(_outage_after(pyupbit_out, f["at"], horizon))
     warm_s = min(300.0, seconds * 0.1)
     warm = next((v for t, v in rss if t >= warm_s), rss[0][1] if rss else 0)

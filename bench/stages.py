@@ -33,7 +33,7 @@ import msgspec
 import zmq
 
 from bench.common import (
-    Proc,
+    Child,
     Row,
     base_parser,
     header,
@@ -226,7 +226,7 @@ def main() -> None:
     pub.setsockopt(zmq.SNDHWM, 1_000_000)
     endpoint = f"ipc:///tmp/bench-stages-{time.time_ns()}"
     pub.bind(endpoint)
-    sub = Proc("zmq-sub", ["-m", "bench.common", "zmq-sub", "--endpoint", endpoint])
+    sub = Child("zmq-sub", ["-m", "bench.common", "zmq-sub", "--endpoint", endpoint])
     try:
         deadline = time.monotonic() + 30
         while True:  # the SUB prints READY once its first message arrived

@@ -85,14 +85,14 @@ class Bench:
         self.sim.quiesce()
 
     def _sim_sent(self) -> int:
-        return sum(int(c["messages_sent"]) for c in self.sim.connections())
+        return sum(int(c["messages_sent"]) for c in self.sim.connections(path=None))
 
     def run(self, kind: str, workload: str, *, window: float, profile: str = "") -> dict[str, Any]:
         """Measure one path on one workload; returns the worker's result plus CPU."""
         types = WORKLOADS[workload]
         codes = ",".join(self.codes)
         common = ["--codes", codes, "--types", ",".join(types), "--max-seconds", "120"]
-        procs: dict[str, Any] = {"simulator": self.sim.proc.ps()}
+        procs: dict[str, Any] = {"simulator": self.sim.child.ps()}
         if kind in ("broker", "variant"):
             broker = self.broker if kind == "broker" else self.variant
             assert broker is not None
@@ -101,7 +101,7 @@ class Bench:
                 self.dumps[workload] = self.tmp / f"{workload}.dump"
                 args += ["--dump", str(self.dumps[workload])]
             worker = Worker("client", args, env=broker.env, name=f"client-{workload}")
-            procs["broker"] = broker.proc.ps()
+            procs["broker"] = broker.child.ps()
         elif kind in ("websockets", "aiohttp"):
             args = [*common, "--url", self.sim.urls["ws"], "--lib", kind, "--min-messages", "1000"]
             worker = Worker("ws", args, name=f"{kind}-{workload}")
@@ -120,7 +120,7 @@ class Bench:
             time.sleep(self.args.warmup)
             cpu = CpuWindow(procs)
             sent0 = self._sim_sent() if kind in ("broker", "variant") else 0
-            spy = _start_profile(self.broker.proc.pid, window, profile) if profile else None
+            spy = _start_profile(self.broker.child.pid, window, profile) if profile else None
             cpu.begin()
             worker.start_window()
             time.sleep(window)
