@@ -1,10 +1,12 @@
-"""``upbit-broker``: run the broker, or ask a running one for its health or metrics."""
+"""``upbit-broker``: run the broker, ask a running one for its health or metrics, or show
+(and clear) the Upbit bans it remembers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -26,8 +28,15 @@ def _parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=("run", "health", "metrics"),
-        help="run the broker (default), or print a running broker's health/metrics as JSON",
+        choices=("run", "health", "metrics", "ban"),
+        help="run the broker (default), print a running broker's health/metrics as JSON, "
+        "or print the Upbit bans remembered in UPBIT_BROKER_STATE_DIR as JSON",
+    )
+    parser.add_argument(
+        "--clear",
+        action="store_true",
+        help="with 'ban': forget every remembered ban (stop the broker first: a running "
+        "one keeps its bans in memory and writes them back on its next ban)",
     )
     parser.add_argument(
         "--log-format",
@@ -85,9 +94,37 @@ def _query(command: str) -> int:
     return 0
 
 
+def _ban(settings: Settings, *, clear: bool) -> int:
+    """Print the bans in force (``--clear``: forget them all first) as JSON."""
+    from broker.ratelimit import BAN_FILE, BanStore
+
+    path = settings.state_dir / BAN_FILE
+    now = time.time()
+    store = BanStore.load(path, now=now)
+    report: dict[str, object] = {"file": str(path)}
+    if clear:
+        cleared = store.clear_all()
+        if cleared or path.exists():
+            try:
+                store.save(path)
+            except OSError as exc:
+                print(f"upbit-broker ban: cannot write {path}: {exc}", file=sys.stderr)
+                return 1
+        report["cleared"] = sorted(cleared)
+    report["bans"] = {
+        kind: {"until": until, "seconds_left": round(until - now, 1)}
+        for kind, until in sorted(store.active(now).items())
+    }
+    print(msgspec.json.encode(report).decode())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``upbit-broker`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.clear and args.command != "ban":
+        parser.error("--clear goes with the ban command only")
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -96,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format or settings.log_format, args.log_level or settings.log_level)
     if args.command == "run":
         return _run(settings)
+    if args.command == "ban":
+        return _ban(settings, clear=args.clear)
     return _query(args.command)
 
 

@@ -3,9 +3,14 @@
 :func:`configure_logging` installs a processor chain whose :class:`SecretMasker` runs
 last before rendering, so every event — whatever code produced it, whatever nested
 value or exception text carries it — has API keys and JWTs replaced by ``***``. It
-masks three things: values registered with :func:`register_secret` (the configured
-keys), anything shaped like a JWT, and the values of keys whose names say secret
-(``secret``, ``token``, ``authorization``, ``password``, ``jwt``).
+masks four things: values registered with :func:`register_secret` (the configured
+keys), anything shaped like a JWT, the password of a URL (``scheme://user:***@host``),
+and the values of keys whose names say secret (``secret``, ``token``,
+``authorization``, ``password``, ``jwt``).
+
+Masking runs on text a remote party chooses (a client's name, an upstream error body),
+so its cost is linear in the text: no pattern here can backtrack over a long run of
+input once per starting position.
 """
 
 from __future__ import annotations
@@ -21,8 +26,16 @@ import structlog
 __all__ = ["SecretMasker", "configure_logging", "get_logger", "mask", "register_secret"]
 
 MASK: Final = "***"
-_JWT_RE: Final = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
-_BEARER_RE: Final = re.compile(r"(?i)(bearer\s+)\S+")
+_TOKEN_RUN_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
+"""A maximal run of JWT characters (base64url and dots): each character is read once."""
+_JWT_HEAD: Final = "eyJ"
+"""Every JWT starts so: base64url of ``{"``."""
+_JWT_MIN_FIRST: Final = len(_JWT_HEAD) + 5
+"""Shortest first segment counted as a JWT header (``eyJ`` and 5 more characters)."""
+_BEARER_RE: Final = re.compile(r"(?i)(bearer\s++)\S++")
+_URL_USERINFO_RE: Final = re.compile(r"://([^\s/?#@]*)@")
+"""The userinfo of a URL (RFC 3986: it holds no ``/ ? # @``); scanning stops at the
+first of those or a space, so each character is read at most once after a ``://``."""
 _SECRET_NAMES: Final = ("secret", "token", "authorization", "password", "jwt", "access_key")
 
 _registered: set[str] = set()
@@ -35,12 +48,51 @@ def register_secret(value: str | None) -> None:
 
 
 def mask(text: str) -> str:
-    """``text`` with registered secrets, bearer tokens and JWT-shaped strings replaced."""
+    """``text`` with registered secrets, bearer tokens, URL passwords and JWTs replaced.
+
+    Linear in ``len(text)`` whatever the text (see the module docstring).
+    """
     for secret in _registered:
         if secret in text:
             text = text.replace(secret, MASK)
+    if "://" in text:
+        text = _URL_USERINFO_RE.sub(_mask_userinfo, text)
     text = _BEARER_RE.sub(r"\1" + MASK, text)
-    return _JWT_RE.sub(MASK, text)
+    if _JWT_HEAD in text:
+        text = _TOKEN_RUN_RE.sub(_mask_jwts_in_run, text)
+    return text
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    """``://user:password@`` → ``://user:***@``; a userinfo without ``:`` is all secret."""
+    user, colon, _ = match.group(1).partition(":")
+    return f"://{user}:{MASK}@" if colon else f"://{MASK}@"
+
+
+def _mask_jwts_in_run(match: re.Match[str]) -> str:
+    """Mask the JWTs of one run of ``[A-Za-z0-9_.-]`` characters, in one pass over it.
+
+    Same result as searching ``eyJ[A-Za-z0-9_-]{5,}\\.[A-Za-z0-9_-]*\\.[A-Za-z0-9_-]*``,
+    which takes time quadratic in a long run without dots (``eyJeyJeyJ...``): a JWT
+    starts at the first ``eyJ`` of a dot-separated segment whose rest is long enough,
+    and takes that segment's rest and the next two segments whole.
+    """
+    run = match.group()
+    if "." not in run or _JWT_HEAD not in run:
+        return run
+    segments = run.split(".")
+    out: list[str] = []
+    index = 0
+    while index < len(segments):
+        segment = segments[index]
+        start = segment.find(_JWT_HEAD) if index + 2 < len(segments) else -1
+        if start >= 0 and len(segment) - start >= _JWT_MIN_FIRST:
+            out.append(segment[:start] + MASK)
+            index += 3
+        else:
+            out.append(segment)
+            index += 1
+    return ".".join(out)
 
 
 def _scrub(value: Any) -> Any:

@@ -15,6 +15,8 @@ choice, normally ``time.monotonic()``) and nothing sleeps or touches a socket. O
 * :class:`PriorityGate` — which pending REST jobs may go now, orders first.
 * :class:`Backoff` — exponential backoff with full jitter and a cap.
 * :class:`BanStore` — ``{kind: until_epoch_seconds}`` in a 0600 JSON file.
+
+Bans are capped at :data:`MAX_BAN_SECONDS` whatever a 418 body says (see there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,10 +37,14 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
+from broker.logs import get_logger
+
 __all__ = [
+    "BAN_FILE",
     "DEFAULT_BLOCK_SECONDS",
     "DEFAULT_REST_MARGIN",
     "EXCHANGE_GROUPS",
+    "MAX_BAN_SECONDS",
     "QUOTATION_GROUPS",
     "REST_BAN_PREFIX",
     "REST_GROUP_LIMITS",
@@ -52,6 +59,7 @@ __all__ = [
     "RestLimiter",
     "TokenBucket",
     "WindowLimiter",
+    "ban_seconds",
     "parse_block_seconds",
     "parse_remaining_req",
     "with_margin",
@@ -88,6 +96,15 @@ DEFAULT_REST_MARGIN: Final = 0.8
 DEFAULT_BLOCK_SECONDS: Final = 60.0
 """Ban assumed after a 418 whose block time we cannot read: long, since guessing short
 and retrying into the ban makes Upbit lengthen it."""
+MAX_BAN_SECONDS: Final = 3600.0
+"""Longest ban the broker honours, whatever a 418 body states (even ``inf``).
+
+The body is free text from the other end (or from anything in between), and a ban is
+saved across restarts: believed as stated, one odd body would stop a kind of request
+for days. Upbit's documented blocks are minutes long; after an hour the broker tries
+once, and if the ban still holds, that request's 418 arms a new one (capped again)."""
+BAN_FILE: Final = "bans.json"
+"""Name of the :class:`BanStore` file in the broker's state directory."""
 REST_BAN_PREFIX: Final = "rest:"
 """BanStore kind prefix of REST group bans (``rest:ticker``)."""
 REMAINING_ZERO_HOLD: Final = 1.0
@@ -293,7 +310,11 @@ class Backoff:
 _GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _NUMBER: Final = r"(\d+(?:\.\d+)?)"
 _DURATION_RE: Final = re.compile(
-    _NUMBER + r"\s*(milliseconds?|msecs?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h"
+    # A number starts only where no digit precedes it and is taken whole (possessive):
+    # otherwise every position of a long digit run starts a number that backtracks
+    # over the run, and a 20 KB run of digits in a 418 body took a minute to read.
+    r"(?<!\d)(\d++(?:\.\d++)?)\s*+"
+    r"(milliseconds?|msecs?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h"
     r"|시간|초|분)(?![a-z])",
     re.IGNORECASE,
 )
@@ -370,27 +391,39 @@ def _json_seconds(node: object, key: str = "") -> Iterator[float]:
         isinstance(node, int | float)
         and not isinstance(node, bool)
         and _KEYWORD_KEY_RE.search(key)
-        and math.isfinite(node)
-        and node >= 0
+        and node >= 0  # NaN and negative durations are no block time; inf is (capped)
     ):
         yield float(node)
 
 
 def parse_block_seconds(body: str) -> float | None:
-    """The block time a 418 response states, in seconds; None when it states none.
+    """The block time a 418 response states, in seconds (at most :data:`MAX_BAN_SECONDS`);
+    None when it states none.
 
     Upbit documents that the 418 body carries the block time but not its format, so
     this accepts "... 30 seconds", "block time: 30s", "1분 30초", "Retry-After: 30" and a
     JSON body holding such text or a numeric ``block``/``retry``/``wait`` field. When
     several candidates appear the longest wins. Callers fall back to
-    :data:`DEFAULT_BLOCK_SECONDS` on None (``RestLimiter.on_418`` does).
+    :data:`DEFAULT_BLOCK_SECONDS` on None (``RestLimiter.on_418`` does). Any body is
+    read in linear time, and one nested too deeply for ``json`` is read as text.
     """
     try:
-        document = json.loads(body)
-    except ValueError:
-        return _text_seconds(body)
-    candidates = list(_json_seconds(document))
-    return max(candidates) if candidates else _text_seconds(body)
+        candidates = list(_json_seconds(json.loads(body)))
+    except (ValueError, RecursionError):
+        candidates = []
+    seconds = max(candidates) if candidates else _text_seconds(body)
+    return None if seconds is None else min(seconds, MAX_BAN_SECONDS)
+
+
+def ban_seconds(block_seconds: float | None) -> float:
+    """How long to stop after a 418 stating ``block_seconds``: 1 s to :data:`MAX_BAN_SECONDS`.
+
+    None or NaN (nothing readable) means :data:`DEFAULT_BLOCK_SECONDS`; ``inf`` and
+    anything longer than the cap mean the cap; zero or negative mean one second.
+    """
+    if block_seconds is None or math.isnan(block_seconds):
+        return DEFAULT_BLOCK_SECONDS
+    return min(max(block_seconds, 1.0), MAX_BAN_SECONDS)
 
 
 # ---------------------------------------------------------------------------- REST groups
@@ -514,10 +547,10 @@ class RestLimiter:
         """Stop ``group`` and its unit peers for the stated block; returns when it ends.
 
         ``block_seconds`` None (unreadable body) means :data:`DEFAULT_BLOCK_SECONDS`; at
-        least one second is always waited. The ban is recorded in ``bans`` if given.
+        least one second and at most :data:`MAX_BAN_SECONDS` are waited
+        (:func:`ban_seconds`). The ban is recorded in ``bans`` if given.
         """
-        seconds = DEFAULT_BLOCK_SECONDS if block_seconds is None else max(block_seconds, 1.0)
-        until = now + seconds
+        until = now + ban_seconds(block_seconds)
         self.block(group, until)
         if self._bans is not None:
             self._bans.block(REST_BAN_PREFIX + group, until)
@@ -633,32 +666,50 @@ class BanStore:
     :meth:`remaining` to carry a ban to a monotonic clock. A store read with
     :meth:`load` writes itself back on every :meth:`block` that changes it: a ban is
     rare, and one forgotten in a crash gets longer when the next broker runs into it.
-    A missing or unreadable file loads as empty (worst case: one more 418, stored again).
+    A missing file loads as empty; an unreadable one too, with a warning (worst case:
+    one more 418, stored again). No ban is loaded longer than :data:`MAX_BAN_SECONDS`
+    from the time it is loaded, so a huge one in the file cannot outlive the cap.
+    ``upbit-broker ban --clear`` forgets every ban (``upbit-broker ban`` shows them).
     """
 
     def __init__(
         self, bans: Mapping[str, float] | None = None, *, path: str | os.PathLike[str] | None = None
     ) -> None:
-        self._bans: dict[str, float] = dict(bans or {})
+        self._bans: dict[str, float] = {
+            kind: float(until) for kind, until in (bans or {}).items() if math.isfinite(until)
+        }
         self.path = None if path is None else Path(path)
         """Where :meth:`block` writes through; None for a memory-only store."""
         self.save_error: OSError | None = None
         """Why the last write-through failed (the ban still holds in memory); None if it worked."""
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> BanStore:
-        """Read the store at ``path`` (empty when absent or corrupt); it writes back there."""
+    def load(cls, path: str | os.PathLike[str], *, now: float | None = None) -> BanStore:
+        """Read the store at ``path``; it writes back there.
+
+        Absent: empty. Corrupt (not JSON, not an object, a ban that is not a finite
+        number): what is unreadable is ignored with a warning. Bans ending after
+        ``now`` (default: the wall clock) + :data:`MAX_BAN_SECONDS` end then instead.
+        """
+        log = get_logger("bans", path=str(path))
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw: object = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
             raw = {}
-        bans = {
-            str(kind): float(until)
-            for kind, until in (raw.items() if isinstance(raw, dict) else ())
-            if isinstance(until, int | float)
-            and not isinstance(until, bool)
-            and math.isfinite(until)
-        }
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("ban file unreadable: ignored", error=f"{type(exc).__name__}: {exc}")
+            raw = {}
+        if not isinstance(raw, dict):
+            log.warning("ban file is not a JSON object: ignored", found=type(raw).__name__)
+            raw = {}
+        latest = (time.time() if now is None else now) + MAX_BAN_SECONDS
+        bans: dict[str, float] = {}
+        for kind, until in raw.items():
+            number = isinstance(until, int | float) and not isinstance(until, bool)
+            if number and math.isfinite(until):
+                bans[str(kind)] = min(float(until), latest)
+                continue
+            log.warning("ban entry unreadable: ignored", kind=str(kind)[:40])
         return cls(bans, path=path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -681,7 +732,10 @@ class BanStore:
 
         Returns True when the store changed. A loaded store then saves itself; a failed
         save is kept in :attr:`save_error`, not raised, so the ban still works in memory.
+        ``until`` must be finite (get the duration from :func:`ban_seconds`): ValueError.
         """
+        if not math.isfinite(until):
+            raise ValueError(f"ban of {kind!r} until {until!r}: not a finite time")
         if until <= self._bans.get(kind, -math.inf):
             return False
         self._bans[kind] = until
@@ -706,6 +760,11 @@ class BanStore:
     def clear(self, kind: str) -> None:
         """Forget the ban of ``kind`` (in memory; :meth:`save` to persist)."""
         self._bans.pop(kind, None)
+
+    def clear_all(self) -> dict[str, float]:
+        """Forget every ban (in memory; :meth:`save` to persist); returns what was there."""
+        cleared, self._bans = self._bans, {}
+        return cleared
 
     def prune(self, now: float) -> bool:
         """Drop expired bans (in memory); True when anything was dropped."""

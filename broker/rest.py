@@ -5,6 +5,13 @@ waits when the group's budget (or a ``Remaining-Req: sec=0``) says so, backs off
 429 and stops the group during a 418 block. Bodies are decoded with the REST structs of
 :mod:`schemas.rest`; a body that does not decode becomes a :class:`RestError` (never a
 crash), and authenticated calls sign a fresh JWT for each request.
+
+A :class:`RestError`'s message reaches clients (a failed snapshot), so it never carries
+an upstream body as is: an error body may echo the request, JWT and access key
+included. It says the status, Upbit's error name and message when the body has them,
+else a short excerpt, always masked (:func:`broker.logs.mask`) and bounded. Credentials
+in the configured URL (``https://user:password@host``) are dropped: Upbit's REST API
+takes none, and aiohttp refuses them next to the JWT of an exchange call.
 """
 
 from __future__ import annotations
@@ -13,19 +20,20 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 from yarl import URL
 
 from broker.exchange import Exchange
-from broker.logs import get_logger
+from broker.logs import get_logger, mask
 from broker.ratelimit import (
     BanStore,
     Priority,
     PriorityGate,
     RestJob,
     RestLimiter,
+    ban_seconds,
     parse_block_seconds,
     parse_remaining_req,
 )
@@ -53,6 +61,14 @@ PRIORITY_POLL: Final = int(Priority.QUOTATION) + 1
 
 T = TypeVar("T")
 
+ERROR_MESSAGE_LIMIT: Final = 300
+"""Longest message a :class:`RestError` carries from an error body (after masking)."""
+_EXCERPT_LIMIT: Final = 120
+"""Longest excerpt of a body that is no Upbit error envelope."""
+_MASK_WINDOW: Final = 65_536
+"""Bytes of a body masked before an excerpt is cut from it: a JWT or key that starts in
+the excerpt ends well inside, so it is masked whole, never cut into a partial leak."""
+
 _MINUTE_UNITS = {"1m": 1, "3m": 3, "5m": 5, "10m": 10, "15m": 15, "30m": 30, "60m": 60, "240m": 240}
 
 
@@ -76,6 +92,13 @@ class RestClient:
         max_wait: float = 30.0,
     ) -> None:
         self._exchange = exchange
+        self._log = get_logger("rest")
+        self._base_url = _without_credentials(exchange.rest_url)
+        if self._base_url != exchange.rest_url:
+            self._log.warning(
+                "credentials in the REST URL (UPBIT_REST_URL) are ignored: Upbit takes none",
+                url=self._base_url,
+            )
         self._limiter = RestLimiter(bans=bans)
         self._gate: PriorityGate[asyncio.Future[None]] = PriorityGate(self._limiter, reserve=1)
         self._pump_handle: asyncio.TimerHandle | None = None
@@ -84,7 +107,6 @@ class RestClient:
         self._session: aiohttp.ClientSession | None = None
         self.calls = 0
         self.failures = 0
-        self._log = get_logger("rest")
 
     @property
     def limiter(self) -> RestLimiter:
@@ -140,7 +162,7 @@ class RestClient:
         query = query_string(params) if params else ""
         # Sent as written: Upbit wants array keys' brackets unencoded (states[]=wait).
         url = URL(
-            f"{self._exchange.rest_url}{path}" + (f"?{_wire_query(params)}" if params else ""),
+            f"{self._base_url}{path}" + (f"?{_wire_query(params)}" if params else ""),
             encoded=True,
         )
         while True:
@@ -156,7 +178,9 @@ class RestClient:
                     if remaining is not None:
                         self._limiter.on_remaining(remaining[0], remaining[1], time.time())
                     status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                # ValueError: aiohttp refusing the request itself (a URL it cannot use);
+                # a RestError like any failed call, so no caller's task dies of it.
                 self.failures += 1
                 raise RestError(0, f"{method} {path} failed: {type(exc).__name__}") from None
             if status == 429:
@@ -165,7 +189,7 @@ class RestClient:
                 continue
             if status == 418:
                 self.failures += 1
-                seconds = parse_block_seconds(body.decode("utf-8", "replace")) or 60.0
+                seconds = ban_seconds(parse_block_seconds(body.decode("utf-8", "replace")))
                 self._limiter.on_418(group, time.time(), seconds)
                 raise RestError(418, f"Upbit blocked REST group {group} for {seconds:.0f} s")
             if status >= 400:
@@ -189,7 +213,7 @@ class RestClient:
             return decode_rest(body, kind)
         except DecodeError as exc:
             self.failures += 1
-            raise RestError(200, f"unexpected body from {path}: {exc}") from None
+            raise RestError(200, f"unexpected body from {path}: {_bounded(str(exc))}") from None
 
     async def get_list(
         self,
@@ -207,7 +231,7 @@ class RestClient:
             return decode_rest_list(body, kind)
         except DecodeError as exc:
             self.failures += 1
-            raise RestError(200, f"unexpected body from {path}: {exc}") from None
+            raise RestError(200, f"unexpected body from {path}: {_bounded(str(exc))}") from None
 
     # ------------------------------------------------------------- quotation
 
@@ -291,10 +315,30 @@ def _wire_query(params: Mapping[str, QueryValue]) -> str:
     return "&".join(pairs)
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part (unchanged when it has none)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _bounded(text: str, limit: int = ERROR_MESSAGE_LIMIT) -> str:
+    """``text`` masked, on one line, and cut to ``limit`` characters (masked first: a
+    secret cut in two would no longer be recognised)."""
+    flat = " ".join(mask(text[:_MASK_WINDOW]).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _error_text(body: bytes) -> str:
-    """A safe, short message from an error body (JSON envelope or plain text)."""
+    """A safe, short message from an error body: Upbit's error name and message when it
+    is an error envelope, else a short excerpt; masked and bounded either way."""
     try:
         error = decode_rest(body, RestErrorEnvelope)
-        return f"{error.error.name}: {error.error.message}"[:300]
     except DecodeError:
-        return body[:300].decode("utf-8", "replace").strip() or "no body"
+        text = body[:_MASK_WINDOW].decode("utf-8", "replace")
+        if not text.strip():
+            return "no body"
+        excerpt = _bounded(text, _EXCERPT_LIMIT)
+        return f"{excerpt} ({len(body)} bytes)" if len(body) > _EXCERPT_LIMIT else excerpt
+    return _bounded(f"{error.error.name}: {error.error.message}")

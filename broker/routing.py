@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from broker.dedupe import TradeDeduper, orderbook_fingerprint, ticker_fingerprint
 from broker.exchange import Exchange
@@ -49,7 +49,12 @@ from schemas.upbit import (
     UpbitMessage,
 )
 
-__all__ = ["DataRouter"]
+__all__ = ["TOPIC_CACHE_LIMIT", "DataRouter"]
+
+TOPIC_CACHE_LIMIT: Final = 2048
+"""Topic strings cached per stream type. Upbit lists ~700 markets, so every real code
+fits; codes are whatever upstream frames say, though, so past this the oldest entry
+goes (rebuilding it later costs one f-string) and the cache cannot grow without bound."""
 
 
 class DataRouter:
@@ -162,12 +167,25 @@ class DataRouter:
         self._routes[type(message)](message, recv_ns, source)
 
     def _topic(self, kind: str, code: str) -> str:
-        """``kind/code/``, built once per (kind, code)."""
+        """``kind/code/``, built once per (kind, code) while it stays cached.
+
+        Bounded by :data:`TOPIC_CACHE_LIMIT` per kind, oldest first out. Not an LRU
+        (a hit would have to reorder on the hot path) and not tied to subscriptions
+        (myOrder codes and stray upstream codes are no stream anyone asked for).
+        """
         topics = self._topics[kind]
         topic = topics.get(code)
         if topic is None:
+            if len(topics) >= TOPIC_CACHE_LIMIT:
+                del topics[next(iter(topics))]
             topic = topics[code] = topic_for(kind, code)
         return topic
+
+    @property
+    def cached_topics(self) -> int:
+        """Topic strings cached for (type, code) pairs, at most :data:`TOPIC_CACHE_LIMIT`
+        per type."""
+        return sum(len(topics) for topics in self._topics.values())
 
     def _route_ticker(self, ticker: Ticker, recv_ns: int, source: Source) -> None:
         self.messages += 1

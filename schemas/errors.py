@@ -6,20 +6,29 @@ Hierarchy::
      └── DecodeError            (schemas.errors; raised by every decode_* function)
            .path: str | None    JSONPath-like location of the bad field, e.g. "$.codes[2]"
 
-msgspec's own ``msgspec.DecodeError`` / ``msgspec.ValidationError`` (and the
-``UnicodeError`` it lets through for invalid UTF-8) never escape a ``schemas`` decoder:
-they are wrapped with :func:`wrap_msgspec_error`, chained as ``__cause__``. Catch
-``DecodeError`` (or ``ValueError``) and nothing else.
+msgspec's own ``msgspec.DecodeError`` / ``msgspec.ValidationError``, and what else it
+lets through on hostile input — ``UnicodeError`` for a ``str`` holding surrogates, and
+``RecursionError`` for a document nested deeper than the interpreter's recursion limit
+(``[[[[...`` ten thousand deep) — never escape a ``schemas`` decoder: decoders catch
+:data:`DECODE_FAILURES` and wrap it with :func:`wrap_msgspec_error`, chained as
+``__cause__``. Catch ``DecodeError`` (or ``ValueError``) and nothing else.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from typing import Final
 
 import msgspec
 
-__all__ = ["DecodeError", "wrap_msgspec_error"]
+__all__ = ["DECODE_FAILURES", "DecodeError", "wrap_msgspec_error"]
+
+DECODE_FAILURES: Final = (msgspec.DecodeError, UnicodeError, RecursionError)
+"""Every exception msgspec raises on hostile input (``msgspec.ValidationError`` is a
+``msgspec.DecodeError``): what a decoder catches and hands to :func:`wrap_msgspec_error`.
+RecursionError is raised, not a crash, since msgspec counts its nesting against the
+interpreter's recursion limit."""
 
 _AT: Final = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING: Final = re.compile(r"^Object missing required field `([^`]*)`")
@@ -49,7 +58,7 @@ def _rebase(path: str, at: str) -> str:
 
 
 def wrap_msgspec_error(
-    exc: msgspec.DecodeError | msgspec.ValidationError | UnicodeError,
+    exc: msgspec.DecodeError | msgspec.ValidationError | UnicodeError | RecursionError,
     what: str,
     *,
     at: str = "$",
@@ -63,6 +72,12 @@ def wrap_msgspec_error(
     """
     if isinstance(exc, UnicodeError):
         return DecodeError(f"invalid {what}: not valid UTF-8 ({exc})", path=None)
+    if isinstance(exc, RecursionError):
+        return DecodeError(
+            f"invalid {what}: nested too deeply (arrays/objects deeper than "
+            f"{sys.getrecursionlimit()} levels are refused)",
+            path=None,
+        )
     text = str(exc)
     path: str | None = None
     match = _AT.search(text)

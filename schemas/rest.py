@@ -8,7 +8,8 @@ such as ``"73249.665"`` is accepted where a number is expected, because recorder
 some fixtures stringify numbers; genuinely wrong values (``"abc"``) still fail. Exchange
 amounts (accounts, orders) are strings on the wire and decode to ``Decimal`` exactly.
 Unknown keys are ignored; fields that only some endpoints/periods/eras send are
-optional. Malformed input raises :class:`schemas.errors.DecodeError` with the path.
+optional. Malformed input raises :class:`schemas.errors.DecodeError` with the path
+(None for a body nested too deeply to decode, which msgspec reports as RecursionError).
 
 Conversions keep Upbit's data times: ``timestamp`` of a converted ticker, orderbook,
 trade or candle is the REST body's ``timestamp`` unless ``now_ms`` is given. Orders and
@@ -25,7 +26,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 from msgspec import Struct
 
-from schemas.errors import DecodeError, wrap_msgspec_error
+from schemas.errors import DECODE_FAILURES, DecodeError, wrap_msgspec_error
 from schemas.upbit import (
     CANDLE_TYPES,
     AssetBalance,
@@ -259,7 +260,7 @@ class RestError(_Rest, frozen=True):
 
 # ------------------------------------------------------------------------------ decoding
 
-_ERRORS: Final = (msgspec.DecodeError, UnicodeError)
+_ERRORS: Final = DECODE_FAILURES  # hostile nesting included: never a RecursionError out
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 

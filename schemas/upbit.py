@@ -38,7 +38,8 @@ message starts "legacy 2018 Upbit frame". The current API never sends it (PROTOC
 Errors: anything malformed raises :class:`schemas.errors.DecodeError` with ``path`` set
 to the bad field (``$.trade_price``, ``$[1].obu[0].ap`` ...): truncated JSON, invalid
 UTF-8, wrong types, missing required fields, unknown ``type``, empty list frames, list
-items that are not objects, and objects that are no Upbit message at all.
+items that are not objects, and objects that are no Upbit message at all; also frames
+nested too deeply to decode (path None), which msgspec reports as a RecursionError.
 """
 
 import functools
@@ -52,7 +53,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 import msgspec
 from msgspec import NODEFAULT, Raw, Struct
 
-from schemas.errors import DecodeError, wrap_msgspec_error
+from schemas.errors import DECODE_FAILURES, DecodeError, wrap_msgspec_error
 
 __all__ = [
     "CANDLE_TYPES",
@@ -487,7 +488,7 @@ _SIMPLE_TO_DEFAULT[_SUBSCRIPTIONS_SIMPLE] = SubscriptionList
 
 # ------------------------------------------------------------------------------ decoding
 
-_ERRORS: Final = (msgspec.DecodeError, UnicodeError)  # ValidationError is a DecodeError
+_ERRORS: Final = DECODE_FAILURES  # hostile nesting included: never a RecursionError out
 _SIMPLE_DATA: Final[Any] = functools.reduce(
     operator.or_, [cls for cls, base in _SIMPLE_TO_DEFAULT.items() if base is not SubscriptionList]
 )

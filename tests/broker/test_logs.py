@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -278,3 +280,100 @@ def test_register_secret_ignores_empty_and_tiny_values() -> None:
     assert mask("abc abc") == "abc abc"
     register_secret("abcd")
     assert mask("xabcdx") == f"x{MASK}x"
+
+
+# --------------------------------------------------------------- URL credentials, cost
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("https://user:hunter2pw@api.example.com/v1", f"https://user:{MASK}@api.example.com/v1"),
+        ("UPBIT_REST_URL=http://u:p@127.0.0.1:80", f"UPBIT_REST_URL=http://u:{MASK}@127.0.0.1:80"),
+        ("wss://tokenonly@host/ws", f"wss://{MASK}@host/ws"),
+        ("a http://x:1@h and ws://y:2@k", f"a http://x:{MASK}@h and ws://y:{MASK}@k"),
+        ("https://api.upbit.com/v1/ticker?x=1", "https://api.upbit.com/v1/ticker?x=1"),
+        ("tcp://127.0.0.1:5555 from ops@example.com", "tcp://127.0.0.1:5555 from ops@example.com"),
+    ],
+)
+def test_url_credentials_are_masked(text: str, masked: str) -> None:
+    assert mask(text) == masked
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_url_password_does_not_reach_stderr(
+    fmt: str, configure: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = configure(fmt)
+    log.info("starting", rest="https://svc:pa55w0rd-xyz@proxy.local:8443", upstream="wss://h/ws")
+    text = "\n".join(stderr_lines(capsys))
+    assert "pa55w0rd-xyz" not in text
+    assert f"svc:{MASK}@proxy.local:8443" in text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{JWT} {JWT}",
+        f"x{JWT}",
+        f"a.b.{JWT}.c.d",
+        "eyJabcde.f.g.eyJhijkl.m",
+        "eyJabcd.x.y eyJ.a.b eyJabcdefg..",
+        "eyJabcdefgh.i",
+        "A.eyJ12345678.eyJ12345678.eyJ12345678.x.y",
+    ],
+)
+def test_jwt_masking_matches_the_jwt_pattern(text: str) -> None:
+    """The linear scan masks exactly what the (slow) reference pattern matches."""
+    import re
+
+    reference = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+    assert mask(text) == reference.sub(MASK, text)
+
+
+PATHOLOGICAL: dict[str, Callable[[int], str]] = {
+    "eyJ run": lambda n: "eyJ" * (n // 3),
+    "eyJ run with dots": lambda n: ("eyJ" * 30 + ".") * (n // 91),
+    "one long header": lambda n: "eyJ" + "A" * n + ".",
+    "bearer spaces": lambda n: "Bearer" + " " * n,
+    "bearer repeated": lambda n: "bearer " * (n // 7),
+    "url schemes": lambda n: "a://" * (n // 4),
+    "url colons": lambda n: "x://" + ":" * n,
+    "url userinfo runs": lambda n: ("h://u:" + "p" * 40 + " ") * (n // 47),
+}
+
+
+def _cost(text: str, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mask(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("shape", sorted(PATHOLOGICAL))
+def test_masking_cost_is_linear_on_pathological_input(shape: str) -> None:
+    """A 120 KB client name of ``eyJ`` froze the broker for seconds: masking is linear.
+
+    Compared with a baseline in the same run (a 20 KB input of the same shape), 10x the
+    input costs 10x, far from the 100x of a quadratic scan; no absolute time bound.
+    """
+    register_secret(SECRET)
+    make = PATHOLOGICAL[shape]
+    small, large = make(20_000), make(200_000)
+    assert len(large) >= 190_000
+    baseline = _cost(small, 7)
+    ratio = math.inf
+    for _ in range(3):  # a loaded machine may stall one run: keep the best of a few
+        ratio = min(ratio, _cost(large, 1) / baseline)
+        if ratio < 25 or ratio > 100:
+            break
+    assert ratio < 25, f"{shape}: 10x the input cost {ratio:.0f}x"
+
+
+def test_a_pathological_client_name_is_masked_through_the_processor() -> None:
+    name = "eyJ" * 70_000  # 210 KB, the shape that froze the broker
+    out = SecretMasker()(None, "info", {"event": "client hello", "name": name, "n": 1})
+    assert out["name"] == name  # no JWT in it: kept as is
+    assert out["n"] == 1

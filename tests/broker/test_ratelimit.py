@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.ratelimit import (
     DEFAULT_BLOCK_SECONDS,
+    MAX_BAN_SECONDS,
     WS_MESSAGE_WINDOWS,
     Backoff,
     BanStore,
@@ -21,6 +25,7 @@ from broker.ratelimit import (
     RestLimiter,
     TokenBucket,
     WindowLimiter,
+    ban_seconds,
     parse_block_seconds,
     parse_remaining_req,
     with_margin,
@@ -211,7 +216,7 @@ def test_unreadable_remaining_req_gives_none(value: str | None) -> None:
         ("Too many requests. Blocked 2 minutes.", 120.0),
         ("1분 30초 동안 요청이 차단됩니다.", 90.0),
         ("Retry-After: 45", 45.0),
-        ("blocked for 1.5 hours", 5400.0),
+        ("blocked for 0.5 hours", 1800.0),
         ("wait 500 ms", 0.5),
         ('{"error":{"name":418,"message":"Blocked. Retry after 30 seconds."}}', 30.0),
         ('{"error":{"name":"I\'m a teapot","message":"teapot","block_seconds":600}}', 600.0),
@@ -228,6 +233,86 @@ def test_block_times_are_read_from_many_body_shapes(body: str, seconds: float) -
 )
 def test_bodies_without_a_block_time_give_none(body: str) -> None:
     assert parse_block_seconds(body) is None
+
+
+HUGE_DIGITS = "9" * 400
+"""A number float() reads as inf."""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "blocked for 2 hours",
+        f"You are blocked for {HUGE_DIGITS} seconds",
+        f"block time: {HUGE_DIGITS}",
+        '{"error":{"name":"teapot","block_seconds":1e400}}',
+        '{"error":{"name":"teapot","block_seconds":Infinity}}',
+        '{"retry_after":1e12}',
+    ],
+)
+def test_a_stated_block_beyond_the_cap_reads_as_the_cap(body: str) -> None:
+    assert parse_block_seconds(body) == MAX_BAN_SECONDS == 3600.0
+
+
+@pytest.mark.parametrize(
+    "body", ['{"block":NaN}', '{"block_seconds":-30}', '{"wait":-1e400}', "[" * 100_000]
+)
+def test_non_finite_negative_or_unreadable_json_durations_are_no_block_time(body: str) -> None:
+    seconds = parse_block_seconds(body)
+    assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+    assert 1.0 <= ban_seconds(seconds) <= MAX_BAN_SECONDS
+
+
+def test_a_deeply_nested_418_body_is_read_as_text() -> None:
+    body = '{"m":' * 100_000 + '"blocked for 30 seconds"' + "}" * 100_000
+    assert parse_block_seconds(body) == 30.0
+
+
+def _parse_cost(body: str, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        parse_block_seconds(body)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        lambda n: "1" * n,
+        lambda n: "1." * (n // 2),
+        lambda n: "1 " * (n // 2),
+        lambda n: "block " * (n // 6),
+        lambda n: "9" * n + " seconds",
+    ],
+    ids=["digits", "dotted", "spaced", "keywords", "digits-then-unit"],
+)
+def test_reading_a_418_body_is_linear(shape: Callable[[int], str]) -> None:
+    """A 20 KB run of digits took a minute to read: 10x the body now costs ~10x."""
+    baseline = _parse_cost(shape(2_000), 5)
+    ratio = math.inf
+    for _ in range(3):
+        ratio = min(ratio, _parse_cost(shape(20_000), 1) / baseline)
+        if ratio < 25 or ratio > 100:
+            break
+    assert ratio < 25, f"10x the body cost {ratio:.0f}x"
+
+
+@pytest.mark.parametrize(
+    ("stated", "seconds"),
+    [
+        (None, DEFAULT_BLOCK_SECONDS),
+        (math.nan, DEFAULT_BLOCK_SECONDS),
+        (math.inf, MAX_BAN_SECONDS),
+        (1e300, MAX_BAN_SECONDS),
+        (-5.0, 1.0),
+        (0.0, 1.0),
+        (90.0, 90.0),
+    ],
+)
+def test_ban_seconds_bounds_any_stated_block(stated: float | None, seconds: float) -> None:
+    assert ban_seconds(stated) == seconds
 
 
 # --------------------------------------------------------------------------- RestLimiter
@@ -333,6 +418,81 @@ def test_a_418_ban_survives_a_restart(tmp_path: Path) -> None:
     assert after_restart.blocked_until("ticker", 1_100.0) == 1_300.0
     assert after_restart.delay("candle", 1_100.0) == pytest.approx(200.0)
     assert after_restart.delay("ticker", 1_300.0) == 0.0
+
+
+@pytest.mark.parametrize("stated", [math.inf, 1e12, math.nan])
+def test_an_endless_418_is_stored_as_the_cap_and_ends_then(tmp_path: Path, stated: float) -> None:
+    path = tmp_path / "bans.json"
+    limiter = RestLimiter(bans=BanStore.load(path, now=1_000.0))
+    until = limiter.on_418("ticker", 1_000.0, stated)
+    expected = 1_000.0 + (DEFAULT_BLOCK_SECONDS if math.isnan(stated) else MAX_BAN_SECONDS)
+    assert until == expected
+    assert json.loads(path.read_text()) == {"rest:ticker": expected}
+    after_restart = RestLimiter(bans=BanStore.load(path, now=1_050.0))
+    assert after_restart.blocked_until("candle", 1_050.0) == expected
+    assert after_restart.try_acquire("ticker", expected)  # tried once the cap is over
+
+
+def test_a_huge_ban_in_the_file_is_loaded_as_at_most_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "bans.json"
+    path.write_text(json.dumps({"rest:ticker": 1e300, "ws-connect": 1_100.0, "old": 10.0}))
+    store = BanStore.load(path, now=1_000.0)
+    assert store.entries() == {
+        "rest:ticker": 1_000.0 + MAX_BAN_SECONDS,
+        "ws-connect": 1_100.0,
+        "old": 10.0,
+    }
+    assert store.remaining("rest:ticker", 1_000.0) == MAX_BAN_SECONDS
+
+
+def test_a_ban_store_refuses_a_time_that_is_not_finite(tmp_path: Path) -> None:
+    store = BanStore.load(tmp_path / "bans.json", now=0.0)
+    for until in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="not a finite time"):
+            store.block("ws-connect", until)
+    assert store.entries() == {}
+    assert not (tmp_path / "bans.json").exists()
+    assert BanStore({"a": math.inf, "b": 5.0}).entries() == {"b": 5.0}
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        ("not json", {}),
+        ("[1, 2]", {}),
+        ("[" * 100_000, {}),
+        ('{"ws-connect": "soon", "x": true, "rest:ticker": 1100}', {"rest:ticker": 1_100.0}),
+    ],
+    ids=["not-json", "not-an-object", "nested", "bad-entries"],
+)
+def test_a_corrupt_ban_file_is_ignored_with_a_warning(
+    tmp_path: Path, content: str, kept: dict[str, float]
+) -> None:
+    path = tmp_path / "bans.json"
+    path.write_text(content)
+    with capture_logs() as events:
+        store = BanStore.load(path, now=1_000.0)
+    assert store.entries() == kept
+    warnings = [e for e in events if e["log_level"] == "warning"]
+    assert warnings, events
+    assert all(e["path"] == str(path) for e in warnings)
+
+
+def test_a_missing_ban_file_loads_quietly(tmp_path: Path) -> None:
+    with capture_logs() as events:
+        store = BanStore.load(tmp_path / "bans.json")
+    assert store.entries() == {}
+    assert events == []
+
+
+def test_clear_all_forgets_every_ban(tmp_path: Path) -> None:
+    path = tmp_path / "bans.json"
+    store = BanStore.load(path, now=0.0)
+    store.block("ws-connect", 50.0)
+    store.block("rest:ticker", 60.0)
+    assert store.clear_all() == {"ws-connect": 50.0, "rest:ticker": 60.0}
+    store.save(path)
+    assert BanStore.load(path, now=0.0).entries() == {}
 
 
 # ------------------------------------------------------------------------------ BanStore

@@ -12,7 +12,7 @@ import zmq
 from broker.config import Settings
 from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
-from broker.routing import DataRouter
+from broker.routing import TOPIC_CACHE_LIMIT, DataRouter
 from broker.subscriptions import UpstreamStream
 from schemas.bus import Envelope, StreamSpec, decode_batch, split_published
 from schemas.upbit import (
@@ -291,3 +291,25 @@ def test_a_stream_no_longer_requested_keeps_nothing_not_even_frames_still_in_fli
     publisher.activate("trade/KRW-ETH/")
     router.claim("trade/KRW-ETH/")
     assert socket.sent == []
+
+
+def test_the_topic_cache_stays_bounded_whatever_codes_arrive() -> None:
+    """Codes are whatever upstream frames say: the cache of topic strings must not grow
+    with every distinct one, and an evicted topic still routes right."""
+    router, _, socket = make(StreamSpec("ticker", "KRW-BTC"), StreamSpec("trade", "KRW-BTC"))
+    router.on_frame(json.dumps({**TICKER, "code": "KRW-BTC"}).encode(), 10)
+    router.on_frame(json.dumps(trade("KRW-BTC", 1)).encode(), 10)
+    for n in range(3 * TOPIC_CACHE_LIMIT):
+        code = f"KRW-X{n}"
+        router.on_frame(json.dumps({**TICKER, "code": code}).encode(), 11)
+        router.on_frame(json.dumps(trade(code, n)).encode(), 11)
+        assert router.cached_topics <= 2 * TOPIC_CACHE_LIMIT
+    assert router.cached_topics >= TOPIC_CACHE_LIMIT  # still a cache, not emptied
+    router.on_frame(json.dumps({**TICKER, "code": "KRW-BTC", "trade_price": 1.0}).encode(), 12)
+    router.on_frame(json.dumps(trade("KRW-BTC", 2)).encode(), 12)
+    assert [(t, e.seq, e.recv_ns) for t, e in socket.sent] == [
+        ("ticker/KRW-BTC/", 1, 10),
+        ("trade/KRW-BTC/", 1, 10),
+        ("ticker/KRW-BTC/", 2, 12),
+        ("trade/KRW-BTC/", 2, 12),
+    ]

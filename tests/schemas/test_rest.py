@@ -371,3 +371,29 @@ def test_accounts_conversion() -> None:
     ]
     assert (asset.asset_uuid, asset.asset_timestamp, asset.timestamp) == (None, 42, 42)
     assert decode_frame(encode(asset)) == [asset]
+
+
+@pytest.mark.parametrize("depth", [10_000, 100_000])
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda d: b"[" * d + b"]" * d,
+        lambda d: b'{"a":' * d + b"1" + b"}" * d,
+        lambda d: TICKER[:-2] + b',"extra":' + b"[" * d + b"]" * d + b"}]",
+    ],
+    ids=["arrays", "objects", "in-a-field"],
+)
+@pytest.mark.parametrize("kind", [RestTicker, RestOrder, RestError, RestMarket])
+def test_deeply_nested_bodies_are_decode_errors(depth: int, body: Any, kind: type[Any]) -> None:
+    """A REST body nested 10,000 deep raised RecursionError, past every handler."""
+    data: bytes = body(depth)
+    for decode in (decode_rest_list, decode_rest):
+        with pytest.raises(DecodeError) as info:
+            decode(data, kind)
+        if "nested too deeply" in str(info.value):
+            assert info.value.path is None
+            assert isinstance(info.value.__cause__, RecursionError)
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode_rest(b'{"a":' * depth + b"1" + b"}" * depth, kind)
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode_rest_list(b"[" + b'{"a":' * depth + b"1" + b"}" * depth + b"]", kind)

@@ -631,3 +631,32 @@ def test_legacy_2018_frames_are_rejected_with_reason() -> None:
     error = _error(dumps(legacy_simple))
     assert error.path == "$.mk"
     assert "legacy 2018" in str(error)
+
+
+def _nested(depth: int, shape: str) -> bytes:
+    """A frame ``depth`` arrays/objects deep, alone or inside an otherwise good frame."""
+    arrays = b"[" * depth + b"]" * depth
+    objects = b'{"a":' * depth + b"1" + b"}" * depth
+    good = dumps(TICKER)
+    return {
+        "arrays": arrays,
+        "objects": objects,
+        "in-a-field": good[:-1] + b',"extra":' + arrays + b"}",
+        "in-a-list-item": b"[" + good + b"," + good[:-1] + b',"x":' + objects + b"}]",
+        "status-field": b'{"status":' + arrays + b"}",
+    }[shape]
+
+
+@pytest.mark.parametrize("depth", [10_000, 100_000])
+@pytest.mark.parametrize(
+    "shape", ["arrays", "objects", "in-a-field", "in-a-list-item", "status-field"]
+)
+@pytest.mark.parametrize("as_str", [False, True], ids=["bytes", "str"])
+def test_deeply_nested_frames_are_decode_errors(depth: int, shape: str, as_str: bool) -> None:
+    """One hostile frame must not end the broker: RecursionError becomes a DecodeError."""
+    frame = _nested(depth, shape)
+    error = _error(frame.decode() if as_str else frame)
+    assert "nested too deeply" in str(error)
+    assert error.path is None
+    assert isinstance(error.__cause__, RecursionError)
+    assert decode_frame(dumps(TICKER)) == decode_frame(dumps(TICKER).decode())  # still works
