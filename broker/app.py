@@ -41,7 +41,7 @@ from broker.logs import get_logger
 from broker.ports import LinkWatcher, StatusState, status_state
 from broker.publisher import Publisher
 from broker.quotas import MAX_REQUEST_BYTES, REPLY_QUEUE
-from broker.ratelimit import BanStore
+from broker.ratelimit import BAN_FILE, BanStore
 from broker.rest import RestClient, RestError
 from broker.routing import DataRouter
 from broker.snapshots import Snapshots
@@ -103,7 +103,7 @@ class Broker:
         self.markets_loaded = asyncio.Event()
         self.rate = RateMeter(time.monotonic())
         self._log = get_logger("broker", epoch=self.epoch)
-        self._bans = BanStore.load(settings.state_dir / "bans.json")
+        self._bans = BanStore.load(settings.state_dir / BAN_FILE)
         self._gate = ConnectGate(self._bans)
         self.rest = RestClient(self.exchange, bans=self._bans)
         self._ctx = zmq.asyncio.Context()

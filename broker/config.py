@@ -127,12 +127,24 @@ def bus_endpoints(env: Mapping[str, str] | None = None) -> tuple[str, str]:
     return endpoints
 
 
+def _masked_url(value: str) -> str:
+    """``value`` with anything before an ``@`` in its authority hidden."""
+    scheme, sep, rest = value.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return value
+
+
 def _url(env: Mapping[str, str], name: str, default: str, schemes: set[str]) -> str:
     value = env.get(name) or default
     parts = urlsplit(value)
     if parts.scheme not in schemes or not parts.hostname:
         wanted = " or ".join(sorted(f"{s}://" for s in schemes))
-        raise ConfigError(f"{name}={value!r} is not a {wanted} URL")
+        raise ConfigError(f"{name}={_masked_url(value)!r} is not a {wanted} URL")
+    if parts.username is not None or parts.password is not None:
+        # The broker signs its own requests; credentials in the URL would be sent (and
+        # logged) beside them. Never echo them back.
+        raise ConfigError(f"{name} must not carry credentials (user:password@host)")
     return value.rstrip("/")
 
 

@@ -31,7 +31,14 @@ from aiohttp import WSMsgType
 from broker.credentials import Credentials
 from broker.exchange import Exchange
 from broker.logs import get_logger
-from broker.ratelimit import Backoff, BanStore, Window, WindowLimiter, parse_block_seconds
+from broker.ratelimit import (
+    Backoff,
+    BanStore,
+    Window,
+    WindowLimiter,
+    ban_seconds,
+    parse_block_seconds,
+)
 from broker.request_policy import (
     MESSAGE_LIMITS,
     Carried,
@@ -307,7 +314,7 @@ class UpstreamLink:
             if exc.status == 401 and self._credentials is not None:
                 self._keys_rejected(f"HTTP 401 on the private WebSocket upgrade ({exc.status})")
             if exc.status == 418:
-                self._gate.on_banned(parse_block_seconds(exc.body) or 60.0)
+                self._gate.on_banned(ban_seconds(parse_block_seconds(exc.body)))
             return None
         except ConnectFailed as exc:
             self._log.warning("connect failed", detail=str(exc))

@@ -49,7 +49,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from schemas.errors import DecodeError, wrap_msgspec_error
+from schemas.errors import DECODE_FAILURES, DecodeError, wrap_msgspec_error
 from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
@@ -600,7 +600,7 @@ def decode_client_message(data: bytes) -> ClientMessage:
     """Decode what a client sent to the broker; raises DecodeError on bad input."""
     try:
         return _client_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_FAILURES as exc:
         raise wrap_msgspec_error(exc, "client message") from None
 
 
@@ -608,7 +608,7 @@ def decode_broker_message(data: bytes) -> BrokerMessage:
     """Decode what the broker sent to a client; raises DecodeError on bad input."""
     try:
         return _broker_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_FAILURES as exc:
         raise wrap_msgspec_error(exc, "broker message") from None
 
 
@@ -643,7 +643,7 @@ def decode_batch(data: bytes | memoryview) -> list[Envelope]:
     """
     try:
         batch = _batch_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_FAILURES as exc:
         raise wrap_msgspec_error(exc, "published batch") from None
     if not batch:
         raise DecodeError("published batch without envelopes", path="$")
@@ -654,5 +654,5 @@ def decode_envelope(data: bytes | memoryview) -> Envelope:
     """Decode one encoded :class:`Envelope` (a snapshot item, a batch element)."""
     try:
         return _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_FAILURES as exc:
         raise wrap_msgspec_error(exc, "envelope") from None

@@ -448,3 +448,18 @@ def test_bus_endpoints_refuse_a_runtime_dir_of_another_user(
     monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
     with pytest.raises(ConfigError, match="another user"):
         bus_endpoints({"XDG_RUNTIME_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize("name", ["UPBIT_REST_URL", "UPBIT_WS_URL", "UPBIT_WS_PRIVATE_URL"])
+def test_a_url_with_credentials_is_refused_without_echoing_them(name: str) -> None:
+    scheme = "https" if name == "UPBIT_REST_URL" else "wss"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: f"{scheme}://user:hunter2@api.example/"})
+    assert name in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_bad_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"UPBIT_REST_URL": "ftp://user:hunter2@api.example/"})
+    assert "hunter2" not in str(info.value)

@@ -859,3 +859,11 @@ def test_the_message_bound_sits_far_above_a_published_batch() -> None:
 
     assert MAX_MESSAGE_BYTES == 16 * 1024 * 1024
     assert MAX_MESSAGE_BYTES >= 1000 * MAX_BATCH_BYTES
+
+
+def test_a_deeply_nested_client_message_is_a_decode_error() -> None:
+    for bomb in (b"\x81\xa1a" * 10_000 + b"\xc0", b"\x91" * 100_000 + b"\xc0"):
+        with pytest.raises(DecodeError):
+            decode_client_message(bomb)
+        with pytest.raises(DecodeError):
+            decode_broker_message(bomb)
