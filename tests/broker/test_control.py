@@ -127,17 +127,7 @@ def broker() -> FakeBroker:
 
 @pytest.fixture
 def control(broker: FakeBroker) -> ControlServer:
-    return ControlServer(
-        clients=broker.clients,
-        subscriptions=broker,
-        markets=broker,
-        snapshots=broker,
-        status=broker,
-        epoch="e1",
-        heartbeat_interval=0.5,
-        liveness=3,
-        private_enabled=False,
-    )
+    return quota_control(broker, Quotas())
 
 
 def ask(control: ControlServer, identity: bytes, message: ClientMessage, now: float = 1.0) -> Reply:
@@ -350,6 +340,7 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
 
 
 def quota_control(broker: FakeBroker, quotas: Quotas) -> ControlServer:
+    """A control server over ``broker`` with ``quotas``."""
     return ControlServer(
         clients=broker.clients,
         subscriptions=broker,
