@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
 
-from broker.config import ConfigError, Settings
+from broker.config import ConfigError, Settings, check_ipc
 from broker.control import ControlServer
 from broker.credentials import Credentials
 from broker.exchange import Exchange, UpbitExchange
@@ -36,6 +37,7 @@ from broker.fallback import PrivateFallback, PublicFallback
 from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
 from broker.health import RateMeter, compute_health, compute_metrics
 from broker.instance import InstanceLock
+from broker.keys import serve_curve
 from broker.liveness import ClientTable
 from broker.logs import get_logger
 from broker.ports import LinkWatcher, StatusState, status_state
@@ -49,6 +51,8 @@ from broker.subscriptions import SubscriptionState, UpstreamStream, carries
 from broker.topics import TopicLifecycle, TopicPlan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import (
+    CONTROL_ENV,
+    DATA_ENV,
     HEARTBEAT_TOPIC,
     Health,
     Metrics,
@@ -57,6 +61,7 @@ from schemas.bus import (
     StreamSpec,
     status_topic,
 )
+from schemas.trust import is_tcp
 from schemas.upbit import UpbitData
 
 __all__ = ["Broker", "BrokerFailed"]
@@ -109,6 +114,8 @@ class Broker:
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._router = self._ctx.socket(zmq.ROUTER)
+        self._auth: ThreadAuthenticator | None = None
+        """The CURVE authenticator (a thread) while the bus is bound with CURVE."""
         self.publisher = Publisher(zmq.Socket.shadow(self._pub.underlying), self.epoch)
         self.links: dict[ConnectionName, UpstreamLink] = {}
         self.credentials = Credentials()
@@ -224,11 +231,15 @@ class Broker:
             self.publisher.flush()
             self._pub.close(linger=0)
             self._router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
             self._lock.release()
             self._log.info("broker stopped")
 
     def _bind(self) -> None:
+        """Bind the bus inside the trust boundary: ipc paths checked before and after
+        binding (:mod:`schemas.trust`), tcp sockets as CURVE servers (or public only)."""
         for sock in (self._pub, self._router):
             sock.setsockopt(zmq.LINGER, 0)
         # Per subscriber: past it, that subscriber loses messages (and sees the gap in
@@ -240,8 +251,25 @@ class Broker:
         # the broker reads a byte of it (broker.quotas).
         self._router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
         self._router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self._pub.bind(self.settings.data_endpoint)
-        self._router.bind(self.settings.control_endpoint)
+        bus = (
+            (self._pub, DATA_ENV, self.settings.data_endpoint),
+            (self._router, CONTROL_ENV, self.settings.control_endpoint),
+        )
+        tcp = [sock for sock, _, endpoint in bus if is_tcp(endpoint)]
+        if tcp and self.settings.curve:
+            # Before binding: no peer may connect before the ZAP handler stands.
+            self._auth = serve_curve(self._ctx, self.settings.curve_layout, tcp)
+        elif tcp and self.settings.public_only:
+            self._log.warning(
+                "tcp bus without CURVE: anyone who reaches it may read it and talk to it; "
+                "serving public data only, private streams are off"
+            )
+        elif tcp:
+            raise ConfigError("a tcp endpoint needs CURVE keys or the public-only switch")
+        for sock, name, endpoint in bus:
+            check_ipc(name, endpoint)  # the directory may be new since the settings were read
+            sock.bind(endpoint)
+            check_ipc(name, endpoint)  # and the socket file is ours
 
     # ------------------------------------------------------------------ state changes
 

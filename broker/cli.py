@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upbit-broker",
         description="Share one Upbit connection with every process on this machine. "
-        "Configuration comes from UPBIT_* environment variables (see README).",
+        "Configuration comes from UPBIT_* environment variables (see README). "
+        "CURVE keys for tcp endpoints: upbit-broker keys --help.",
     )
     parser.add_argument(
         "command",
@@ -121,6 +122,11 @@ def _ban(settings: Settings, *, clear: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``upbit-broker`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["keys"]:  # before Settings: a tcp endpoint needs the keys made first
+        from broker.keys import main as keys_main
+
+        return keys_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.clear and args.command != "ban":

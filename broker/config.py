@@ -10,6 +10,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_SECRET_KEY        (absent: public streams only)
     UPBIT_BROKER_CONTROL    ipc://<runtime dir>/control.sock   ROUTER, clients send requests
     UPBIT_BROKER_DATA       ipc://<runtime dir>/data.sock      PUB, clients receive data
+    UPBIT_BROKER_CURVE_DIR  $XDG_CONFIG_HOME/upbit-broker/curve  CURVE keys for tcp endpoints
+    UPBIT_BROKER_TCP_PUBLIC_ONLY 0   1: tcp without CURVE, public data only (no private)
     UPBIT_BROKER_HEARTBEAT  1.0      seconds between client heartbeats
     UPBIT_BROKER_LIVENESS   3        missed heartbeats before a client is expired
     UPBIT_BROKER_STATE_DIR  <runtime dir>   where the broker remembers an Upbit ban
@@ -23,12 +25,16 @@ library (which only reads the two bus endpoints, never the keys)::
 
 The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
 ``/tmp/upbit-broker-<uid>`` (:func:`schemas.bus.runtime_dir_path`, which the clients
-share), created here with mode 0700 so only this user reaches the sockets. A bad value
-fails at start with :class:`ConfigError` naming the variable.
+share), created here with mode 0700 so only this user reaches the sockets. Every ipc
+endpoint passes :func:`schemas.trust.ipc_problem`; a tcp endpoint needs the CURVE
+server certificate in the curve directory (:class:`CurveLayout`, made by
+``upbit-broker keys init``) or the explicit public-only switch. A bad value fails at
+start with :class:`ConfigError` naming the variable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -46,13 +52,19 @@ from schemas.bus import (
     default_endpoints,
     runtime_dir_path,
 )
+from schemas.trust import ipc_problem, is_tcp
 
 __all__ = [
+    "CURVE_DIR_ENV",
     "IPC_PATH_MAX",
+    "PUBLIC_ONLY_ENV",
     "ConfigError",
+    "CurveLayout",
     "Secret",
     "Settings",
     "bus_endpoints",
+    "check_ipc",
+    "curve_dir",
     "runtime_dir",
 ]
 
@@ -62,6 +74,8 @@ DEFAULT_REST_URL: Final = "https://api.upbit.com"
 DEFAULT_WIDEN: Final = frozenset({"ticker", "trade"})
 """Cheap streams (a few messages a second per market) worth carrying ahead of demand;
 candles may be added; orderbooks cannot (every market's books cost far more)."""
+CURVE_DIR_ENV: Final = "UPBIT_BROKER_CURVE_DIR"
+PUBLIC_ONLY_ENV: Final = "UPBIT_BROKER_TCP_PUBLIC_ONLY"
 
 
 class ConfigError(ValueError):
@@ -96,26 +110,49 @@ def runtime_dir(env: Mapping[str, str] | None = None, *, create: bool = True) ->
     """The per-user directory holding the ipc sockets, created 0700.
 
     Where it is comes from :func:`schemas.bus.runtime_dir_path` (the clients compute the
-    same path, creating nothing); the broker creates it and refuses a directory owned
-    by someone else or open to others: another user could listen on our endpoints.
+    same path, creating nothing); the broker creates it and refuses a symbolic link or a
+    directory owned by someone else (who could listen on our endpoints, or point our
+    clients at an impostor), looking with ``lstat`` and fixing the mode through an
+    ``O_NOFOLLOW`` descriptor, so a link planted at the path is never followed.
     """
     env = os.environ if env is None else env
     path = runtime_dir_path(env)
     if create:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise ConfigError(f"runtime directory {path} is a symbolic link; remove it")
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"runtime directory {path} is not a directory")
         if info.st_uid != os.getuid():
-            raise ConfigError(f"runtime directory {path} belongs to another user")
+            raise ConfigError(
+                f"runtime directory {path} belongs to another user (uid {info.st_uid})"
+            )
         if stat.S_IMODE(info.st_mode) & 0o077:
-            path.chmod(0o700)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
     return path
+
+
+def check_ipc(name: str, endpoint: str) -> None:
+    """Raise ConfigError naming ``name`` if an ipc endpoint's directory or socket file
+    could let another user in (:func:`schemas.trust.ipc_problem`)."""
+    problem = ipc_problem(endpoint)
+    if problem is not None:
+        raise ConfigError(f"{name}={endpoint!r} is not safe: {problem}")
 
 
 def bus_endpoints(env: Mapping[str, str] | None = None) -> tuple[str, str]:
     """``(control, data)`` endpoints the broker binds (:func:`schemas.bus.default_endpoints`).
 
     When either is the default ipc socket, the runtime directory is created and checked
-    first, so the broker never binds in a directory someone else controls.
+    first, so the broker never binds in a directory someone else controls; every ipc
+    endpoint then passes :func:`check_ipc`.
     """
     env = os.environ if env is None else env
     try:
@@ -124,6 +161,8 @@ def bus_endpoints(env: Mapping[str, str] | None = None) -> tuple[str, str]:
         raise ConfigError(str(exc)) from None
     if not env.get(CONTROL_ENV) or not env.get(DATA_ENV):
         runtime_dir(env)
+    for name, endpoint in zip((CONTROL_ENV, DATA_ENV), endpoints, strict=True):
+        check_ipc(name, endpoint)
     return endpoints
 
 
@@ -133,6 +172,87 @@ def _masked_url(value: str) -> str:
     if sep and "@" in rest.split("/", 1)[0]:
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return value
+
+
+def curve_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where the CURVE keys live: ``UPBIT_BROKER_CURVE_DIR``, else
+    ``$XDG_CONFIG_HOME/upbit-broker/curve``, else ``~/.config/upbit-broker/curve``."""
+    env = os.environ if env is None else env
+    explicit = env.get(CURVE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    config = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(config) / "upbit-broker" / "curve"
+
+
+@dataclass(frozen=True)
+class CurveLayout:
+    """The files of a curve directory (``zmq.auth`` certificates)::
+
+    server.key  server.key_secret   the broker's certificate
+    allowed/NAME.key                public keys of the clients let in (the allow-list)
+    clients/NAME.key_secret         key pairs made by ``upbit-broker keys client NAME``
+    """
+
+    root: Path
+
+    @property
+    def server_public(self) -> Path:
+        """The broker's public certificate (safe to hand to clients)."""
+        return self.root / "server.key"
+
+    @property
+    def server_secret(self) -> Path:
+        """The broker's secret certificate (0600, never leaves this machine)."""
+        return self.root / "server.key_secret"
+
+    @property
+    def allowed(self) -> Path:
+        """The allow-list: one public certificate per client."""
+        return self.root / "allowed"
+
+    @property
+    def clients(self) -> Path:
+        """Client key pairs made here, to hand to each client."""
+        return self.root / "clients"
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0")
+
+
+def _tcp_security(env: Mapping[str, str], endpoints: tuple[str, str]) -> tuple[Path, bool, bool]:
+    """``(curve dir, curve, public_only)``: how tcp endpoints are guarded, if any."""
+    root = curve_dir(env)
+    tcp = [(n, e) for n, e in zip((CONTROL_ENV, DATA_ENV), endpoints, strict=True) if is_tcp(e)]
+    if not tcp:
+        return root, False, False
+    if _flag(env, PUBLIC_ONLY_ENV):
+        return root, False, True
+    layout = CurveLayout(root)
+    name, endpoint = tcp[0]
+    if not layout.server_secret.is_file():
+        raise ConfigError(
+            f"{name}={endpoint!r} is tcp, which anyone on the network may reach, and there "
+            f"is no CURVE server certificate in {root} ({CURVE_DIR_ENV}): run "
+            "`upbit-broker keys init` and `upbit-broker keys client NAME` for each client; "
+            f"or set {PUBLIC_ONLY_ENV}=1 to serve public data only, to anyone"
+        )
+    info = layout.server_secret.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(
+            f"{layout.server_secret} must be a file of this user readable by it alone (chmod 600)"
+        )
+    if not layout.allowed.is_dir():
+        raise ConfigError(
+            f"no client allow-list {layout.allowed}: run `upbit-broker keys client NAME`"
+        )
+    return root, True, False
 
 
 def _url(env: Mapping[str, str], name: str, default: str, schemes: set[str]) -> str:
@@ -249,6 +369,19 @@ class Settings:
     widen_types: frozenset[str] = DEFAULT_WIDEN
     """Stream types a scarce request carries for every market of the new code's quote
     (:func:`broker.subscriptions.widen_request`); empty turns widening off."""
+    curve_dir: Path = Path()
+    """Where the CURVE keys live (:class:`CurveLayout`)."""
+    curve: bool = False
+    """A tcp endpoint is served with CURVE: only allow-listed clients get past the
+    handshake (the sockets on ipc and inproc endpoints stay as they are)."""
+    public_only: bool = False
+    """A tcp endpoint is served without CURVE (``UPBIT_BROKER_TCP_PUBLIC_ONLY``): anyone
+    who reaches it may read it, so the API keys are dropped and no private stream runs."""
+
+    @property
+    def curve_layout(self) -> CurveLayout:
+        """The files of :attr:`curve_dir`."""
+        return CurveLayout(self.curve_dir)
 
     @property
     def has_keys(self) -> bool:
@@ -263,6 +396,9 @@ class Settings:
         if control == data:
             raise ConfigError("UPBIT_BROKER_CONTROL and UPBIT_BROKER_DATA must differ")
         access, secret = _keys(env)
+        curve_root, curve, public_only = _tcp_security(env, (control, data))
+        if public_only:  # an unauthenticated bus must never carry the account's data
+            access, secret = None, None
         state = env.get("UPBIT_BROKER_STATE_DIR")
         liveness = _number(env, "UPBIT_BROKER_LIVENESS", 3.0, minimum=1)
         if not liveness.is_integer():
@@ -286,4 +422,7 @@ class Settings:
             send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
             handlers=_handler_entries(env),
             widen_types=_widen_types(env),
+            curve_dir=curve_root,
+            curve=curve,
+            public_only=public_only,
         )

@@ -23,6 +23,7 @@ from clients.errors import (
     BrokerUnavailable,
     ClientClosed,
     ClientError,
+    UntrustedBroker,
 )
 from clients.streams import StatusCallback
 from clients.subscription import DEFAULT_MAXSIZE, Subscription
@@ -40,4 +41,5 @@ __all__ = [
     "Subscription",
     "SyncBrokerClient",
     "SyncSubscription",
+    "UntrustedBroker",
 ]

@@ -214,10 +214,11 @@ class BrokerClient(StreamMethods):
         """Lazy Pirate: a fresh DEALER, so nothing queued for a dead broker is replayed."""
         io = self._io
         assert io is not None
+        ctrl = sockets.open_dealer(zmq.Context.instance(), self.control_endpoint)  # checks first
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.ctrl.FD)
         sockets.close_ctrl(io.ctrl)
-        io.ctrl = sockets.open_dealer(zmq.Context.instance(), self.control_endpoint)
+        io.ctrl = ctrl
         io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         self._fail(self._core.reset(), _Reset())
 
@@ -225,11 +226,12 @@ class BrokerClient(StreamMethods):
         """A fresh SUB too: libzmq never reconnects one that dropped a misbehaving peer."""
         io = self._io
         assert io is not None
+        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
+        data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.data.FD)
         io.data.close(linger=0)
-        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
-        io.data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
+        io.data = data
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
 
     def _shutdown_io(self) -> None:
@@ -466,9 +468,9 @@ class BrokerClient(StreamMethods):
                 return None
             timeout = self._core.recovery_timeout(self.request_timeout)
             self._dispatcher.suspend()
-            self._replace_ctrl()
-            self._replace_data()
             try:
+                self._replace_ctrl()  # UntrustedBroker: an impostor took the path; retried
+                self._replace_data()
                 self._on_welcomed(await self._hello(timeout))
                 await self._resubscribe_all(timeout)
             except (BrokerError, BrokerTimeout, BrokerUnavailable, _Reset):

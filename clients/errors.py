@@ -5,6 +5,7 @@ Hierarchy::
     Exception
      └── ClientError                 base of everything raised by :mod:`clients`
           ├── BrokerError            the broker refused a request: ``code`` + ``message``
+          │    └── UntrustedBroker   we refused the endpoint: it may not lead to the broker
           ├── BrokerTimeout          no reply within ``request_timeout`` (also TimeoutError)
           ├── BrokerUnavailable      no broker answered hello (also ConnectionError)
           └── ClientClosed           the client was closed; make a new one
@@ -15,7 +16,14 @@ Hierarchy::
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "BrokerTimeout", "BrokerUnavailable", "ClientClosed", "ClientError"]
+__all__ = [
+    "BrokerError",
+    "BrokerTimeout",
+    "BrokerUnavailable",
+    "ClientClosed",
+    "ClientError",
+    "UntrustedBroker",
+]
 
 
 class ClientError(Exception):
@@ -34,6 +42,25 @@ class BrokerError(ClientError):
 
     def __repr__(self) -> str:
         return f"BrokerError({self.code!r}, {self.message!r})"
+
+
+class UntrustedBroker(BrokerError):
+    """The client refused to connect: whatever listens there may not be the broker.
+
+    An ipc socket or its directory that another user could control (a symbolic link,
+    another owner, a directory open to others), or CURVE settings that cannot prove
+    the broker's key (:mod:`schemas.trust`). Nothing was sent.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__("untrusted_broker", f"refusing {path}: {reason}")
+        self.path = path
+        """The endpoint, file or variable at fault."""
+        self.reason = reason
+        """Why it cannot be trusted."""
+
+    def __repr__(self) -> str:
+        return f"UntrustedBroker({self.path!r}, {self.reason!r})"
 
 
 class BrokerTimeout(ClientError, TimeoutError):

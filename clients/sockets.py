@@ -1,8 +1,11 @@
 """The client's sockets, and the loop callbacks that reach the client only weakly.
 
 :func:`open_dealer` and :func:`open_sub` make the two sockets with the client's trust
-settings: a random routing id of our own on the DEALER, and a bound on the size of any
-message either socket accepts (:data:`schemas.bus.MAX_MESSAGE_BYTES`). :class:`IO`
+settings: the endpoint checked first (:func:`check_endpoint`: an ipc path another user
+could control is refused; a tcp socket is a CURVE client when the environment names the
+keys), a random routing id of our own on the DEALER, and a bound on the size of any
+message either socket accepts (:data:`schemas.bus.MAX_MESSAGE_BYTES`). Both run before
+every connect and every reconnect, so a socket planted later is refused too. :class:`IO`
 holds what a :func:`weakref.finalize` must release (sockets, tasks, the dispatcher) and
 nothing that points back at the client, so a client dropped without ``close()`` is
 still collected and its sockets closed. The loop callbacks take weak methods for the
@@ -14,22 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
 import zmq
+from zmq.utils import z85
 
 from clients.dispatch import Dispatcher
+from clients.errors import UntrustedBroker
 from schemas.bus import MAX_MESSAGE_BYTES, Bye, encode
+from schemas.trust import CLIENT_CERT_ENV, SERVER_KEY_ENV, ipc_problem, is_tcp
 
 __all__ = [
     "BYE_LINGER_MS",
     "IO",
     "ROUTING_ID_BYTES",
+    "CurveKeys",
+    "check_endpoint",
     "close_ctrl",
+    "curve_keys",
     "heartbeat_loop",
     "new_routing_id",
     "on_readable",
@@ -57,15 +68,88 @@ def new_routing_id() -> bytes:
     return bytes((secrets.randbelow(255) + 1,)) + secrets.token_bytes(ROUTING_ID_BYTES - 1)
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a CURVE client needs (z85): the broker's public key and our own key pair."""
+
+    server: bytes
+    public: bytes
+    secret: bytes = b""
+
+    def __repr__(self) -> str:  # the secret key never shows
+        return f"CurveKeys(server={self.server!r}, public={self.public!r})"
+
+
+def _load_cert(path: str, name: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth  # only clients on tcp read certificates
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise UntrustedBroker(name, f"cannot read the certificate {path}: {exc}") from None
+    if secret and secret_key is None:
+        raise UntrustedBroker(name, f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret_key
+
+
+def curve_keys(env: Mapping[str, str] | None = None) -> CurveKeys | None:
+    """The CURVE keys named by ``UPBIT_BROKER_SERVER_KEY`` and ``UPBIT_BROKER_CLIENT_CERT``
+    (None when neither is set); UntrustedBroker when only one is, or one is unreadable."""
+    env = os.environ if env is None else env
+    server = env.get(SERVER_KEY_ENV, "").strip()
+    cert = env.get(CLIENT_CERT_ENV, "").strip()
+    if not server and not cert:
+        return None
+    if not server or not cert:
+        missing = SERVER_KEY_ENV if not server else CLIENT_CERT_ENV
+        raise UntrustedBroker(missing, "is not set: CURVE needs both of the broker's variables")
+    if len(server) == 40 and not os.path.exists(server):
+        try:
+            server_key = z85.encode(z85.decode(server))
+        except (ValueError, KeyError):
+            raise UntrustedBroker(SERVER_KEY_ENV, "is not a z85 key nor a file") from None
+    else:
+        server_key, _ = _load_cert(server, SERVER_KEY_ENV, secret=False)
+    public, secret_key = _load_cert(cert, CLIENT_CERT_ENV, secret=True)
+    assert secret_key is not None
+    return CurveKeys(server_key, public, secret_key)
+
+
+def check_endpoint(endpoint: str, env: Mapping[str, str] | None = None) -> CurveKeys | None:
+    """Refuse (UntrustedBroker) an endpoint that may lead to someone else; the CURVE keys
+    to use on it (tcp with keys configured), else None."""
+    problem = ipc_problem(endpoint)
+    if problem is not None:  # logged too: a reconnect that keeps refusing says why
+        _log.warning("refusing the broker endpoint", path=problem.path, reason=problem.reason)
+        raise UntrustedBroker(problem.path, problem.reason)
+    return curve_keys(env) if is_tcp(endpoint) else None
+
+
+def _connect(sock: zmq.Socket[bytes], endpoint: str, curve: CurveKeys | None) -> None:
+    if curve is not None:  # libzmq proves the broker's key in the handshake
+        sock.curve_serverkey = curve.server
+        sock.curve_publickey = curve.public
+        sock.curve_secretkey = curve.secret
+    sock.connect(endpoint)
+
+
 def open_dealer(
-    ctx: zmq.Context[Any], endpoint: str, *, max_message: int = MAX_MESSAGE_BYTES
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    *,
+    max_message: int = MAX_MESSAGE_BYTES,
+    env: Mapping[str, str] | None = None,
 ) -> zmq.Socket[bytes]:
-    """A DEALER to the broker's control ROUTER, with a fresh random routing id."""
+    """A DEALER to the broker's control ROUTER, with a fresh random routing id.
+
+    Raises UntrustedBroker, before any socket exists, if the endpoint fails the checks.
+    """
+    curve = check_endpoint(endpoint, env)
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-    sock.connect(endpoint)
+    _connect(sock, endpoint, curve)
     return sock
 
 
@@ -76,13 +160,18 @@ def open_sub(
     *,
     hwm: int,
     max_message: int = MAX_MESSAGE_BYTES,
+    env: Mapping[str, str] | None = None,
 ) -> zmq.Socket[bytes]:
-    """A SUB to the broker's data PUB, subscribed to ``prefixes``."""
+    """A SUB to the broker's data PUB, subscribed to ``prefixes``.
+
+    Raises UntrustedBroker, before any socket exists, if the endpoint fails the checks.
+    """
+    curve = check_endpoint(endpoint, env)
     sock: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-    sock.connect(endpoint)
+    _connect(sock, endpoint, curve)
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     return sock

@@ -28,7 +28,11 @@ SECRET = "Zk1VT3dj9sIYxQ0GhB5mCw8Pl2RaNuEeJ4oKvD6t"
 @pytest.fixture
 def base(tmp_path: Path) -> dict[str, str]:
     """The runtime directory in tmp_path (liveness set explicitly; its default has a test)."""
-    return {"XDG_RUNTIME_DIR": str(tmp_path), "UPBIT_BROKER_LIVENESS": "3"}
+    return {
+        "XDG_RUNTIME_DIR": str(tmp_path),
+        "UPBIT_BROKER_LIVENESS": "3",
+        "UPBIT_BROKER_CURVE_DIR": str(tmp_path / "curve"),
+    }
 
 
 def settings(base: Mapping[str, str], **overrides: str) -> Settings:
@@ -128,6 +132,7 @@ def test_endpoint_overrides(base: dict[str, str]) -> None:
         base,
         UPBIT_BROKER_CONTROL="tcp://127.0.0.1:5555",
         UPBIT_BROKER_DATA="inproc://data",
+        UPBIT_BROKER_TCP_PUBLIC_ONLY="1",
     )
     assert s.control_endpoint == "tcp://127.0.0.1:5555"
     assert s.data_endpoint == "inproc://data"
@@ -463,3 +468,179 @@ def test_a_bad_url_is_named_without_its_password() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"UPBIT_REST_URL": "ftp://user:hunter2@api.example/"})
     assert "hunter2" not in str(info.value)
+
+
+# ------------------------------------------------------------------ trust boundary
+
+OTHER_UID = 54321
+"""Tests run as root, so chown to this uid plays another user."""
+
+
+def unix_socket(path: Path) -> Path:
+    """A real (unlistened) unix socket file at ``path``."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+    return path
+
+
+def ipc_env(base: Mapping[str, str], where: Path) -> dict[str, str]:
+    return {
+        **base,
+        "UPBIT_BROKER_CONTROL": f"ipc://{where}/control",
+        "UPBIT_BROKER_DATA": f"ipc://{where}/data",
+    }
+
+
+def test_a_symlinked_runtime_dir_is_refused_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o755)
+    (tmp_path / "upbit-broker").symlink_to(target)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        runtime_dir({"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert mode(target) == 0o755  # never chmod-ed through the link
+
+
+def test_a_runtime_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    import os
+
+    run = tmp_path / "upbit-broker"
+    run.mkdir(mode=0o700)
+    os.chown(run, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError, match=f"another user.*{OTHER_UID}"):
+        Settings.from_env({"XDG_RUNTIME_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("symlinked dir", "symbolic link"),
+        ("other owner", "another user"),
+        ("world-writable", "writable by other users"),
+        ("symlinked socket", "socket is a symbolic link"),
+        ("foreign socket", "impostor"),
+        ("not a socket", "not a socket"),
+    ],
+)
+def test_an_ipc_endpoint_another_user_could_control_fails_at_start(
+    base: dict[str, str], tmp_path: Path, setup: str, reason: str
+) -> None:
+    import os
+
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    where = real
+    if setup == "symlinked dir":
+        where = tmp_path / "link"
+        where.symlink_to(real)
+    elif setup == "other owner":
+        os.chown(real, OTHER_UID, OTHER_UID)
+    elif setup == "world-writable":
+        real.chmod(0o777)
+    elif setup == "symlinked socket":
+        (real / "control").symlink_to(unix_socket(tmp_path / "s"))
+    elif setup == "foreign socket":
+        os.chown(unix_socket(real / "control"), OTHER_UID, OTHER_UID)
+    else:
+        (real / "control").write_text("")
+    message = config_error(ipc_env(base, where))
+    assert "UPBIT_BROKER_CONTROL" in message
+    assert reason in message
+
+
+def test_a_sticky_world_writable_dir_and_our_own_socket_are_fine(
+    base: dict[str, str], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: others cannot replace our files
+    unix_socket(shared / "control")
+    s = settings(ipc_env(base, shared))
+    assert s.control_endpoint == f"ipc://{shared}/control"
+
+
+def test_an_abstract_ipc_socket_is_refused(base: dict[str, str]) -> None:
+    message = config_error(
+        base, UPBIT_BROKER_CONTROL="ipc://@upbit", UPBIT_BROKER_DATA="inproc://d"
+    )
+    assert "abstract" in message
+
+
+def test_tcp_without_keys_fails_at_start_saying_what_to_run(
+    base: dict[str, str], tmp_path: Path
+) -> None:
+    message = config_error(
+        base, UPBIT_BROKER_CONTROL="tcp://127.0.0.1:5555", UPBIT_BROKER_DATA="inproc://d"
+    )
+    assert "UPBIT_BROKER_CONTROL" in message
+    assert "upbit-broker keys init" in message
+    assert "UPBIT_BROKER_TCP_PUBLIC_ONLY=1" in message
+    assert str(tmp_path / "curve") in message
+
+
+def test_public_only_tcp_drops_the_api_keys(base: dict[str, str]) -> None:
+    s = settings(
+        base,
+        UPBIT_BROKER_DATA="tcp://0.0.0.0:5556",
+        UPBIT_BROKER_TCP_PUBLIC_ONLY="yes",
+        UPBIT_ACCESS_KEY=ACCESS,
+        UPBIT_SECRET_KEY=SECRET,
+    )
+    assert s.public_only
+    assert not s.curve
+    assert not s.has_keys
+
+
+def test_the_public_only_switch_must_be_a_flag(base: dict[str, str]) -> None:
+    message = config_error(
+        base, UPBIT_BROKER_DATA="tcp://127.0.0.1:1", UPBIT_BROKER_TCP_PUBLIC_ONLY="maybe"
+    )
+    assert "UPBIT_BROKER_TCP_PUBLIC_ONLY" in message
+
+
+def test_the_public_only_switch_means_nothing_without_tcp(base: dict[str, str]) -> None:
+    s = settings(
+        base, UPBIT_BROKER_TCP_PUBLIC_ONLY="1", UPBIT_ACCESS_KEY=ACCESS, UPBIT_SECRET_KEY=SECRET
+    )
+    assert not s.public_only
+    assert s.has_keys
+
+
+def test_tcp_with_a_server_certificate_is_curve(base: dict[str, str], tmp_path: Path) -> None:
+    from broker.config import CurveLayout
+    from broker.keys import init_server
+
+    init_server(CurveLayout(tmp_path / "curve"))
+    s = settings(
+        base,
+        UPBIT_BROKER_CONTROL="tcp://127.0.0.1:5555",
+        UPBIT_ACCESS_KEY=ACCESS,
+        UPBIT_SECRET_KEY=SECRET,
+    )
+    assert s.curve
+    assert not s.public_only
+    assert s.has_keys  # an allow-listed bus may carry private data
+    assert s.curve_layout.server_secret == tmp_path / "curve" / "server.key_secret"
+
+
+def test_a_server_secret_readable_by_others_is_refused(
+    base: dict[str, str], tmp_path: Path
+) -> None:
+    from broker.config import CurveLayout
+    from broker.keys import init_server
+
+    layout = CurveLayout(tmp_path / "curve")
+    init_server(layout)
+    layout.server_secret.chmod(0o644)
+    message = config_error(base, UPBIT_BROKER_CONTROL="tcp://127.0.0.1:5555")
+    assert "chmod 600" in message
+
+
+def test_the_curve_dir_defaults_to_the_user_config_dir(tmp_path: Path) -> None:
+    from broker.config import curve_dir
+
+    assert curve_dir({"XDG_CONFIG_HOME": str(tmp_path)}) == tmp_path / "upbit-broker" / "curve"
+    assert curve_dir({"HOME": str(tmp_path)}) == tmp_path / ".config" / "upbit-broker" / "curve"
+    assert curve_dir({"UPBIT_BROKER_CURVE_DIR": "/k", "HOME": "/h"}) == Path("/k")
