@@ -62,6 +62,11 @@ from schemas.upbit import UpbitData
 __all__ = ["Broker", "BrokerFailed"]
 
 _MARKET_REFRESH = 3600.0
+GOODBYE = "broker stopping"
+"""``detail`` of the ``down`` status the broker publishes on its status topics as it
+stops; clients (``clients.core.BROKER_STOPPING``) report ``down`` at once on it."""
+GOODBYE_LINGER_MS = 500
+"""How long closing the data socket may take to hand the goodbye to every client."""
 
 
 class BrokerFailed(RuntimeError):
@@ -221,12 +226,23 @@ class Broker:
                 raise BrokerFailed(f"broker task failed: {', '.join(failed)}")
         finally:
             await self.rest.close()
-            self.publisher.flush()
-            self._pub.close(linger=0)
+            self._say_goodbye()
+            self._pub.close(linger=GOODBYE_LINGER_MS)
             self._router.close(linger=0)
             self._ctx.term()
             self._lock.release()
             self._log.info("broker stopped")
+
+    def _say_goodbye(self) -> None:
+        """Tell every client the broker is going (``down``, :data:`GOODBYE`), flushed
+        with whatever was queued; the data socket lingers so it gets out."""
+        now_ms = int(time.time() * 1000)
+        for link in ("public", "private"):
+            event = StatusEvent(connection=link, state="down", detail=GOODBYE, timestamp=now_ms)
+            with contextlib.suppress(zmq.ZMQError):
+                self.publisher.publish_status(status_topic(link), event)
+        with contextlib.suppress(zmq.ZMQError):
+            self.publisher.flush()
 
     def _bind(self) -> None:
         for sock in (self._pub, self._router):
