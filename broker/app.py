@@ -51,6 +51,7 @@ from broker.subscriptions import SubscriptionState, UpstreamStream, carries
 from broker.topics import TopicLifecycle, TopicPlan
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
 from schemas.bus import (
+    BROKER_STOPPING,
     CONTROL_ENV,
     DATA_ENV,
     HEARTBEAT_TOPIC,
@@ -67,6 +68,8 @@ from schemas.upbit import UpbitData
 __all__ = ["Broker", "BrokerFailed"]
 
 _MARKET_REFRESH = 3600.0
+GOODBYE_LINGER_MS = 500
+"""How long closing the data socket may take to hand the goodbye to every client."""
 
 
 class BrokerFailed(RuntimeError):
@@ -228,14 +231,27 @@ class Broker:
                 raise BrokerFailed(f"broker task failed: {', '.join(failed)}")
         finally:
             await self.rest.close()
-            self.publisher.flush()
-            self._pub.close(linger=0)
+            self._say_goodbye()
+            self._pub.close(linger=GOODBYE_LINGER_MS)
             self._router.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
             self._lock.release()
             self._log.info("broker stopped")
+
+    def _say_goodbye(self) -> None:
+        """Tell every client the broker is going (``down``, ``BROKER_STOPPING``), flushed
+        with whatever was queued; the data socket lingers so it gets out."""
+        now_ms = int(time.time() * 1000)
+        for link in ("public", "private"):
+            event = StatusEvent(
+                connection=link, state="down", detail=BROKER_STOPPING, timestamp=now_ms
+            )
+            with contextlib.suppress(zmq.ZMQError):
+                self.publisher.publish_status(status_topic(link), event)
+        with contextlib.suppress(zmq.ZMQError):
+            self.publisher.flush()
 
     def _bind(self) -> None:
         """Bind the bus inside the trust boundary: ipc paths checked before and after

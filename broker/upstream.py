@@ -183,6 +183,8 @@ class UpstreamLink:
         # Capped at 10 s: REST fallback carries the data meanwhile, and 0.1 connects/s
         # is far inside Upbit's 5/s.
         self._backoff = Backoff(first=0.2, cap=10.0)
+        self._was_up = False
+        """The link carried data since it last connected afresh (see :func:`status_event`)."""
         self._log = get_logger("upstream", link=name)
 
     # ------------------------------------------------------------------ public API
@@ -280,8 +282,9 @@ class UpstreamLink:
     def _set_state(self, state: LinkState, detail: str) -> None:
         """Record a state change and report it as an event clients understand.
 
-        After the first connection, ``connecting`` is reported as ``reconnecting`` and
-        ``up`` as ``restored`` (every stream was requested again).
+        Once the link has carried data, ``connecting`` is reported as ``reconnecting``
+        and ``up`` as ``restored`` (every stream was requested again); a link that was
+        never up, or went idle (nobody wanted its streams), connects afresh.
         """
         if state == self.stats.state:
             return
@@ -293,9 +296,11 @@ class UpstreamLink:
             self.stats.down_since = None
         elif self.stats.down_since is None:
             self.stats.down_since = now
-        event: str = state
-        if self.stats.connects > (0 if state == "connecting" else 1):
-            event = {"connecting": "reconnecting", "up": "restored"}.get(state, state)
+        event = status_event(state, was_up=self._was_up)
+        if state == "up":
+            self._was_up = True
+        elif state == "idle":
+            self._was_up = False
         self._log.info("link state", state=event, previous=previous, detail=detail)
         if state == "up" and self._credentials is not None and self._credentials.rejected:
             return  # connected, but with keys Upbit rejected: up once they prove good
@@ -526,6 +531,14 @@ class UpstreamLink:
                     missing=len(event.missing),
                     unexpected=len(event.unexpected),
                 )
+
+
+def status_event(state: LinkState, *, was_up: bool) -> str:
+    """The status clients are told for a link entering ``state``: ``reconnecting`` and
+    ``restored`` only for a link that was up, never for its first connect."""
+    if was_up:
+        return {"connecting": "reconnecting", "up": "restored"}.get(state, state)
+    return state
 
 
 def _sort_key(stream: UpstreamStream) -> tuple[str, str, int, float]:

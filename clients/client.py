@@ -12,16 +12,28 @@ SUB to its data PUB (``topic + TOPIC_END + [envelope, ...]``), made by
 message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the typed
 ``subscribe_*`` methods in :mod:`clients.streams`.
 
-Liveness: the client heartbeats every ``heartbeat_interval`` (from the broker's
-Welcome). Silence on both sockets for ``interval * liveness`` triggers a health probe
-over the control socket; no answer means the broker is gone. The broker publishes
-``_heartbeat/`` every interval, so an answered probe after a long silence of the data
-socket means that socket dropped the broker (libzmq does, for good, when a peer breaks
-the protocol, e.g. sends over ``MAXMSGSIZE``). A new epoch on any envelope or Welcome,
-an ``unknown_client`` error, a lost broker or a dropped data socket all lead to the
-same recovery: a fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe everything
-with snapshots, tell subscribers (``down`` / ``restored`` status events). No user code
-is needed.
+Liveness: the broker publishes ``_heartbeat/`` every interval, so a data socket silent
+for 1.5 intervals (:data:`clients.core.LOST_AFTER`, checked every quarter interval)
+means the broker is gone: a SIGKILLed broker is reported within 2 intervals (measured
+0.6-0.9 s at a 0.5 s interval, ``tests/integration/test_outage.py``). A broker that
+stops on SIGTERM/SIGINT says goodbye (a ``down`` status, detail ``broker stopping``):
+reported at once. A new epoch on any envelope or Welcome, an ``unknown_client`` error,
+a lost or departing broker, or a dropped data socket all lead to the same recovery: a
+fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe everything with snapshots. Each
+subscription hears, once: ``down``, a ``gap`` per topic, ``reconnecting``, then
+``restored`` once its upstream connection carries data again. No user code is needed.
+
+Heartbeats do not depend on user code returning. A sync callback runs inline on the
+event loop, so a callback that blocks for 5 s stops the loop for 5 s; the broker expires
+a client silent for ``interval * liveness`` (3 s by default). So heartbeats go out from
+a daemon thread of their own, on the control DEALER itself, under a lock that every use
+of that socket takes (libzmq sockets may change threads behind a full memory barrier,
+which the lock gives). Two alternatives were weighed: a heartbeat DEALER of its own
+would be another client to the broker (it knows clients by their ROUTER identity, which
+two sockets cannot share), and ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``) keep the TCP/IPC
+session alive but never reach the broker's liveness table, which only application
+messages refresh. A callback blocked for 5 s at a 0.5 s interval keeps its client
+(``test_a_callback_blocking_for_longer_than_the_expiry_keeps_its_client``).
 
 Lifetime: ``async with BrokerClient() as client`` or ``await client.close()``. If the
 object is dropped without closing, a :func:`weakref.finalize` (which holds the sockets,
@@ -35,6 +47,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import threading
 import time
 import uuid
 import weakref
@@ -46,6 +59,7 @@ import zmq
 
 from clients import sockets
 from clients.core import (
+    LOST_AFTER,
     ClientCore,
     HelloRefused,
     Refused,
@@ -64,6 +78,7 @@ from schemas.bus import (
     STATUS_TOPIC_PREFIX,
     BrokerMessage,
     ClientMessage,
+    ConnectionName,
     Envelope,
     GetSnapshot,
     Health,
@@ -97,6 +112,8 @@ RCVHWM: Final = 10_000
 """SUB queue bound inside ZeroMQ, in frames of 1 to 16 messages and at most 8 KB: 10,000
 messages at low rates, at most ~80 MB under load (~0.5 s at 120k msg/s); past it the
 broker's PUB drops for this client only, and the client counts the gap."""
+IDLE_BEAT: Final = 0.25
+"""Seconds the heartbeat thread waits while the client sends no heartbeats."""
 
 
 class _Reset(Exception):
@@ -143,6 +160,11 @@ class BrokerClient(StreamMethods):
         self._lag_ms = 0.0
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_reason = ""
+        self._ctrl_lock = threading.Lock()
+        """Held for every use of the control DEALER: the heartbeat thread shares it."""
+        self._beat_counters: tuple[int, int, float, int] = (0, 0, 0.0, 0)
+        """What the next heartbeat reports (set on the loop, read by the heartbeat thread)."""
+        self._beat_stop: threading.Event | None = None
         self._log = structlog.get_logger("clients").bind(client=self.client_id[:8])
 
     # ------------------------------------------------------------------ lifecycle
@@ -209,6 +231,13 @@ class BrokerClient(StreamMethods):
         self._finalizer = weakref.finalize(self, sockets.release, io)
         self._spawn(sockets.heartbeat_loop(weakref.WeakMethod(self._tick)))
         self._core.heard_data(loop.time())
+        stop = self._beat_stop = threading.Event()
+        threading.Thread(
+            target=_beat_forever,
+            args=(weakref.WeakMethod(self._beat_once), stop),
+            name="upbit-broker-heartbeat",
+            daemon=True,
+        ).start()
 
     def _replace_ctrl(self) -> None:
         """Lazy Pirate: a fresh DEALER, so nothing queued for a dead broker is replayed."""
@@ -217,8 +246,9 @@ class BrokerClient(StreamMethods):
         ctrl = sockets.open_dealer(zmq.Context.instance(), self.control_endpoint)  # checks first
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.ctrl.FD)
-        sockets.close_ctrl(io.ctrl)
-        io.ctrl = ctrl
+        with self._ctrl_lock:
+            sockets.close_ctrl(io.ctrl)
+            io.ctrl = ctrl
         io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         self._fail(self._core.reset(), _Reset())
 
@@ -235,8 +265,12 @@ class BrokerClient(StreamMethods):
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
 
     def _shutdown_io(self) -> None:
+        if self._beat_stop is not None:
+            self._beat_stop.set()
+            self._beat_stop = None
         if self._finalizer is not None:
-            self._finalizer()  # runs sockets.release once and detaches
+            with self._ctrl_lock:
+                self._finalizer()  # runs sockets.release once and detaches
         self._finalizer = None
         self._io = None
         self._core.disconnect()
@@ -273,7 +307,8 @@ class BrokerClient(StreamMethods):
                 else BrokerUnavailable("not connected")
             )
         try:
-            io.ctrl.send(encode(message), zmq.NOBLOCK)
+            with self._ctrl_lock:
+                io.ctrl.send(encode(message), zmq.NOBLOCK)
         except zmq.Again:
             raise BrokerUnavailable("control queue to the broker is full") from None
         # A send can consume the socket's edge-triggered readiness: look again soon.
@@ -284,15 +319,16 @@ class BrokerClient(StreamMethods):
         if io is None:
             return
         recv = io.ctrl.recv
+        lock = self._ctrl_lock
         while True:
             try:
-                frame = recv(zmq.NOBLOCK)
+                with lock:
+                    frame = recv(zmq.NOBLOCK)
             except zmq.ZMQError:  # Again, or the socket was just replaced
                 break
             try:
                 message = decode_broker_message(frame)
             except DecodeError as exc:
-                self._core.heard(io.loop.time())
                 self._log.warning("unreadable broker message", error=str(exc))
                 continue
             self._on_control(message, io.loop.time())
@@ -395,9 +431,10 @@ class BrokerClient(StreamMethods):
     # ------------------------------------------------------------------ liveness, recovery
 
     def _tick(self) -> float | None:
-        """One heartbeat period: beat, re-check readiness, probe a silent broker.
+        """A quarter heartbeat period: re-check readiness, note the counters the next
+        heartbeat reports, recover from a lost broker.
 
-        None ends the heartbeat loop (the client is closed).
+        None ends the loop (the client is closed).
         """
         core = self._core
         if core.closed:
@@ -406,39 +443,40 @@ class BrokerClient(StreamMethods):
         if io is None or core.welcome is None:
             return core.tick(0.0).delay
         # Edge-triggered zmq fds can miss a wake-up in rare interleavings: look anyway.
+        # Data read first: after the loop was blocked (a slow callback), what waits in
+        # the socket is not silence.
         self._drain_control()
         self._drain_data()
+        d = self._dispatcher
+        dropped = sum(sub.dropped for sub in d.subscriptions)
+        self._beat_counters = (d.received, d.gaps, self._lag_ms, dropped)
         tick = core.tick(io.loop.time())
-        if tick.beat:
-            d = self._dispatcher
-            dropped = sum(sub.dropped for sub in d.subscriptions)
-            with contextlib.suppress(BrokerUnavailable, ClientClosed):
-                self._send(core.heartbeat(d.received, d.gaps, self._lag_ms, dropped))
-        if tick.probe:
-            self._spawn(sockets.run_weak(weakref.WeakMethod(self._probe_once)))
+        if tick.lost:
+            silence = LOST_AFTER * core.welcome.heartbeat_interval
+            self._schedule_resync(f"no heartbeat from the broker for {silence:g} s")
         return tick.delay
 
-    async def _probe_once(self) -> None:
-        """Nothing heard for a while: ask for health; no answer means the broker is gone."""
-        core = self._core
-        try:
-            if core.welcome is None:
-                return
-            reply = await self._request_once(HealthRequest, HealthReply, core.liveness_timeout)
-        except _Reset:
-            return
-        except (BrokerTimeout, BrokerUnavailable):
-            self._schedule_resync("the broker stopped answering")
-        except BrokerError as exc:
-            self._schedule_resync(f"health probe refused ({exc.code})")
-        else:
+    def _beat_once(self) -> float:
+        """Heartbeat thread: send a heartbeat when one is due; seconds until the next.
+
+        Runs outside the event loop; touches the control socket only under its lock.
+        """
+        with self._ctrl_lock:
             io = self._io
-            now = io.loop.time() if io is not None else 0.0
-            resync = core.probe_answered(reply.health.epoch, now)
-            if resync is not None:
-                self._schedule_resync(resync.reason)
-        finally:
-            core.probe_over()
+            due = self._core.beat_due(time.monotonic()) if io is not None else None
+            if io is None or due is None:
+                return IDLE_BEAT
+            if due > 0:
+                return due
+            beat = self._core.heartbeat(*self._beat_counters)
+            with contextlib.suppress(zmq.ZMQError):  # full or closed: the next one goes
+                io.ctrl.send(encode(beat), zmq.NOBLOCK)
+        # The send may consume the socket's edge-triggered readiness: the loop looks.
+        with contextlib.suppress(RuntimeError):  # its loop is closed
+            io.loop.call_soon_threadsafe(
+                sockets.on_readable, weakref.WeakMethod(self._drain_control)
+            )
+        return self._core.beat_due(time.monotonic()) or IDLE_BEAT
 
     def _schedule_resync(self, reason: str) -> None:
         """Start recovery (once): subscribers hear ``down``, updates buffer meanwhile."""
@@ -447,6 +485,8 @@ class BrokerClient(StreamMethods):
         self._log.warning("reconnecting to the broker", reason=reason)
         self._sync_up()
         self._notify("down", reason)
+        self._notify("gap", f"updates may be lost: {reason}", per_topic=True)
+        self._notify("reconnecting", "reconnecting to the broker")
         self._dispatcher.suspend()
         self._resync_reason = reason
         self._resync_task = self._spawn(
@@ -473,12 +513,17 @@ class BrokerClient(StreamMethods):
                 self._replace_data()
                 self._on_welcomed(await self._hello(timeout))
                 await self._resubscribe_all(timeout)
+                health = await self._request_once(HealthRequest, HealthReply, timeout)
             except (BrokerError, BrokerTimeout, BrokerUnavailable, _Reset):
                 self._core.resync_failed()  # retried with backoff; "down" was already told
                 self._sync_up()
                 return False
             self._log.info("reconnected to the broker", epoch=self._dispatcher.epoch, reason=reason)
-            self._notify("restored", f"reconnected after: {reason}")
+            # "restored" where the upstream connection carries data now; elsewhere the
+            # broker's own "up" says it later (each subscription maps it to "restored").
+            carrying = _carrying(health.health)
+            subs = [s for s in self._dispatcher.subscriptions if s.connection in carrying]
+            self._notify("restored", f"reconnected after: {reason}", subs)
             return True
 
     async def _resubscribe_all(self, limit: float) -> None:
@@ -513,17 +558,23 @@ class BrokerClient(StreamMethods):
                 self._notify("error", "; ".join(str(e) for e in errors), [sub])
 
     def _notify(
-        self, state: StatusState, detail: str, subs: list[Subscription[Any]] | None = None
+        self,
+        state: StatusState,
+        detail: str,
+        subs: list[Subscription[Any]] | None = None,
+        *,
+        per_topic: bool = False,
     ) -> None:
-        """A status notice made by the client itself, to each listening subscription."""
+        """A status notice made by the client itself, to each listening subscription
+        (``per_topic``: one notice for each of its topics)."""
         now_ns = time.time_ns()
         epoch = self._dispatcher.epoch or ""
         for sub in self._dispatcher.subscriptions if subs is None else subs:
-            if sub._on_status is not None:
+            if sub._on_status is None:
+                continue
+            for topics in [[t] for t in sub.topics] if per_topic else [sub.topics]:
                 sub._status(
-                    client_notice(
-                        state, detail, sub.connection, sub.topics, epoch=epoch, now_ns=now_ns
-                    )
+                    client_notice(state, detail, sub.connection, topics, epoch=epoch, now_ns=now_ns)
                 )
 
     # ------------------------------------------------------------------ data plane
@@ -564,7 +615,9 @@ class BrokerClient(StreamMethods):
             events, d.status_events = d.status_events, []
             for env in events:
                 assert isinstance(env.data, StatusEvent)
-                self._core.on_status(env.data)
+                goodbye = self._core.on_status(env.data)
+                if goodbye is not None:
+                    self._schedule_resync(goodbye.reason)
         if d.foreign_epoch is not None:
             self._schedule_resync(f"broker restarted (epoch {d.foreign_epoch})")
 
@@ -721,3 +774,28 @@ class BrokerClient(StreamMethods):
     def gaps(self) -> int:
         """Sequence gaps seen over all topics."""
         return self._dispatcher.gaps
+
+
+def _carrying(health: Health) -> set[ConnectionName]:
+    """The upstream connections that carry data now, by the broker's health."""
+    carrying: set[ConnectionName] = set()
+    if health.public.state == "up":
+        carrying.add("public")
+    if health.private is not None and health.private.state == "up":
+        carrying.add("private")
+    return carrying
+
+
+def _beat_forever(beat: weakref.WeakMethod[Callable[[], float]], stop: threading.Event) -> None:
+    """The heartbeat thread: beat until stopped or the client is gone (weakly held)."""
+    while not stop.is_set():
+        fn = beat()
+        if fn is None:
+            return
+        try:
+            delay = fn()
+        except Exception:  # a bug here must not silence the heartbeats for good
+            structlog.get_logger("clients").exception("heartbeat failed")
+            delay = IDLE_BEAT
+        del fn
+        stop.wait(delay)

@@ -6,9 +6,16 @@ by request id (and checks the reply's type), remembers the welcoming broker's ep
 decides when to resync (another epoch, ``unknown_client``, silence), counts who holds
 each stream (:class:`StreamBook`: what a subscribe must ask for, what an unsubscribe
 releases, what a recovery re-subscribes), follows the upstream availability, and times
-heartbeats and health probes. The asyncio shell (:mod:`clients.client`) owns the
+liveness. The asyncio shell (:mod:`clients.client`) owns the
 sockets and futures and acts on these decisions; the blocking client
 (:mod:`clients.sync`) drives that same shell from its thread.
+
+Liveness: the broker publishes ``_heartbeat/`` every interval, busy or not, so a data
+socket silent for :data:`LOST_AFTER` intervals means the broker is gone (a SIGKILL
+is noticed within 2 intervals: the tick runs every quarter interval); a broker that
+stops on purpose says goodbye first (a ``down`` status with :data:`BROKER_STOPPING`).
+Either way the client reports ``down`` once and recovers. :func:`link_transition` keeps
+the status events a subscription sees exact: each transition once, in order.
 
 Sequence and gap tracking of the data plane is :mod:`clients.sequence` (through
 :mod:`clients.dispatch`), also pure.
@@ -22,6 +29,7 @@ from typing import Final, TypeVar
 
 from clients.errors import BrokerError
 from schemas.bus import (
+    BROKER_STOPPING,
     CLIENT_TOPIC,
     BrokerMessage,
     ClientMessage,
@@ -37,8 +45,10 @@ from schemas.bus import (
 )
 
 __all__ = [
+    "BROKER_STOPPING",
     "CLIENT_TOPIC",
     "IDLE_TICK",
+    "LOST_AFTER",
     "ClientCore",
     "Event",
     "HelloRefused",
@@ -50,12 +60,23 @@ __all__ = [
     "Tick",
     "Welcomed",
     "client_notice",
+    "link_transition",
 ]
 
 M = TypeVar("M", bound=ClientMessage)
 
 IDLE_TICK: Final = 0.25
 """Seconds between two ticks while no broker has welcomed the client yet."""
+TICKS_PER_INTERVAL: Final = 4
+"""Liveness is checked this often per heartbeat interval (beats go once per interval)."""
+LOST_AFTER: Final = 1.5
+"""Heartbeat intervals of data silence after which the broker counts as gone: half an
+interval of slack for a late broker heartbeat, and with the check every quarter interval
+a SIGKILL is noticed within 1.75 intervals."""
+LINK_STATES: Final[frozenset[StatusState]] = frozenset(
+    {"connecting", "up", "idle", "down", "reconnecting", "restored", "auth_failed"}
+)
+"""States of a connection as a whole (the others are about topics: gap, source, ...)."""
 _DOWN_STATES: Final[frozenset[StatusState]] = frozenset(
     {"down", "connecting", "reconnecting", "auth_failed"}
 )
@@ -117,14 +138,12 @@ Event = Replied | Refused | Welcomed | HelloRefused | Resync | Stray
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """What one heartbeat period asks of the shell."""
+    """What one liveness check asks of the shell (heartbeats: :meth:`ClientCore.beat_due`)."""
 
     delay: float
     """Seconds until the next tick."""
-    beat: bool = False
-    """Send a :class:`schemas.bus.Heartbeat`."""
-    probe: bool = False
-    """Nothing heard for too long: ask for health (no answer: the broker is gone)."""
+    lost: bool = False
+    """No broker heartbeat for :data:`LOST_AFTER` intervals: the broker is gone."""
 
 
 # ---------------------------------------------------------------------------- streams
@@ -217,16 +236,14 @@ class ClientCore:
         self.up = False
         self.recovering = False
         """A recovery runs (from :meth:`begin_resync` until :meth:`resync_done`)."""
-        self.probing = False
-        """A health probe is in flight."""
         self.closed = False
         self.hello_pending = False
         self._public = False
         self._private = False
         self._next_req = 1
         self._pending: dict[int, type[BrokerMessage]] = {}
-        self._last_rx = 0.0
         self._last_data = 0.0
+        self._last_beat = float("-inf")
 
     # ------------------------------------------------------------------ requests
 
@@ -266,7 +283,6 @@ class ClientCore:
 
     def receive(self, message: BrokerMessage, now: float) -> Event | None:
         """What a message from the broker means; None when it needs nothing."""
-        self._last_rx = now
         if isinstance(message, Welcome):
             if self.hello_pending:
                 self.hello_pending = False
@@ -301,7 +317,7 @@ class ClientCore:
         self.up = True
         self._public = welcome.public_available
         self._private = welcome.private_available
-        self._last_rx = self._last_data = now
+        self._last_data = now
 
     @property
     def epoch(self) -> str | None:
@@ -366,44 +382,42 @@ class ClientCore:
 
     # ------------------------------------------------------------------ liveness
 
-    def heard(self, now: float) -> None:
-        """Something arrived on the control socket at ``now``."""
-        self._last_rx = now
-
     def heard_data(self, now: float) -> None:
         """Something arrived on the data socket at ``now``."""
-        self._last_rx = self._last_data = now
-
-    def probe_answered(self, epoch: str, now: float) -> Resync | None:
-        """The broker answered a health probe: is everything still fine?
-
-        A Resync when it restarted (another epoch), or when it answers but its data
-        stopped reaching us: it publishes ``_heartbeat/`` every interval, so a data
-        socket silent for twice the liveness timeout is a dropped one (libzmq drops, for
-        good, a peer that broke the protocol, e.g. sent over ``MAXMSGSIZE``); recovery
-        opens a fresh one. Twice, so a broker late by one beat is not mistaken for it.
-        """
-        resync = self.check_epoch(epoch)
-        if resync is None and now - self._last_data > 2 * self.liveness_timeout:
-            resync = Resync("the broker answers but its data stopped reaching us")
-        return resync
+        self._last_data = now
 
     def tick(self, now: float) -> Tick:
-        """One heartbeat period: beat while up; probe once after too long a silence."""
+        """A quarter of a heartbeat period: is the broker lost?
+
+        It publishes ``_heartbeat/`` every interval, so a data socket silent for
+        :data:`LOST_AFTER` intervals means it is gone, or that socket dropped it (libzmq
+        drops, for good, a peer that broke the protocol, e.g. sent over ``MAXMSGSIZE``):
+        the same recovery (fresh sockets, hello) fixes both.
+        """
         welcome = self.welcome
         if welcome is None or self.closed:
             return Tick(IDLE_TICK)
         interval = welcome.heartbeat_interval
+        delay = interval / TICKS_PER_INTERVAL
         if self.recovering:
-            return Tick(interval)
-        probe = not self.probing and now - self._last_rx > interval * welcome.liveness
-        if probe:
-            self.probing = True
-        return Tick(interval, beat=True, probe=probe)
+            return Tick(delay)
+        return Tick(delay, lost=now - self._last_data > LOST_AFTER * interval)
 
-    def probe_over(self) -> None:
-        """The health probe ended (answered or not)."""
-        self.probing = False
+    def beat_due(self, now: float) -> float | None:
+        """Seconds until the next heartbeat (0: send one now and count it sent), or None
+        while no heartbeat goes out (not welcomed, recovering, closed).
+
+        For a heartbeat sender that runs apart from the event loop, so a user callback
+        that blocks the loop cannot get this client expired by the broker.
+        """
+        welcome = self.welcome
+        if welcome is None or self.closed or self.recovering:
+            return None
+        due = self._last_beat + welcome.heartbeat_interval - now
+        if due > 0:
+            return due
+        self._last_beat = now
+        return 0.0
 
     @staticmethod
     def heartbeat(received: int, gaps: int, lag_ms: float, dropped: int) -> Heartbeat:
@@ -412,26 +426,52 @@ class ClientCore:
 
     # ------------------------------------------------------------------ availability
 
-    def on_status(self, event: StatusEvent) -> None:
-        """Availability follows the upstream connections' state changes."""
+    def on_status(self, event: StatusEvent) -> Resync | None:
+        """Availability follows the upstream connections' state changes; a Resync when
+        the event is the broker's goodbye (it stops: recover, do not wait for silence)."""
         if not self.up:
-            return
+            return None
+        if event.state == "down" and event.detail == BROKER_STOPPING:
+            return Resync("the broker is stopping")
         if event.state in _DOWN_STATES:
             available = False
         elif event.state in _UP_STATES:
             available = True
         else:
-            return
+            return None
         if event.connection == "public":
             self._public = available
         else:
             self._private = available
+        return None
 
     def available(self, connection: ConnectionName) -> bool:
         """Whether that side's data flows now (Welcome, then status events)."""
         if not self.up:
             return False
         return self._public if connection == "public" else self._private
+
+
+def link_transition(last: StatusState | None, state: StatusState) -> StatusState | None:
+    """What a subscription whose connection was last reported ``last`` is told of
+    ``state``: None for no change (a copy, or the client's own notice already said it).
+
+    After ``reconnecting`` (told by the client when it lost the broker, or by the broker
+    when it lost Upbit), ``connecting`` says nothing new and ``up`` is the ``restored``.
+    Topic states (``gap``, ``source_rest``, ...) always pass.
+    """
+    if state not in LINK_STATES:
+        return state
+    if state == last:
+        return None
+    if last == "reconnecting":
+        if state == "connecting":
+            return None
+        if state == "up":
+            return "restored"
+    if last == "restored" and state == "up":
+        return None
+    return state
 
 
 def client_notice(

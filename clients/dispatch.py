@@ -16,6 +16,13 @@ topics carry while its subscribe request is in flight. :meth:`Dispatcher.activat
 delivers the snapshot first, then the buffered updates newer than it; later updates at
 or below a snapshot's ``seq`` are dropped, per subscription, so two subscriptions of
 one topic joining at different times each see every update exactly once.
+
+Status events: the broker publishes each event about a connection on its status topic
+(``_status/public/``, with the topics it affects) and a copy on each of those data topics
+(in order with their data). A subscription gets the status topic's event once, naming
+its own topics; the copies only advance the topics' sequences. Events published on a
+data topic alone (a ``gap``, a refused stream's ``error``) reach its subscriptions,
+naming that topic.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class Dispatcher:
         """``recv_ns`` of the newest envelope: the broker's receive time, for lag."""
         self.foreign_epoch: str | None = None
         self.status_events: list[Envelope] = []
+        self._announced: dict[str, StatusEvent] = {}
+        """The last event of each connection's status topic: its copies are not told again."""
         self._subs: dict[str, list[Subscription[Any]]] = {}
         self._routes: dict[bytes, _Route] = {}
         self._retired: set[str] = set()
@@ -204,19 +213,42 @@ class Dispatcher:
                     continue
                 self._gap(route, env, verdict.missed)
             if data.__class__ is StatusEvent:
-                for sub in route.subs:
-                    sub._status(env)
+                self._topic_status(route, env)
                 continue
             for sub in route.subs:
                 sub._offer(env)
         return True
 
     def _connection_status(self, env: Envelope) -> None:
-        """An upstream connection's event goes to every subscription it serves, in order."""
-        connection = env.data.connection  # type: ignore[union-attr]
+        """An upstream connection's event goes to every subscription it serves, in order,
+        naming that subscription's topics."""
+        event = env.data
+        assert isinstance(event, StatusEvent)
+        self._announced[event.connection] = event
         for sub in self.subscriptions:
-            if sub.connection == connection:
-                sub._status(env)
+            if sub.connection == event.connection:
+                told = msgspec.structs.replace(event, topics=list(sub.topics))
+                sub._status(msgspec.structs.replace(env, data=told))
+
+    def _topic_status(self, route: _Route, env: Envelope) -> None:
+        """An event on a data topic: a copy of the status topic's last one is not told
+        again; one of its own goes to the topic's subscriptions, naming the topic."""
+        event = env.data
+        assert isinstance(event, StatusEvent)
+        last = self._announced.get(event.connection)
+        if (
+            last is not None
+            and last.state == event.state
+            and last.timestamp == event.timestamp
+            and last.detail == event.detail
+        ):
+            return
+        if not event.topics:
+            env = msgspec.structs.replace(
+                env, data=msgspec.structs.replace(event, topics=[env.topic])
+            )
+        for sub in route.subs:
+            sub._status(env)
 
     def _gap(self, route: _Route, env: Envelope, missed: int) -> None:
         self.gaps += 1

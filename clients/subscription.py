@@ -19,10 +19,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+import msgspec
 import structlog
 
+from clients.core import LINK_STATES, link_transition
 from clients.errors import ClientClosed
-from schemas.bus import ConnectionName, Envelope, StatusEvent, StreamSpec
+from schemas.bus import ConnectionName, Envelope, StatusEvent, StatusState, StreamSpec
 
 __all__ = ["DEFAULT_MAXSIZE", "BoundedQueue", "Subscription", "is_async_callable"]
 
@@ -198,6 +200,8 @@ class Subscription(Generic[T]):
         self._last_log = 0.0
         self._unlogged = 0
         self._worker: asyncio.Task[None] | None = None
+        self._link_state: StatusState | None = None
+        """The connection state last told to ``on_status`` (see :func:`link_transition`)."""
         self.closed = False
 
     # ------------------------------------------------------------------ public
@@ -303,7 +307,11 @@ class Subscription(Generic[T]):
             self._failed(exc)
 
     def _status(self, env: Envelope) -> None:
-        """Deliver a StatusEvent envelope, in order with the data, if anyone listens."""
+        """Deliver a StatusEvent envelope, in order with the data, if anyone listens.
+
+        A connection state is told only when it changes (:func:`link_transition`): the
+        broker's event, its copies and the client's own notices all meet here.
+        """
         if self._on_status is None:
             return
         pending = self._pending
@@ -314,6 +322,15 @@ class Subscription(Generic[T]):
             return
         if self._floors and self._below_floor(env):
             return
+        event = env.data
+        assert isinstance(event, StatusEvent)
+        if event.state in LINK_STATES:
+            told = link_transition(self._link_state, event.state)
+            if told is None:
+                return
+            self._link_state = told
+            if told != event.state:
+                env = msgspec.structs.replace(env, data=msgspec.structs.replace(event, state=told))
         queue = self._queue
         if queue is not None:
             queue.put(env)

@@ -54,6 +54,7 @@ from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
     "ALL_STREAM_TYPES",
+    "BROKER_STOPPING",
     "CLIENT_TOPIC",
     "CONTROL_ENV",
     "DATA_ENV",
@@ -158,6 +159,9 @@ DEFAULT_ORDERBOOK_DEPTH: Final = 30
 """Levels of an orderbook asked for without a depth (what Upbit sends by default)."""
 
 STATUS_TOPIC_PREFIX: Final = "_status/"
+BROKER_STOPPING: Final = "broker stopping"
+"""``detail`` of the ``down`` status a broker publishes on its status topics as it stops
+on purpose: clients report ``down`` at once instead of waiting for silence."""
 HEARTBEAT_TOPIC: Final = "_heartbeat/"
 CLIENT_TOPIC: Final = "_client/"
 """Topic of the status notices a client library makes itself (broker lost / restored,

@@ -306,7 +306,13 @@ async def test_broker_errors_carry_the_brokers_code(fake: FakeBroker, client: Br
 async def test_no_reply_raises_broker_timeout(fake: FakeBroker) -> None:
     c = BrokerClient(fake.control, fake.data, request_timeout=0.3)
     await c.connect()
-    fake.silent = True
+    original = fake._answer
+
+    def no_metrics(identity: bytes, m: ClientMessage) -> Any:
+        # Alive (heartbeats flow) but this request is never answered.
+        return None if isinstance(m, MetricsRequest) else original(identity, m)
+
+    fake._answer = no_metrics  # type: ignore[method-assign]
     with pytest.raises(BrokerTimeout):
         await c.metrics()
     await c.close()
@@ -402,7 +408,7 @@ async def test_a_new_epoch_resubscribes_and_resnapshots_by_itself(
     await async_wait_until(lambda: got == [1.0, 7.0], 5, what="new snapshot")
     fake.publish(T_BTC, ticker(price=8.0), seq=8)
     await async_wait_until(lambda: got == [1.0, 7.0, 8.0], 5)
-    assert states == ["down", "restored"]
+    assert states == ["down", "gap", "reconnecting", "restored"]
     assert client.epoch == fake.epoch
     assert len(fake.of(Hello)) == 2
 
@@ -436,7 +442,7 @@ async def test_a_data_frame_over_the_bound_costs_a_resync_not_the_data_for_good(
     await async_wait_until(
         lambda: fake.publish(T_BTC, ticker(price=2.0)) and 2.0 in got, 5, what="data again"
     )
-    assert states[:2] == ["down", "restored"]
+    assert states[:4] == ["down", "gap", "reconnecting", "restored"]
     assert all(price in (1.0, 2.0) for price in got)
 
 
@@ -458,7 +464,9 @@ async def test_a_silent_broker_is_detected_and_recovered(
     await async_wait_until(lambda: not client.connected, 5, what="broker declared lost")
     assert not client.is_public_available()
     fake.silent = False
-    await async_wait_until(lambda: client.connected and states == ["down", "restored"], 5)
+    await async_wait_until(
+        lambda: client.connected and states == ["down", "gap", "reconnecting", "restored"], 5
+    )
     assert client.is_public_available()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from clients.core import (
+    BROKER_STOPPING,
     CLIENT_TOPIC,
     IDLE_TICK,
+    LOST_AFTER,
     ClientCore,
     HelloRefused,
     Refused,
@@ -17,6 +19,7 @@ from clients.core import (
     Tick,
     Welcomed,
     client_notice,
+    link_transition,
 )
 from clients.errors import BrokerError
 from schemas.bus import (
@@ -249,32 +252,61 @@ def test_before_a_welcome_ticks_are_idle() -> None:
     assert ClientCore("cid", "unit", 1).tick(100.0) == Tick(IDLE_TICK)
 
 
-def test_while_up_every_tick_beats_at_the_brokers_interval() -> None:
-    assert up_core(now=0.0).tick(0.5) == Tick(INTERVAL, beat=True)
+def test_while_up_liveness_is_checked_four_times_an_interval() -> None:
+    assert up_core(now=0.0).tick(0.5) == Tick(INTERVAL / 4)
 
 
-def test_silence_past_interval_times_liveness_probes_once() -> None:
+def test_a_broker_silent_for_one_and_a_half_intervals_is_lost() -> None:
+    # The broker publishes _heartbeat/ every interval: the old rule waited for a probe
+    # to time out, interval * liveness twice over (6 s here).
     core = up_core(now=0.0)
-    assert not core.tick(INTERVAL * LIVENESS).probe  # not yet past it
-    assert core.tick(INTERVAL * LIVENESS + 0.1) == Tick(INTERVAL, beat=True, probe=True)
-    assert not core.tick(INTERVAL * LIVENESS + 1.0).probe  # one probe in flight
-    core.probe_over()
-    assert core.tick(INTERVAL * LIVENESS + 1.1).probe
+    core.heard_data(10.0)
+    assert not core.tick(10.0 + LOST_AFTER * INTERVAL).lost  # a late heartbeat is fine
+    assert core.tick(10.0 + LOST_AFTER * INTERVAL + 0.01).lost
 
 
-def test_anything_heard_restarts_the_silence() -> None:
+def test_a_sigkill_is_noticed_within_two_intervals_wherever_it_falls() -> None:
+    # Heartbeats at 0, 1, 2, ...; the broker dies at ``killed``; ticks every quarter.
+    for killed in (2.0, 2.01, 2.5, 2.99):
+        core = up_core(now=0.0)
+        now = 0.0
+        while not core.tick(now).lost:
+            if now <= killed:
+                core.heard_data(float(int(now)))  # the last heartbeat before now
+            now += INTERVAL / 4
+        assert now - killed <= 2 * INTERVAL, (killed, now)
+
+
+def test_anything_on_the_data_socket_restarts_the_silence() -> None:
     core = up_core(now=0.0)
-    core.heard(10.0)
-    assert not core.tick(12.0).probe
-    core.receive(UnsubscribeOk(99), 20.0)  # even a message nobody waits for
-    assert not core.tick(22.0).probe
-    assert core.tick(23.5).probe
+    core.heard_data(10.0)
+    assert not core.tick(11.0).lost
+    core.receive(UnsubscribeOk(99), 12.0)  # control traffic does not count
+    assert core.tick(11.6).lost
 
 
-def test_no_beat_nor_probe_while_recovering() -> None:
+def test_nothing_is_lost_while_recovering() -> None:
     core = up_core(now=0.0)
     core.begin_resync()
-    assert core.tick(100.0) == Tick(INTERVAL)
+    assert core.tick(100.0) == Tick(INTERVAL / 4)
+
+
+def test_heartbeats_are_due_once_an_interval_while_up() -> None:
+    core = up_core(now=0.0)
+    assert core.beat_due(0.0) == 0.0  # the first one at once
+    assert core.beat_due(0.25) == pytest.approx(0.75)
+    assert core.beat_due(1.0) == 0.0
+    assert core.beat_due(1.5) == pytest.approx(0.5)
+
+
+def test_no_heartbeat_before_a_welcome_while_recovering_or_after_close() -> None:
+    assert ClientCore("cid", "unit", 1).beat_due(5.0) is None
+    core = up_core(now=0.0)
+    core.begin_resync()
+    assert core.beat_due(5.0) is None
+    core.resync_done()
+    core.close()
+    assert core.beat_due(6.0) is None
 
 
 def test_heartbeat_carries_the_counters_with_lag_rounded() -> None:
@@ -387,27 +419,37 @@ def test_a_client_notice_is_a_status_envelope_on_the_client_topic() -> None:
     )
 
 
-# ------------------------------------------------------------------------- probe answers
+# ------------------------------------------------------------------------- status events
 
 
-def test_an_answered_probe_from_our_broker_with_data_flowing_is_fine() -> None:
-    core = up_core(now=0.0)
-    core.heard_data(5.0)
-    assert core.probe_answered("e1", 8.0) is None
+def test_the_brokers_goodbye_asks_for_a_resync_at_once() -> None:
+    core = up_core()
+    event = StatusEvent(connection="public", state="down", detail=BROKER_STOPPING)
+    assert core.on_status(event) == Resync("the broker is stopping")
 
 
-def test_an_answered_probe_from_another_epoch_asks_for_a_resync() -> None:
-    core = up_core(now=0.0)
-    core.heard_data(5.0)
-    assert core.probe_answered("e2", 8.0) == Resync("broker restarted (epoch e2)")
+def test_an_upstream_down_is_no_goodbye() -> None:
+    core = up_core()
+    assert core.on_status(StatusEvent(connection="public", state="down", detail="lost")) is None
+    assert not core.available("public")
 
 
-def test_data_silent_for_twice_the_liveness_timeout_while_the_broker_answers_resyncs() -> None:
-    # The broker publishes _heartbeat/ every interval: a silent data socket was dropped.
-    core = up_core(now=0.0)
-    limit = 2 * INTERVAL * LIVENESS
-    core.heard(limit + 1.0)  # control traffic does not count as data
-    assert core.probe_answered("e1", limit) is None
-    event = core.probe_answered("e1", limit + 0.1)
-    assert isinstance(event, Resync)
-    assert "data" in event.reason
+def test_a_connection_state_is_told_only_when_it_changes() -> None:
+    assert link_transition(None, "connecting") == "connecting"
+    assert link_transition("connecting", "up") == "up"
+    assert link_transition("up", "up") is None  # a copy
+    assert link_transition("down", "down") is None  # the client's notice after a goodbye
+
+
+def test_after_reconnecting_connecting_is_no_news_and_up_is_restored() -> None:
+    # The client said "reconnecting" when it lost the broker; the restarted broker's link
+    # then connects for the first time.
+    assert link_transition("reconnecting", "connecting") is None
+    assert link_transition("reconnecting", "up") == "restored"
+    assert link_transition("restored", "up") is None
+    assert link_transition("reconnecting", "restored") == "restored"
+
+
+def test_topic_states_always_pass() -> None:
+    assert link_transition("down", "gap") == "gap"
+    assert link_transition("up", "source_rest") == "source_rest"
