@@ -49,7 +49,7 @@ from broker.routing import DataRouter
 from broker.snapshots import Snapshots
 from broker.subscriptions import SubscriptionState, UpstreamStream, carries
 from broker.topics import TopicLifecycle, TopicPlan
-from broker.upstream import ConnectGate, ConnectionName, UpstreamLink
+from broker.upstream import ConnectGate, ConnectionName, UpstreamLink, keepalive_setting
 from schemas.bus import (
     BROKER_STOPPING,
     CONTROL_ENV,
@@ -164,6 +164,7 @@ class Broker:
                 on_carried=functools.partial(self._on_carried, name),
                 widen_types=settings.widen_types if name == "public" else (),
                 coalesce=settings.coalesce_window,
+                keepalive=keepalive_setting(os.environ),
                 credentials=self.credentials if name == "private" else None,
             )
 

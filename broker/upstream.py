@@ -2,10 +2,18 @@
 
 An :class:`UpstreamLink` owns the public or the private connection. It connects
 through the shared :class:`ConnectGate` (Upbit allows 5 connects/s and bans repeat
-offenders), keeps the connection honest with WebSocket pings (a silent stall — socket
-open, nothing arriving, pings unanswered — is reported ``stale`` and closed within
-``2 x keepalive``), and reconnects with jittered exponential backoff, restoring every
-stream.
+offenders), keeps the connection honest, and reconnects with jittered exponential
+backoff, restoring every stream. Two checks, because a pong proves only that something
+answers pongs (a proxy, a load balancer, the server's WebSocket library):
+
+- a dead path (socket open, nothing arriving, pings unanswered) is reported ``stale`` and
+  closed within ``2 x keepalive`` (8 s): WebSocket pings every ``keepalive`` s;
+- an application stall (pongs, but no data and no ``{"status":"UP"}``) is reported
+  ``stale`` and closed within ``3.25 x keepalive`` (13 s): a text ``PING`` once the
+  connection has been silent a while, decided by :class:`broker.keepalive.AppLiveness`.
+
+A new connection counts as up only once both have answered: the pong and the
+application's answer to ``PING``.
 
 What to send and when (the ONE subscription message Upbit allows, coalesced, paced,
 resent in full on every change, checked against LIST_SUBSCRIPTIONS) is decided by its
@@ -22,14 +30,16 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import WSMsgType
 
+from broker.config import ConfigError
 from broker.credentials import Credentials
 from broker.exchange import Exchange
+from broker.keepalive import PROBE, AppLiveness, Probe, Stalled
 from broker.logs import get_logger
 from broker.ratelimit import (
     Backoff,
@@ -55,7 +65,7 @@ from broker.subscriptions import UpstreamStream
 from broker.wsclient import ConnectFailed, UpgradeRefused, WebSocket, WsClient
 from schemas.upbit import SubscriptionList, UpbitError, UpbitMessage
 
-__all__ = ["ConnectGate", "LinkStats", "UpstreamLink"]
+__all__ = ["KEEPALIVE_ENV", "ConnectGate", "LinkStats", "UpstreamLink", "keepalive_setting"]
 
 _BINARY = WSMsgType.BINARY
 _TEXT = WSMsgType.TEXT
@@ -67,6 +77,28 @@ ConnectionName = Literal["public", "private"]
 BAN_KIND = "ws-connect"
 STABLE_FRAMES = 16
 """Frames on one connection after which it counts as working and backoff starts over."""
+
+
+KEEPALIVE = 4.0
+"""Seconds between WebSocket pings, and the time a pong may take (see the module's
+docstring for what it bounds)."""
+KEEPALIVE_ENV = "UPBIT_BROKER_KEEPALIVE"
+"""Overrides :data:`KEEPALIVE`: tests shrink it to see stalls and quiet periods in less
+time. Production keeps the default (stall bounds of 8 s and 13 s)."""
+
+
+def keepalive_setting(env: Mapping[str, str]) -> float:
+    """The keepalive interval: ``UPBIT_BROKER_KEEPALIVE`` seconds, else 4."""
+    raw = env.get(KEEPALIVE_ENV, "").strip()
+    if not raw:
+        return KEEPALIVE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 60.0:
+        raise ConfigError(f"{KEEPALIVE_ENV} must be seconds between 0.1 and 60, not {raw!r}")
+    return value
 
 
 KEYS_PROVEN = 5.0
@@ -145,7 +177,7 @@ class UpstreamLink:
         on_rejected: Callable[[frozenset[UpstreamStream], str], None] | None = None,
         on_carried: Callable[[frozenset[UpstreamStream]], None] | None = None,
         widen_types: Collection[str] = (),
-        keepalive: float = 4.0,
+        keepalive: float = KEEPALIVE,
         coalesce: float = 0.05,
         compression: bool = True,
         message_limits: Iterable[Window] | None = None,
@@ -333,9 +365,9 @@ class UpstreamLink:
 
     async def _serve(self, ws: WebSocket) -> None:
         # A handshake proves little: a stalled server may still accept upgrades. The link
-        # counts as up only once the server answers a ping.
-        if not await self._first_pong(ws):
-            self._log.warning("no pong after connecting; retrying")
+        # counts as up only once the server answers a ping and its application a PING.
+        app = await self._first_answers(ws)
+        if app is None:
             return
         self._set_state("up", "connected")
         self._policy.on_connected(time.monotonic())
@@ -344,6 +376,7 @@ class UpstreamLink:
             reader,
             asyncio.create_task(self._driver(ws), name=f"{self.name}-requests"),
             asyncio.create_task(self._keepalive_loop(ws), name=f"{self.name}-keepalive"),
+            asyncio.create_task(self._app_watch(ws, app), name=f"{self.name}-app-watch"),
         ]
         try:
             # The reader ends with the connection; a helper only ends by closing it. A
@@ -363,22 +396,82 @@ class UpstreamLink:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _first_pong(self, ws: WebSocket) -> bool:
-        """Ping, and read until the pong (True) or close/timeout (False)."""
+    async def _first_answers(self, ws: WebSocket) -> AppLiveness | None:
+        """Ping and read until the pong, then PING the application and read until it
+        answers: its liveness tracker, or None (closed, no pong, or no answer)."""
         try:
             async with asyncio.timeout(self._keepalive):
                 await ws.ping()  # inside: a peer that stopped reading can block the send
                 while True:
                     msg = await ws.receive()
                     if msg.type is _PONG:
-                        return True
-                    if msg.type is _PING:
-                        await ws.pong(msg.data)
-                    elif msg.type is not _BINARY and msg.type is not _TEXT:
-                        return False
-                    # Data before the first request is impossible; nothing to lose here.
+                        break
+                    if not await self._early_message(ws, msg.type, msg.data):
+                        return None
         except (TimeoutError, ConnectionError):
+            self._log.warning("no pong after connecting; retrying")
+            return None
+        app = AppLiveness(time.monotonic(), self.stats.frames, keepalive=self._keepalive)
+        try:
+            while not app.answered:
+                action = app.step(time.monotonic(), self.stats.frames)
+                if isinstance(action, Stalled):
+                    self._log.warning("Upbit's application does not answer; retrying")
+                    return None
+                if isinstance(action, Probe):
+                    async with asyncio.timeout(self._keepalive):
+                        await ws.send_str(PROBE)
+                try:
+                    msg = await ws.receive(timeout=app.poll_every)
+                except TimeoutError:
+                    continue
+                if not await self._early_message(ws, msg.type, msg.data):
+                    return None
+        except (TimeoutError, ConnectionError):
+            return None
+        return app
+
+    async def _early_message(self, ws: WebSocket, kind: WSMsgType, data: bytes | str) -> bool:
+        """Handle a message read before the reader runs; False when the connection is over.
+
+        Frames go the usual way (an UP is dropped by the router, an error such as
+        INVALID_AUTH reaches the policy) and count as the application's answer.
+        """
+        if kind is _BINARY or kind is _TEXT:
+            self.stats.frames += 1
+            extra = self._on_frame(data, time.time_ns())
+            if extra:
+                self._on_control_messages(extra)
+        elif kind is _PING:
+            await ws.pong(data if isinstance(data, bytes) else data.encode())
+        elif kind is not _PONG:
             return False
+        return True
+
+    async def _app_watch(self, ws: WebSocket, app: AppLiveness) -> None:
+        """PING the application when the connection goes quiet; report ``stale`` and close
+        when it stops answering (pongs may still come: see the module docstring).
+
+        Any frame is a sign of life, read from the frame counter, so the reader's hot path
+        pays nothing; a quiet market that answers PING never trips it.
+        """
+        stats = self.stats
+        while True:
+            await asyncio.sleep(app.poll_every)
+            action = app.step(time.monotonic(), stats.frames)
+            if isinstance(action, Probe):
+                try:
+                    await ws.send_str(PROBE)
+                except ConnectionError:
+                    return  # the reader sees the close too
+            elif isinstance(action, Stalled):
+                self._log.warning(
+                    "Upbit's application stalled; closing", seconds=round(action.silent_for, 1)
+                )
+                # Told before the close, like a dead path: clients learn why it went quiet.
+                self._on_status(self.name, "stale", action.detail)
+                await ws.close()
+                return
 
     async def _keepalive_loop(self, ws: WebSocket) -> None:
         """Ping every ``keepalive`` s; report ``stale`` and close when a pong does not

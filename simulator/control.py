@@ -9,8 +9,11 @@ Tests and benchmarks use it to look inside the simulator and to inject failures:
 - ``GET  /_sim/stats``            counters: upgrades, WS requests, REST requests per group
 - ``GET  /_sim/markets``          the market list with materialized/active flags
 - ``POST /_sim/drop``             ``{"path"?}`` abort WS connections: no close frame (1006)
-- ``POST /_sim/stall``            ``{"seconds", "path"?}`` send nothing and answer no PING
-  or ping frame for N seconds, sockets open; 0 ends a stall
+- ``POST /_sim/stall``            ``{"seconds", "path"?, "kind"?}`` for N seconds, sockets
+  open; 0 ends a stall. ``kind: "link"`` (default): send nothing, answer no PING and no
+  ping frame (a dead path). ``kind: "app"``: ping frames still get pongs (the network
+  layer lives) but no data, no ``{"status":"UP"}`` and requests are ignored (the
+  exchange's application stalled)
 - ``POST /_sim/refuse_upgrades``  ``{"seconds", "status": 429|418}``
 - ``POST /_sim/rest_fail``        ``{"seconds", "status": 500|429}`` for every /v1 route
 - ``POST /_sim/rate``             ``{"per_second"?: X, "firehose"?: bool, "firehose_rate"?: X}``
@@ -27,14 +30,18 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from simulator.app import Simulator
 
-__all__ = ["Faults", "Stats", "add_control_routes"]
+__all__ = ["STALL_KINDS", "Faults", "StallKind", "Stats", "add_control_routes"]
+
+StallKind = Literal["link", "app"]
+STALL_KINDS: dict[object, StallKind] = {"link": "link", "app": "app"}
+"""``link``: a dead path (no pongs either); ``app``: pongs, but no application answers."""
 
 UPGRADE_LOG_MAX = 2_000
 """Upgrade attempts remembered for /_sim/stats (tests count them per second)."""
@@ -49,23 +56,38 @@ class Faults:
     def clear(self) -> None:
         """No faults."""
         self._stall: dict[str | None, float] = {}
+        self._app_stall: dict[str | None, float] = {}
         self._refuse_until = 0.0
         self._refuse_status = 429
         self._rest_fail_until = 0.0
         self._rest_fail_status = 500
 
-    def stall(self, seconds: float, now: float, path: str | None = None) -> float:
+    def stall(
+        self, seconds: float, now: float, path: str | None = None, kind: StallKind = "link"
+    ) -> float:
+        """Stall ``path`` (every path when None) for ``seconds``; 0 ends that stall.
+
+        ``kind="link"``: nothing at all comes back, pongs included. ``kind="app"``: pongs
+        still come (a proxy or the WebSocket library answers them), nothing else does.
+        """
+        stalls = self._stall if kind == "link" else self._app_stall
         until = now + max(0.0, seconds)
         if seconds <= 0:
-            self._stall.pop(path, None)
+            stalls.pop(path, None)
             if path is None:
-                self._stall.clear()
+                stalls.clear()
         else:
-            self._stall[path] = until
+            stalls[path] = until
         return until
 
     def stall_remaining(self, path: str, now: float) -> float:
+        """Seconds left of a link stall (no pongs either) on ``path``."""
         until = max(self._stall.get(None, 0.0), self._stall.get(path, 0.0))
+        return max(0.0, until - now)
+
+    def app_stall_remaining(self, path: str, now: float) -> float:
+        """Seconds left of an application stall (pongs only) on ``path``."""
+        until = max(self._app_stall.get(None, 0.0), self._app_stall.get(path, 0.0))
         return max(0.0, until - now)
 
     def refuse_upgrades(self, seconds: float, status: int, now: float) -> None:
@@ -88,6 +110,9 @@ class Faults:
     def describe(self, now: float) -> dict[str, object]:
         return {
             "stall": {(k or "*"): round(v - now, 3) for k, v in self._stall.items() if v > now},
+            "app_stall": {
+                (k or "*"): round(v - now, 3) for k, v in self._app_stall.items() if v > now
+            },
             "refuse_upgrades": (
                 {"status": self._refuse_status, "remaining": round(self._refuse_until - now, 3)}
                 if now < self._refuse_until
@@ -261,9 +286,12 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             return _bad("seconds must be a number >= 0")
         if path is not None and not isinstance(path, str):
             return _bad("path must be a string")
-        until = sim.faults.stall(seconds, time.time(), path)
+        kind = STALL_KINDS.get(body.get("kind", "link"))
+        if kind is None:
+            return _bad('kind must be "link" or "app"')
+        until = sim.faults.stall(seconds, time.time(), path, kind)
         sim.hub.wake_all()
-        return web.json_response({"stalled_until": until if seconds > 0 else None})
+        return web.json_response({"stalled_until": until if seconds > 0 else None, "kind": kind})
 
     async def refuse_upgrades(request: web.Request) -> web.Response:
         body = await _body(request)

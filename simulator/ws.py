@@ -42,6 +42,10 @@ Decisions on points PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.
 - Text ``PING`` -> one ``{"status":"UP"}``; it is not a request: not rate-limited, not in
   the request log (counted under ``pings``). WS ping frames get pongs (answered by this
   module, not by websockets' automatic pong, so a stall can withhold them).
+- Stalls (``POST /_sim/stall``): a link stall holds everything back, pongs included, and
+  lets it go when it ends; an application stall keeps answering ping frames but sends no
+  data and no ``{"status":"UP"}`` and ignores every text frame received meanwhile (counted
+  under ``ignored``), like an exchange whose application hangs behind a live proxy.
 - Per-connection limits (5/s and 100/min): an over-limit request is ignored and answered
   ``{"error":{"name":"Too Many Requests",...}}``; repeated violations escalate to
   ``"I'm a teapot"`` errors whose message carries the block time. The socket stays open.
@@ -570,6 +574,7 @@ class Connection:
         self.frames_sent = 0
         self.dropped = 0
         self.pings = 0
+        self.ignored = 0
         self.pending_close: tuple[int, str] | None = None
         cfg = sim.config
         self.throttle: Throttle | None = (
@@ -606,6 +611,7 @@ class Connection:
             "compressed": self.compressed,
             "requests": list(self.requests),
             "pings": self.pings,
+            "ignored": self.ignored,
             "messages_sent": self.messages_sent,
             "frames_sent": self.frames_sent,
             "queued": len(self.queue),
@@ -632,6 +638,9 @@ class Connection:
                     break
                 self.last_activity = time.monotonic()
                 await self.sim.wait_unstalled(self.path)
+                if self.sim.faults.app_stall_remaining(self.path, time.time()) > 0:
+                    self.ignored += 1  # the application hangs: PING and requests are lost
+                    continue
                 if isinstance(data, str):
                     self._on_text_safely(data)
                 else:
@@ -663,6 +672,26 @@ class Connection:
     def abort(self) -> None:
         """Cut the TCP connection without a close frame (client sees 1006)."""
         self.transport.abort()
+
+    def silenced(self) -> bool:
+        """True while a stall of either kind keeps this connection's data back."""
+        now = time.time()
+        faults = self.sim.faults
+        return faults.stall_remaining(self.path, now) > 0 or (
+            faults.app_stall_remaining(self.path, now) > 0
+        )
+
+    async def wait_heard(self) -> None:
+        """Return once no stall of either kind covers this connection's path."""
+        while True:
+            now = time.time()
+            faults = self.sim.faults
+            remaining = max(
+                faults.stall_remaining(self.path, now), faults.app_stall_remaining(self.path, now)
+            )
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, 0.05))
 
     async def _ponger(self) -> None:
         """Answer ping frames in order; a stall holds the answers back."""
@@ -862,7 +891,7 @@ class Connection:
         while not self.closed:
             await self.wakeup.wait()
             self.wakeup.clear()
-            await sim.wait_unstalled(self.path)
+            await self.wait_heard()
             try:
                 if sim.firehose and (self.realtime or self.queue):
                     await self._firehose()
@@ -967,7 +996,7 @@ class Connection:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            await sim.wait_unstalled(self.path)
+            await self.wait_heard()
             now_ms = int(time.time() * 1000)
             ts = b"%d" % now_ms
             picked = [templates[(counter + i) % len(templates)] for i in range(batch)]
@@ -1098,7 +1127,7 @@ class Hub:
             return
         sim = self.sim
         for conn, targets in list(subs.items()):
-            if sim.firehose or sim.stall_remaining(conn.path) > 0:
+            if sim.firehose or conn.silenced():
                 continue
             simple = conn.simple
             for target in targets:
@@ -1118,7 +1147,7 @@ class Hub:
         msg.setdefault("stream_type", "REALTIME")
         encoded: dict[bool, bytes] = {}
         for conn in list(self._private):
-            if self.sim.stall_remaining(conn.path) > 0:
+            if conn.silenced():
                 continue
             if kind == "myOrder":
                 codes = conn.my_order

@@ -153,8 +153,11 @@ def codes_of(request: str) -> list[str]:
 class Upstream:
     """A local WebSocket server recording each text frame; ``answer`` may reply to one.
 
-    Connections numbered in ``stalls`` (from 1) answer only their first ping: they come
-    up, then stall.
+    Like Upbit, it answers the text ``PING`` with ``{"status":"UP"}`` (counted in
+    ``pings``, not recorded). Connections numbered in ``stalls`` (from 1) answer only
+    their first ping frame: they come up, then stall. Connection ``n`` in ``mute``
+    answers only its first ``mute[n]`` PINGs, and pongs all along: its application
+    stalls behind a live network layer.
     """
 
     def __init__(self) -> None:
@@ -162,6 +165,8 @@ class Upstream:
         self.received: list[str] = []
         self.answer: Callable[[str], str | None] = lambda text: None
         self.stalls: set[int] = set()
+        self.mute: dict[int, int] = {}
+        self.pings = 0
         self.url = ""
 
     @property
@@ -177,11 +182,17 @@ class Upstream:
         ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
         stalls = self.connections in self.stalls
+        answers_left = self.mute.get(self.connections, -1)
         pongs = 0
         async for msg in ws:
             if msg.type is WSMsgType.PING and not (stalls and pongs):
                 await ws.pong(msg.data)
                 pongs += 1
+            elif msg.type is WSMsgType.TEXT and msg.data == "PING":
+                if answers_left != 0:
+                    answers_left -= 1
+                    self.pings += 1
+                    await ws.send_bytes(b'{"status":"UP"}')
             elif msg.type is WSMsgType.TEXT:
                 self.received.append(msg.data)
                 reply = self.answer(msg.data)
@@ -406,5 +417,56 @@ async def test_a_stalled_connection_is_reported_stale_then_dropped_and_restored(
         await until(lambda: "restored" in reports.states, "the link restored", timeout=5)
         await until(lambda: len(upstream.requests) == 2, "every stream requested again")
         assert upstream.requests == [["KRW-BTC"], ["KRW-BTC"]]
+    finally:
+        await stop(task)
+
+
+async def test_a_connection_whose_application_stops_answering_is_reported_stale_and_restored(
+    upstream: Upstream,
+) -> None:
+    reports = Reports()
+    link = served_link(upstream, reports, keepalive=0.2)
+    upstream.mute = {1: 1}  # answers the PING that brings it up, then only pongs
+    task = asyncio.create_task(link.run())
+    try:
+        link.set_streams(frozenset({BTC}))
+        await until(lambda: "restored" in reports.states, "the link restored", timeout=5)
+        assert reports.states[:5] == ["connecting", "up", "stale", "down", "reconnecting"]
+        assert "no data and no answer to PING" in reports.details[2]
+        await until(lambda: len(upstream.requests) == 2, "every stream requested again")
+        assert upstream.requests == [["KRW-BTC"], ["KRW-BTC"]]
+    finally:
+        await stop(task)
+
+
+async def test_a_connection_whose_application_never_answers_is_never_reported_up(
+    upstream: Upstream,
+) -> None:
+    reports = Reports()
+    link = served_link(upstream, reports, keepalive=0.2)
+    upstream.mute = {1: 0}  # pongs, but no answer to PING at all
+    task = asyncio.create_task(link.run())
+    try:
+        link.set_streams(frozenset({BTC}))
+        await until(lambda: "restored" in reports.states, "the second connection up", timeout=5)
+        assert reports.states == ["connecting", "down", "reconnecting", "restored"]
+        assert upstream.connections == 2
+        await until(lambda: upstream.requests, "the request, on the second connection")
+    finally:
+        await stop(task)
+
+
+async def test_a_quiet_connection_that_answers_ping_stays_up(upstream: Upstream) -> None:
+    reports = Reports()
+    # No data ever comes (the server sends none): only UP answers show it is alive.
+    link = served_link(upstream, reports, keepalive=0.2)
+    task = asyncio.create_task(link.run())
+    try:
+        link.set_streams(frozenset({BTC}))
+        # Twenty PINGs, one per 0.3 s of silence: ~6 s, ten times the 0.6 s stall bound.
+        await until(lambda: upstream.pings >= 20, "PINGs on the quiet connection", timeout=15)
+        assert reports.states == ["connecting", "up"]
+        assert upstream.connections == 1
+        assert upstream.requests == [["KRW-BTC"]]
     finally:
         await stop(task)

@@ -164,7 +164,12 @@ async def test_reset_clears_faults_counters_and_logs(
         (conn,) = (await control(sim, "connections"))["connections"]
         assert conn["requests"] == []
         info = await control(sim, "")
-        assert info["faults"] == {"stall": {}, "refuse_upgrades": None, "rest_fail": None}
+        assert info["faults"] == {
+            "stall": {},
+            "app_stall": {},
+            "refuse_upgrades": None,
+            "rest_fail": None,
+        }
         status, _, _ = await get_json(http, sim.urls["rest"] + "/v1/market/all")
         assert status == 200
         msg = await recv_until(ws, lambda m: m.get("stream_type") == "REALTIME", timeout=5)
