@@ -20,6 +20,8 @@ library (which only reads the two bus endpoints, never the keys)::
                                      quote while requests are scarce (``none``: off)
     UPBIT_BROKER_LOG_FORMAT console | json
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
+    UPBIT_BROKER_HTTP       (unset: off)  HOST:PORT of /metrics and /health, e.g.
+                                     127.0.0.1:9464 (a bare PORT means loopback)
 
 The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
 ``/tmp/upbit-broker-<uid>`` (:func:`schemas.bus.runtime_dir_path`, which the clients
@@ -217,6 +219,26 @@ def _keys(env: Mapping[str, str]) -> tuple[Secret | None, Secret | None]:
     return Secret(access), Secret(secret)
 
 
+def _http_endpoint(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """``UPBIT_BROKER_HTTP`` as ``(host, port)``; None (off) when unset or empty.
+
+    A bare port binds loopback; IPv6 hosts go in brackets (``[::1]:9464``).
+    """
+    raw = (env.get("UPBIT_BROKER_HTTP") or "").strip()
+    if not raw:
+        return None
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = "", raw
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"UPBIT_BROKER_HTTP={raw!r}: put an IPv6 host in brackets ([::1]:9464)")
+    if not port_text.isdigit() or int(port_text) > 65535 or any(c.isspace() for c in host):
+        raise ConfigError(f"UPBIT_BROKER_HTTP={raw!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+    return host or "127.0.0.1", int(port_text)
+
+
 LogFormat = Literal["console", "json"]
 
 
@@ -249,6 +271,8 @@ class Settings:
     widen_types: frozenset[str] = DEFAULT_WIDEN
     """Stream types a scarce request carries for every market of the new code's quote
     (:func:`broker.subscriptions.widen_request`); empty turns widening off."""
+    http_endpoint: tuple[str, int] | None = None
+    """``(host, port)`` serving /metrics and /health (:mod:`broker.http`); None: off."""
 
     @property
     def has_keys(self) -> bool:
@@ -286,4 +310,5 @@ class Settings:
             send_hwm=int(_number(env, "UPBIT_BROKER_SEND_HWM", 10_000, minimum=100)),
             handlers=_handler_entries(env),
             widen_types=_widen_types(env),
+            http_endpoint=_http_endpoint(env),
         )
