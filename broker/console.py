@@ -137,9 +137,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int
 
 def _link_row(name: str, link: ConnectionHealth, now: float) -> list[str]:
     last = link.last_message_timestamp
+    # Connecting again after losing the connection is still down for whoever reads this.
+    state = "down, retrying" if link.state == "connecting" and link.reconnects else link.state
     return [
         name,
-        link.state,
+        state,
         link.source,
         _local(link.since, now) if link.since else "-",
         "never" if last is None else f"{_span(now - last)} ago",

@@ -166,7 +166,9 @@ def health_reasons(health: Health, now: float) -> list[str]:
                 if link.source == "rest"
                 else "no data until it reconnects"
             )
-            reasons.append(f"{name} link {link.state} for {age:.0f} s; {served}")
+            # ``connecting`` after a lost connection: down, and trying again.
+            state = "down (reconnecting)" if link.reconnects else link.state
+            reasons.append(f"{name} link {state} for {age:.0f} s; {served}")
     if health.status == "critical":
         reasons.append(f"public link down for more than {CRITICAL_AFTER:.0f} s")
     return reasons

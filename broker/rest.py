@@ -112,7 +112,7 @@ class RestClient:
         """Requests sent, per rate-limit group (read by /metrics)."""
         self.waits: Counter[str] = Counter()
         """Requests that had to queue for a slot of their group."""
-        self.wait_seconds: Counter[str] = Counter()
+        self.wait_seconds: dict[str, float] = {}
         """Seconds spent queueing, per group."""
         self.throttled: Counter[tuple[str, int]] = Counter()
         """``(group, status)`` -> 429 and 418 answers Upbit gave."""
@@ -159,7 +159,8 @@ class RestClient:
             wait = self._limiter.delay(group, time.time())
             raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s") from None
         finally:
-            self.wait_seconds[group] += time.monotonic() - started
+            waited = time.monotonic() - started
+            self.wait_seconds[group] = self.wait_seconds.get(group, 0.0) + waited
 
     async def _request(
         self,
