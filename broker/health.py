@@ -167,7 +167,9 @@ def health_reasons(health: Health, now: float) -> list[str]:
                 else "no data until it reconnects"
             )
             # ``connecting`` after a lost connection: down, and trying again.
-            state = "down (reconnecting)" if link.reconnects else link.state
+            state = link.state
+            if state == "connecting" and link.reconnects:
+                state = "down (reconnecting)"
             reasons.append(f"{name} link {state} for {age:.0f} s; {served}")
     if health.status == "critical":
         reasons.append(f"public link down for more than {CRITICAL_AFTER:.0f} s")
