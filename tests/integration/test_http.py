@@ -28,10 +28,10 @@ _URL = re.compile(r"monitoring endpoint listening.*?(http://127\.0\.0\.1:\d+)")
 def monitor_url(broker: BrokerProc) -> str:
     """The URL the broker says it serves monitoring on (it bound port 0)."""
 
-    def found() -> str | None:
+    def found() -> str:
         text = (broker.child.logdir / "stderr").read_text(errors="replace")
         match = _URL.search(text)
-        return match.group(1) if match else None
+        return match.group(1) if match else ""
 
     return wait_until(found, 10, what="the monitoring endpoint's log line")
 
@@ -52,19 +52,23 @@ def health(base: str) -> tuple[int, dict[str, Any]]:
     return status, value
 
 
-def samples(base: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+RECEIVED = "upbit_broker_messages_received_total"
+
+
+def samples(base: str) -> Samples:
     """Every sample of a scrape, by sample name, parsed by prometheus_client."""
     status, kind, body = get(f"{base}/metrics")
     assert status == 200
     assert kind.startswith("text/plain")
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    found: Samples = {}
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
             found.setdefault(sample.name, []).append((sample.labels, sample.value))
     return found
 
 
-def value(scrape: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+def value(scrape: Samples, name: str, **labels: str) -> float:
     rows = [v for got, v in scrape.get(name, []) if all(got.get(k) == w for k, w in labels.items())]
     assert len(rows) == 1, f"{name}{labels}: {scrape.get(name)}"
     return rows[0]
@@ -82,16 +86,13 @@ def test_metrics_scrape_parses_and_counts_what_flows(monitored: BrokerProc) -> N
     with SyncBrokerClient(name="metrics-test") as client:
         sub = client.subscribe_ticker(["KRW-BTC", "KRW-ETH"])
         wait_until(lambda: sub.received >= 3, 15, what="tickers")
-        scrape = wait_until(
-            lambda: (
-                (s := samples(base))
-                and value(s, "upbit_broker_messages_received_total", type="ticker") >= 3
-                and value(s, "upbit_broker_clients") >= 1
-                and s
-            ),
-            15,
-            what="ticker messages counted in /metrics",
-        )
+
+        def counted() -> Samples:
+            s = samples(base)
+            tickers = [v for labels, v in s.get(RECEIVED, []) if labels == {"type": "ticker"}]
+            return s if tickers and tickers[0] >= 3 and s.get("upbit_broker_clients") else {}
+
+        scrape = wait_until(counted, 15, what="ticker messages counted in /metrics")
         metrics = client.metrics()
     # The original design's six, under Prometheus names.
     assert value(scrape, "upbit_broker_active_connections") == 1
