@@ -36,11 +36,12 @@ from broker.exchange import Exchange, UpbitExchange
 from broker.fallback import PrivateFallback, PublicFallback
 from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
 from broker.health import RateMeter, compute_health, compute_metrics
+from broker.http import MonitorServer
 from broker.instance import InstanceLock
 from broker.keys import serve_curve
 from broker.liveness import ClientTable
 from broker.logs import get_logger
-from broker.ports import LinkWatcher, StatusState, status_state
+from broker.ports import LinkWatcher, MonitorCounters, StatusState, status_state
 from broker.publisher import Publisher
 from broker.quotas import MAX_REQUEST_BYTES, REPLY_QUEUE
 from broker.ratelimit import BAN_FILE, BanStore
@@ -153,6 +154,8 @@ class Broker:
         )
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
+        self.monitor: MonitorServer | None = None
+        """The /metrics and /health endpoint while it serves (UPBIT_BROKER_HTTP)."""
         for name in ("public", "private") if self.exchange.has_private() else ("public",):
             self.links[name] = UpstreamLink(
                 name,
@@ -190,6 +193,7 @@ class Broker:
         self._lock.acquire()
         try:
             self._bind()
+            await self._start_monitor()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -231,6 +235,8 @@ class Broker:
             if failed:
                 raise BrokerFailed(f"broker task failed: {', '.join(failed)}")
         finally:
+            if self.monitor is not None:
+                await self.monitor.close()
             await self.rest.close()
             self._say_goodbye()
             self._pub.close(linger=GOODBYE_LINGER_MS)
@@ -287,6 +293,18 @@ class Broker:
             check_ipc(name, endpoint)  # the directory may be new since the settings were read
             sock.bind(endpoint)
             check_ipc(name, endpoint)  # and the socket file is ours
+
+    async def _start_monitor(self) -> None:
+        """Serve /metrics and /health if configured; ConfigError if the address is taken."""
+        if self.settings.http_endpoint is None:
+            return
+        host, port = self.settings.http_endpoint
+        monitor = MonitorServer(self, host, port)
+        try:
+            await monitor.start()
+        except OSError as exc:
+            raise ConfigError(f"UPBIT_BROKER_HTTP: cannot listen on {host}:{port}: {exc}") from None
+        self.monitor = monitor
 
     # ------------------------------------------------------------------ state changes
 
@@ -435,6 +453,20 @@ class Broker:
             published=self.publisher.published,
             frames=self.publisher.frames,
             now=time.monotonic(),
+        )
+
+    def counters(self) -> MonitorCounters:
+        """The running totals behind the metrics, for /metrics."""
+        return MonitorCounters(
+            messages_by_type=dict(self.router.received),
+            rest_calls=dict(self.rest.calls_by_group),
+            rest_waits=dict(self.rest.waits),
+            rest_wait_seconds=dict(self.rest.wait_seconds),
+            rest_throttled=dict(self.rest.throttled),
+            upstream_errors={n: link.stats.upstream_errors for n, link in self.links.items()},
+            decode_errors=self.router.decode_errors,
+            duplicates=self.router.duplicates,
+            send_errors=self.publisher.send_errors,
         )
 
     async def wait_markets(self, timeout: float) -> bool:

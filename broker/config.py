@@ -22,6 +22,8 @@ library (which only reads the two bus endpoints, never the keys)::
                                      quote while requests are scarce (``none``: off)
     UPBIT_BROKER_LOG_FORMAT console | json
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
+    UPBIT_BROKER_HTTP       (unset: off)  HOST:PORT of /metrics and /health, e.g.
+                                     127.0.0.1:9464 (a bare PORT means loopback)
 
 The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
 ``/tmp/upbit-broker-<uid>`` (:func:`schemas.bus.runtime_dir_path`, which the clients
@@ -337,6 +339,26 @@ def _keys(env: Mapping[str, str]) -> tuple[Secret | None, Secret | None]:
     return Secret(access), Secret(secret)
 
 
+def _http_endpoint(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """``UPBIT_BROKER_HTTP`` as ``(host, port)``; None (off) when unset or empty.
+
+    A bare port binds loopback; IPv6 hosts go in brackets (``[::1]:9464``).
+    """
+    raw = (env.get("UPBIT_BROKER_HTTP") or "").strip()
+    if not raw:
+        return None
+    host, sep, port_text = raw.rpartition(":")
+    if not sep:
+        host, port_text = "", raw
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"UPBIT_BROKER_HTTP={raw!r}: put an IPv6 host in brackets ([::1]:9464)")
+    if not port_text.isdigit() or int(port_text) > 65535 or any(c.isspace() for c in host):
+        raise ConfigError(f"UPBIT_BROKER_HTTP={raw!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+    return host or "127.0.0.1", int(port_text)
+
+
 LogFormat = Literal["console", "json"]
 
 
@@ -383,6 +405,9 @@ class Settings:
         """The files of :attr:`curve_dir`."""
         return CurveLayout(self.curve_dir)
 
+    http_endpoint: tuple[str, int] | None = None
+    """``(host, port)`` serving /metrics and /health (:mod:`broker.http`); None: off."""
+
     @property
     def has_keys(self) -> bool:
         """True when private streams can run."""
@@ -425,4 +450,5 @@ class Settings:
             curve_dir=curve_root,
             curve=curve,
             public_only=public_only,
+            http_endpoint=_http_endpoint(env),
         )

@@ -4,7 +4,9 @@ Health follows the original design: ``healthy`` when every configured upstream l
 up, ``degraded`` when one is reconnecting or served by REST, ``critical`` when the
 public link has been down for longer than ``CRITICAL_AFTER`` seconds. Both functions
 read only what they are handed (links as :class:`broker.ports.LinkView`, counters as
-numbers), never the broker.
+numbers), never the broker. :func:`health_reasons` and :func:`http_status` turn a health
+into what people and probes read: why it is not healthy, and the HTTP status of
+``/health`` (critical is 503; degraded stays 200, since data still flows).
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from broker.liveness import ClientInfo
 from broker.ports import LinkView
 from schemas.bus import ConnectionHealth, HandlerMetrics, Health, Metrics
 
-__all__ = ["RateMeter", "compute_health", "compute_metrics", "rss_mb"]
+__all__ = [
+    "CRITICAL_AFTER",
+    "RateMeter",
+    "compute_health",
+    "compute_metrics",
+    "health_reasons",
+    "http_status",
+    "rss_mb",
+]
 
 CRITICAL_AFTER = 30.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -135,3 +145,41 @@ def compute_metrics(
         published_messages=published,
         published_frames=frames,
     )
+
+
+def health_reasons(health: Health, now: float) -> list[str]:
+    """Why ``health`` is not healthy, one sentence per link at fault (wall-clock ``now``).
+
+    Empty when every link carries data (or has nothing to carry).
+    """
+    reasons: list[str] = []
+    links = [("public", health.public)]
+    if health.private is not None:
+        links.append(("private", health.private))
+    for name, link in links:
+        if link.state == "auth_failed":
+            reasons.append(f"{name} link: Upbit rejected the API keys (no retries until fixed)")
+        elif link.state in ("down", "connecting"):
+            age = max(0.0, now - link.since)
+            served = (
+                "data served by REST polling meanwhile"
+                if link.source == "rest"
+                else "no data until it reconnects"
+            )
+            # ``connecting`` after a lost connection: down, and trying again.
+            state = link.state
+            if state == "connecting" and link.reconnects:
+                state = "down (reconnecting)"
+            reasons.append(f"{name} link {state} for {age:.0f} s; {served}")
+    if health.status == "critical":
+        reasons.append(f"public link down for more than {CRITICAL_AFTER:.0f} s")
+    return reasons
+
+
+def http_status(health: Health) -> int:
+    """The HTTP status of ``/health``: 503 when critical, else 200.
+
+    Degraded stays 200 (the status is in the body): the broker still serves data, from
+    REST or the other link, and a probe that restarted it then would make things worse.
+    """
+    return 503 if health.status == "critical" else 200

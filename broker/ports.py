@@ -9,7 +9,8 @@ concrete objects (links, router, publisher, the broker itself) satisfy them as t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, cast, get_args
 
 from broker.subscriptions import UpstreamStream
@@ -32,6 +33,8 @@ __all__ = [
     "LinkView",
     "LinkWatcher",
     "MarketList",
+    "MonitorCounters",
+    "Monitored",
     "Route",
     "SnapshotSource",
     "StatusState",
@@ -206,4 +209,47 @@ class BrokerStatus(Protocol):
 
     def metrics(self) -> Metrics:
         """The broker's metrics right now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorCounters:
+    """Running totals the monitoring endpoint reads beside health and metrics.
+
+    Every key is from a small fixed set (stream types, REST groups, link names), never a
+    market code, so each becomes a bounded Prometheus label.
+    """
+
+    messages_by_type: Mapping[str, int]
+    """Messages routed per stream type (WebSocket and REST)."""
+    rest_calls: Mapping[str, int]
+    """REST requests sent per rate-limit group."""
+    rest_waits: Mapping[str, int]
+    """REST requests that queued for a slot, per group."""
+    rest_wait_seconds: Mapping[str, float]
+    """Seconds REST requests queued, per group."""
+    rest_throttled: Mapping[tuple[str, int], int]
+    """``(group, status)`` -> 429 and 418 answers."""
+    upstream_errors: Mapping[str, int]
+    """Errors Upbit answered requests with, per link."""
+    decode_errors: int
+    duplicates: int
+    """Trades dropped as already published (the same trade over WebSocket and REST)."""
+    send_errors: int
+    """Envelopes the data socket refused."""
+
+
+class Monitored(Protocol):
+    """What the monitoring endpoint reads: health, metrics and the raw counters."""
+
+    def health(self) -> Health:
+        """The broker's health right now."""
+        ...
+
+    def metrics(self) -> Metrics:
+        """The broker's metrics right now."""
+        ...
+
+    def counters(self) -> MonitorCounters:
+        """The running totals behind the metrics."""
         ...

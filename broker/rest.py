@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -107,6 +108,14 @@ class RestClient:
         self._session: aiohttp.ClientSession | None = None
         self.calls = 0
         self.failures = 0
+        self.calls_by_group: Counter[str] = Counter()
+        """Requests sent, per rate-limit group (read by /metrics)."""
+        self.waits: Counter[str] = Counter()
+        """Requests that had to queue for a slot of their group."""
+        self.wait_seconds: dict[str, float] = {}
+        """Seconds spent queueing, per group."""
+        self.throttled: Counter[tuple[str, int]] = Counter()
+        """``(group, status)`` -> 429 and 418 answers Upbit gave."""
 
     @property
     def limiter(self) -> RestLimiter:
@@ -140,11 +149,18 @@ class RestClient:
         if self._pump_handle is not None:
             self._pump_handle.cancel()
         self._pump()
+        if future.done():
+            return
+        self.waits[group] += 1
+        started = time.monotonic()
         try:
             await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
             wait = self._limiter.delay(group, time.time())
             raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s") from None
+        finally:
+            waited = time.monotonic() - started
+            self.wait_seconds[group] = self.wait_seconds.get(group, 0.0) + waited
 
     async def _request(
         self,
@@ -169,6 +185,7 @@ class RestClient:
             await self._slot(group, priority, deadline)
             headers = self._exchange.rest_headers(query or None) if auth else {}
             self.calls += 1
+            self.calls_by_group[group] += 1
             try:
                 async with self._session.request(
                     method, url, headers=headers, skip_auto_headers=("Origin",)
@@ -183,6 +200,8 @@ class RestClient:
                 # a RestError like any failed call, so no caller's task dies of it.
                 self.failures += 1
                 raise RestError(0, f"{method} {path} failed: {type(exc).__name__}") from None
+            if status in (429, 418):
+                self.throttled[group, status] += 1
             if status == 429:
                 self.failures += 1
                 self._limiter.on_429(group, time.time())

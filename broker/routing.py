@@ -19,6 +19,7 @@ would have sent one for a new request (:meth:`DataRouter.claim`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Final
@@ -74,7 +75,8 @@ class DataRouter:
         self._deepening: dict[OrderbookKey, int] = {}
         """(code, level) whose upstream depth just grew -> the old depth still in flight."""
         self.trades = TradeDeduper()
-        self.messages = 0
+        self.received: Counter[str] = Counter()
+        """Messages routed per stream type (WebSocket and REST), read by /metrics."""
         self.duplicates = 0
         self.decode_errors = 0
         self.last_decode_error = ""
@@ -152,6 +154,11 @@ class DataRouter:
                 extra = [*(extra or ()), message]
         return extra
 
+    @property
+    def messages(self) -> int:
+        """Messages routed since start, every type."""
+        return sum(self.received.values())
+
     def _on_decode_error(self, exc: DecodeError) -> None:
         self.decode_errors += 1
         self.last_decode_error = str(exc)[:300]
@@ -188,7 +195,7 @@ class DataRouter:
         return sum(len(topics) for topics in self._topics.values())
 
     def _route_ticker(self, ticker: Ticker, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received["ticker"] += 1
         topic = self._ticker_topics.get(ticker.code) or self._topic("ticker", ticker.code)
         if topic not in self._active:
             if topic in self._carried:
@@ -199,7 +206,7 @@ class DataRouter:
         self._publish(topic, ticker, recv_ns, source)
 
     def _route_trade(self, trade: Trade, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received["trade"] += 1
         topic = self._trade_topics.get(trade.code) or self._topic("trade", trade.code)
         if topic not in self._active:
             if topic in self._carried:
@@ -234,7 +241,7 @@ class DataRouter:
         route(message, recv_ns, source)
 
     def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received[kind] += 1
         topic = self._topic(kind, message.code)
         if topic in self._active:
             self._publish(topic, message, recv_ns, source)
@@ -242,7 +249,7 @@ class DataRouter:
             self._unclaimed[topic] = (message, recv_ns, source)
 
     def _route_my_order(self, order: MyOrder, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received["myOrder"] += 1
         # Published on its market's topic; "myOrder/" subscribers match it by prefix.
         topic = self._topic("myOrder", order.code)
         if "myOrder/" in self._active or topic in self._active:
@@ -250,7 +257,7 @@ class DataRouter:
             self._publisher.publish_in_order(topic, order, recv_ns, source)
 
     def _route_my_asset(self, asset: MyAsset, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received["myAsset"] += 1
         if "myAsset/" in self._active:
             self._publisher.publish_in_order("myAsset/", asset, recv_ns, source)
 
@@ -263,7 +270,7 @@ class DataRouter:
         )
 
     def _route_orderbook(self, book: Orderbook, recv_ns: int, source: Source) -> None:
-        self.messages += 1
+        self.received["orderbook"] += 1
         key = orderbook_key(book)
         depths = self._depths.get(key)
         if not depths:
