@@ -35,8 +35,8 @@ from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
 from broker.private_store import PrivateStore, SavedPrivate
-from broker.reconcile import PrivateState
-from broker.rest import CLOSED_WINDOW_MS, PRIORITY_POLL, RestClient, RestError
+from broker.reconcile import PrivateState, closed_window
+from broker.rest import PRIORITY_POLL, RestClient, RestError
 from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES
 from schemas.errors import DecodeError
 from schemas.rest import (
@@ -52,9 +52,6 @@ from schemas.upbit import MyAsset, MyOrder, UpbitData
 
 __all__ = ["PrivateFallback", "PublicFallback"]
 
-CLOSED_MARGIN_MS = 60_000
-"""Closed orders are asked from this long before the known time: clocks differ, and an
-order already reported is never reported again."""
 IDLE_RETRY = 1.0
 """Seconds before a step that could do nothing useful (a failed baseline, a poll plan
 without calls) is tried again."""
@@ -249,7 +246,7 @@ class PrivateFallback(_Supervisor):
         """Monotonic time the next outage poll is due (one per ``interval`` at most)."""
         self._known_ms: int | None = None
         """Wall time (ms) up to which every change was published; None: now (the link
-        delivers). The closed orders after it (less :data:`CLOSED_MARGIN_MS`) are asked."""
+        delivers). The closed orders after it are asked (:func:`closed_window`)."""
         self._store = store
         self._saved = store.load() if store is not None else None
         """A previous broker's state, taken on the first sync (then None)."""
@@ -353,17 +350,14 @@ class PrivateFallback(_Supervisor):
         return self._interval
 
     def _closed_window(self, now_ms: int) -> tuple[int, int]:
-        """``start_time``, ``end_time`` of the closed orders to ask for (Upbit: <= 7 days)."""
-        known = now_ms if self._known_ms is None else self._known_ms
-        start = known - CLOSED_MARGIN_MS
-        oldest = now_ms - CLOSED_WINDOW_MS + CLOSED_MARGIN_MS
-        if start < oldest:
+        """``start_time``, ``end_time`` of the closed orders to ask for."""
+        start, end, complete = closed_window(self._known_ms, now_ms)
+        if not complete:
             self._log.warning(
                 "orders closed more than 7 days ago cannot be listed: not reported",
-                known_ms=known,
+                known_ms=self._known_ms,
             )
-            start = oldest
-        return start, now_ms
+        return start, end
 
     async def _sync(self, *, publish: bool) -> bool:
         """Fetch orders and balances; publish the differences (or just learn them)."""

@@ -42,12 +42,15 @@ from schemas.rest import (
 from schemas.upbit import AssetBalance, MyAsset, MyOrder
 
 __all__ = [
+    "CLOSED_MARGIN_MS",
+    "CLOSED_WINDOW_MS",
     "DEFAULT_MAX_FINISHED",
     "DEFAULT_MAX_TRADES",
     "FINAL_STATES",
     "KnownOrder",
     "PrivateSnapshot",
     "PrivateState",
+    "closed_window",
 ]
 
 FINAL_STATES: Final = frozenset({"done", "cancel"})
@@ -58,6 +61,11 @@ DEFAULT_MAX_FINISHED: Final = 4_096
 """Uuids of reported closed orders remembered to ignore stale open listings of them."""
 DEFAULT_MAX_TRADES: Final = 16_384
 """``trade_uuid`` s of published fills remembered so none is published twice."""
+CLOSED_WINDOW_MS: Final = 7 * 86_400_000
+"""Widest ``start_time``..``end_time`` window ``GET /v1/orders/closed`` takes (7 days)."""
+CLOSED_MARGIN_MS: Final = 60_000
+"""Closed orders are asked from this long before the known time: clocks differ, and an
+order already reported is never reported again."""
 _OPEN_RANK: Final = {"watch": 0, "wait": 1}
 """Progress of the open states REST shows; a WS ``trade`` or ``prevented`` is ``wait``."""
 _ZERO: Final = Decimal(0)
@@ -406,6 +414,18 @@ class PrivateState:
             self._finished.add(uuid)
         for trade_uuid in snapshot.trades:
             self._trades.add(trade_uuid)
+
+
+def closed_window(known_ms: int | None, now_ms: int) -> tuple[int, int, bool]:
+    """``(start_time, end_time, complete)`` of the closed orders to ask for, everything
+    being known up to ``known_ms`` (None: now). Upbit lists 7 days at most: an older
+    ``known_ms`` is clamped and ``complete`` is False (older ends cannot be reported)."""
+    known = now_ms if known_ms is None else known_ms
+    start = known - CLOSED_MARGIN_MS
+    oldest = now_ms - CLOSED_WINDOW_MS + CLOSED_MARGIN_MS
+    if start < oldest:
+        return oldest, now_ms, False
+    return start, now_ms, True
 
 
 def _balances_of(accounts: Iterable[RestAccount]) -> dict[str, Balance]:

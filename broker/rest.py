@@ -53,13 +53,7 @@ from schemas.rest import (
 )
 from schemas.rest import RestError as RestErrorEnvelope
 
-__all__ = [
-    "CLOSED_WINDOW_MS",
-    "PRIORITY_POLL",
-    "PRIORITY_SNAPSHOT",
-    "RestClient",
-    "RestError",
-]
+__all__ = ["PRIORITY_POLL", "PRIORITY_SNAPSHOT", "RestClient", "RestError"]
 
 PRIORITY_SNAPSHOT: Final = int(Priority.QUOTATION)
 """A client is waiting for this answer (get_snapshot, market list)."""
@@ -76,8 +70,6 @@ _MASK_WINDOW: Final = 65_536
 """Bytes of a body masked before an excerpt is cut from it: a JWT or key that starts in
 the excerpt ends well inside, so it is masked whole, never cut into a partial leak."""
 
-CLOSED_WINDOW_MS: Final = 7 * 86_400_000
-"""Widest ``start_time``..``end_time`` window ``GET /v1/orders/closed`` takes (7 days)."""
 _CLOSED_PAGE: Final = 1000
 """Orders per ``GET /v1/orders/closed`` call (Upbit's maximum ``limit``)."""
 
@@ -318,8 +310,9 @@ class RestClient:
 
         Oldest first, 1000 a call; a full page continues from its last order's time (the
         listing has no page number), so an order on that boundary comes twice and is
-        kept once. The window must be at most :data:`CLOSED_WINDOW_MS` (Upbit refuses
-        more). Past ``max_pages`` the rest is left out (``RestError`` would lose all).
+        kept once. The window must be 7 days at most (Upbit refuses more;
+        :func:`broker.reconcile.closed_window` makes it). Past ``max_pages`` the rest is
+        left out (a ``RestError`` would lose all of it).
         """
         found: dict[str, RestOrder] = {}
         start = start_ms

@@ -7,7 +7,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from broker.reconcile import PrivateState
+from broker.reconcile import CLOSED_MARGIN_MS, CLOSED_WINDOW_MS, PrivateState, closed_window
 from schemas.errors import DecodeError
 from schemas.rest import RestAccount, RestOrder, RestOrderTrade
 from schemas.upbit import AssetBalance, MyAsset, MyOrder
@@ -354,6 +354,18 @@ def test_trade_uuids_are_remembered_only_up_to_the_bound() -> None:
         state.apply_order(ws_order("A", state="trade", trade_uuid=f"t{i}"))
     assert len(state.snapshot().trades) == 10
     assert state.snapshot().trades[-1] == "t999"
+
+
+def test_closed_orders_are_asked_from_a_little_before_the_known_time() -> None:
+    assert closed_window(NOW - 5_000, NOW) == (NOW - 5_000 - CLOSED_MARGIN_MS, NOW, True)
+    assert closed_window(None, NOW) == (NOW - CLOSED_MARGIN_MS, NOW, True)
+
+
+def test_closed_orders_older_than_upbits_seven_days_are_not_asked_for() -> None:
+    start, end, complete = closed_window(NOW - 30 * 86_400_000, NOW)
+    assert not complete
+    assert end - start < CLOSED_WINDOW_MS
+    assert end - start > CLOSED_WINDOW_MS - 2 * CLOSED_MARGIN_MS
 
 
 # ---------------------------------------------------------------------- restart
