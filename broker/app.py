@@ -42,6 +42,7 @@ from broker.keys import serve_curve
 from broker.liveness import ClientTable
 from broker.logs import get_logger
 from broker.ports import LinkWatcher, MonitorCounters, StatusState, status_state
+from broker.private_store import PRIVATE_STATE_FILE, PrivateStore, owner_tag
 from broker.publisher import Publisher
 from broker.quotas import MAX_REQUEST_BYTES, REPLY_QUEUE
 from broker.ratelimit import BAN_FILE, BanStore
@@ -125,7 +126,14 @@ class Broker:
         self.credentials = Credentials()
         """The API keys as Upbit last judged them, shared by the private link and REST."""
         self.private_fallback = (
-            PrivateFallback(self, self.state, self.rest, self._route, credentials=self.credentials)
+            PrivateFallback(
+                self,
+                self.state,
+                self.rest,
+                self._route,
+                credentials=self.credentials,
+                store=_private_store(settings),
+            )
             if self.exchange.has_private()
             else None
         )
@@ -515,3 +523,12 @@ class Broker:
             self._log.info("market list loaded", markets=len(self.markets))
             delay = 1.0
             await asyncio.sleep(_MARKET_REFRESH)
+
+
+def _private_store(settings: Settings) -> PrivateStore:
+    """Where the published private state outlives the broker: the state directory, under
+    a one-way name of the account (never the keys themselves)."""
+    access = "" if settings.access_key is None else settings.access_key.reveal()
+    return PrivateStore(
+        settings.state_dir / PRIVATE_STATE_FILE, owner_tag(settings.rest_url, access)
+    )

@@ -9,11 +9,13 @@ when the stream is back. Trades are de-duplicated by ``sequential_id`` across bo
 switches (:class:`broker.dedupe.TradeDeduper`, inside the router).
 
 :class:`PrivateFallback` does the same for myOrder/myAsset with keys: while the
-private link is down it polls open orders and balances and publishes what changed;
-after the link returns, one more REST reconciliation publishes whatever changed
-between the last poll and the reconnect. Both diff against
-:class:`broker.reconcile.PrivateState`, which the router keeps current from WebSocket
-events too.
+private link is down it polls open and closed orders, the fills of those that
+progressed, and balances, and publishes what changed (``wait``, each ``trade``,
+``done`` / ``cancel``, once each); after the link returns, one more REST
+reconciliation publishes whatever changed between the last poll and the reconnect.
+Both diff against :class:`broker.reconcile.PrivateState`, which the router keeps
+current from WebSocket events too, and which :mod:`broker.private_store` saves so a
+restarted broker reports what it missed while it was down.
 
 Neither polls its link: the broker hands each link's state changes to
 :meth:`~PublicFallback.link_changed` and every change of what clients hold to
@@ -32,7 +34,8 @@ from broker.credentials import Credentials
 from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
-from broker.reconcile import PrivateState
+from broker.private_store import PrivateStore, SavedPrivate
+from broker.reconcile import PrivateState, closed_window
 from broker.rest import PRIORITY_POLL, RestClient, RestError
 from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES
 from schemas.errors import DecodeError
@@ -200,7 +203,15 @@ class PublicFallback(_Supervisor):
 
 
 class PrivateFallback(_Supervisor):
-    """Polls orders and balances while the private link is down; reconciles after."""
+    """Polls orders and balances while the private link is down; reconciles after.
+
+    Each sync reads the open orders, the orders closed since what is known
+    (``known_ms``: when the link went down, or the start of the last sync), the fills
+    of the orders that progressed, and the balances; it publishes what consumers
+    missed, each state and fill once (:class:`broker.reconcile.PrivateState`). With a
+    ``store``, what was published is saved (at most once per ``save_interval``) and a
+    restarted broker reports what changed since, instead of a silent baseline.
+    """
 
     def __init__(
         self,
@@ -212,9 +223,12 @@ class PrivateFallback(_Supervisor):
         grace: float = 3.0,
         interval: float = 1.0,
         credentials: Credentials | None = None,
+        store: PrivateStore | None = None,
+        save_interval: float = 1.0,
     ) -> None:
         """``credentials``: the broker's keys, shared with the private link: rejected
-        ones are tried once a minute at most, by either of them."""
+        ones are tried once a minute at most, by either of them. ``store``: where the
+        published state outlives the process (None: nowhere)."""
         super().__init__(grace)
         self._announcer = announcer
         self._streams_view = streams
@@ -230,7 +244,24 @@ class PrivateFallback(_Supervisor):
         self._needs_reconcile = False
         self._next_poll = 0.0
         """Monotonic time the next outage poll is due (one per ``interval`` at most)."""
+        self._known_ms: int | None = None
+        """Wall time (ms) up to which every change was published; None: now (the link
+        delivers). The closed orders after it are asked (:func:`closed_window`)."""
+        self._store = store
+        self._saved = store.load() if store is not None else None
+        """A previous broker's state, taken on the first sync (then None)."""
+        self._restored = False
+        """The first sync starts from a saved state: it publishes what changed."""
+        self._save_interval = save_interval
+        self._dirty = False
+        self._next_save = 0.0
         self._log = get_logger("fallback", link="private")
+        if self._saved is not None:
+            self._log.info(
+                "saved private state found: changes since then are reported",
+                known_ms=self._saved.known_ms,
+                orders=len(self._saved.snapshot.orders),
+            )
 
     def observe(self, event: MyOrder | MyAsset) -> None:
         """Keep the known state current from every published private event."""
@@ -238,17 +269,47 @@ class PrivateFallback(_Supervisor):
             self.state.apply_order(event)
         else:
             self.state.apply_asset(event)
+        self._mark_dirty()
+
+    def link_changed(self, state: StatusState, now: float) -> None:
+        """The private link reported ``state``: remember since when changes may be missed."""
+        if state not in LINK_OK_STATES and self._known_ms is None:
+            self._known_ms = int(time.time() * 1000)
+        super().link_changed(state, now)
 
     def _wanted(self) -> bool:
         return any(spec.type in PRIVATE_STREAM_TYPES for spec in self._streams_view.all_streams())
 
     async def _step(self) -> float | None:
+        wait = await self._supervise()
+        save_wait = self._persist(time.monotonic())
+        if save_wait is None:
+            return wait
+        return save_wait if wait is None else min(wait, save_wait)
+
+    async def _supervise(self) -> float | None:
         if not self._wanted():
+            if self._synced and self._store is not None:
+                # Nobody follows the account: what is saved would go stale unseen.
+                self._dirty = False
+                with contextlib.suppress(OSError):
+                    self._store.clear()
             self._synced = False
             return None
         if not self._synced:
-            # The baseline the first outage's changes are diffed against.
-            return 0.0 if await self._sync(publish=False) else IDLE_RETRY
+            if self._saved is not None:
+                # A previous broker published up to then: report what changed since.
+                self.state.restore(self._saved.snapshot)
+                self._known_ms = self._saved.known_ms
+                self._saved = None
+                self._restored = True
+            # Else the baseline the first outage's changes are diffed against.
+            if not await self._sync(publish=self._restored):
+                return IDLE_RETRY
+            self._synced = True
+            self._restored = False
+            self._mark_dirty()
+            return 0.0
         down_for = self._down_for(time.monotonic())
         if down_for is None:
             if not self._needs_reconcile:
@@ -288,30 +349,44 @@ class PrivateFallback(_Supervisor):
         self._next_poll = time.monotonic() + self._interval
         return self._interval
 
+    def _closed_window(self, now_ms: int) -> tuple[int, int]:
+        """``start_time``, ``end_time`` of the closed orders to ask for."""
+        start, end, complete = closed_window(self._known_ms, now_ms)
+        if not complete:
+            self._log.warning(
+                "orders closed more than 7 days ago cannot be listed: not reported",
+                known_ms=self._known_ms,
+            )
+        return start, end
+
     async def _sync(self, *, publish: bool) -> bool:
         """Fetch orders and balances; publish the differences (or just learn them)."""
         rest = self._rest
         credentials = self._credentials
         if not credentials.take_try(time.monotonic()):
             return False  # rejected keys: their one try a minute is not due
+        started_ms = int(time.time() * 1000)
         try:
             orders = await rest.open_orders()
+            closed_list: list[RestOrder] = []
+            if publish:
+                closed_list = await rest.closed_orders(*self._closed_window(started_ms))
             accounts = await rest.accounts()
             if not publish:
                 self.state.baseline(orders, accounts)
-                self._synced = True
+                self._synced_at(started_ms)
                 return True
-            closed: dict[str, RestOrder] = {}
-            for uuid in self.state.missing_uuids(orders):
+            later: dict[str, RestOrder] = {o.uuid: o for o in closed_list}
+            for uuid in self.state.to_fetch(orders, closed_list):
                 try:
-                    closed[uuid] = await rest.order(uuid)
+                    later[uuid] = await rest.order(uuid)
                 except RestError as exc:
-                    if exc.status == 404:
-                        self.state.forget_order(uuid)
-                    else:
+                    if exc.status != 404:
                         raise
+                    if uuid not in later:
+                        self.state.forget_order(uuid)
             now_ms = int(time.time() * 1000)
-            events: list[MyOrder | MyAsset] = list(self.state.diff_orders(orders, closed, now_ms))
+            events: list[MyOrder | MyAsset] = list(self.state.diff_orders(orders, later, now_ms))
             asset = self.state.diff_accounts(accounts, now_ms)
             if asset is not None:
                 events.append(asset)
@@ -337,4 +412,33 @@ class PrivateFallback(_Supervisor):
             self._route(cast(UpbitData, event), now_ns, "rest")
         if events:
             self._log.info("private changes published from REST", events=len(events))
+        self._synced_at(started_ms)
         return True
+
+    def _synced_at(self, started_ms: int) -> None:
+        """A sync that began at ``started_ms`` succeeded: everything before is known."""
+        self._known_ms = None if self._down_since is None else started_ms
+        self._mark_dirty()
+
+    # ------------------------------------------------------------------- persistence
+
+    def _mark_dirty(self) -> None:
+        if self._store is not None and not self._dirty:
+            self._dirty = True
+            self._wake.set()
+
+    def _persist(self, now: float) -> float | None:
+        """Save the state if it changed and the last save is old enough; the wait before
+        the next save is due (None: nothing to save)."""
+        if self._store is None or not self._dirty or not self._synced:
+            return None
+        if now < self._next_save:
+            return self._next_save - now
+        known_ms = int(time.time() * 1000) if self._known_ms is None else self._known_ms
+        self._dirty = False
+        self._next_save = now + self._save_interval
+        try:
+            self._store.save(SavedPrivate(snapshot=self.state.snapshot(), known_ms=known_ms))
+        except OSError as exc:
+            self._log.warning("private state not saved", error=type(exc).__name__)
+        return None

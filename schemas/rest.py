@@ -55,8 +55,11 @@ __all__ = [
     "RestTrade",
     "decode_rest",
     "decode_rest_list",
+    "order_created_ms",
     "rest_accounts_to_my_asset",
     "rest_candle_to_candle",
+    "rest_order_birth",
+    "rest_order_fills",
     "rest_order_to_my_order",
     "rest_orderbook_to_orderbook",
     "rest_ticker_to_ticker",
@@ -468,7 +471,8 @@ def rest_order_to_my_order(o: RestOrder, now_ms: int, *, stream_type: str = "REA
 
     ``side`` bid/ask → ``ask_bid`` BID/ASK, ``ord_type`` → ``order_type``,
     ``created_at`` → ``order_timestamp`` (ms), ``timestamp`` = ``now_ms``. Missing
-    ``executed_funds`` / ``avg_price`` are computed from ``trades[]`` when present.
+    ``executed_funds`` / ``avg_price`` are computed from ``trades[]`` when present, and
+    ``trade_timestamp`` is the last fill's time there.
     """
     ask_bid = _SIDES.get(o.side)
     if ask_bid is None:
@@ -504,10 +508,94 @@ def rest_order_to_my_order(o: RestOrder, now_ms: int, *, stream_type: str = "REA
         smp_type=o.smp_type,
         prevented_volume=o.prevented_volume,
         prevented_locked=o.prevented_locked,
+        trade_timestamp=_last_fill_ms(o),
         order_timestamp=_iso_to_ms(o.created_at, "$.created_at"),
         timestamp=now_ms,
         stream_type=stream_type,
     )
+
+
+def _fill_ms(fill: RestOrderTrade) -> int | None:
+    """Time of one fill; None when absent or unreadable (Upbit's own docs show a
+    truncated offset there): a fill's time is informative, never worth the order."""
+    if fill.created_at is None:
+        return None
+    try:
+        return _iso_to_ms(fill.created_at, "$.trades[].created_at")
+    except DecodeError:
+        return None
+
+
+def _last_fill_ms(o: RestOrder) -> int | None:
+    """Time of the order's last fill in ``trades[]`` (None without one)."""
+    return _fill_ms(o.trades[-1]) if o.trades else None
+
+
+def order_created_ms(o: RestOrder) -> int:
+    """Epoch milliseconds of an order's ``created_at`` (DecodeError if it is no ISO time)."""
+    return _iso_to_ms(o.created_at, "$.created_at")
+
+
+def rest_order_birth(o: RestOrder, now_ms: int, *, stream_type: str = "REALTIME") -> MyOrder:
+    """The ``wait`` (or ``watch``) event the order had when it was placed.
+
+    Rebuilt from a later REST view: nothing executed, the whole volume remaining; what
+    that view cannot tell of the start (``locked``, ``avg_price``) is None.
+    """
+    ev = rest_order_to_my_order(o, now_ms, stream_type=stream_type)
+    zero = Decimal(0)
+    return msgspec.structs.replace(
+        ev,
+        state="watch" if o.state == "watch" else "wait",
+        avg_price=None,
+        remaining_volume=o.volume,
+        executed_volume=zero,
+        trades_count=0,
+        remaining_fee=o.reserved_fee,
+        paid_fee=zero,
+        locked=None,
+        executed_funds=zero,
+        prevented_volume=None,
+        prevented_locked=None,
+    )
+
+
+def rest_order_fills(o: RestOrder, now_ms: int, *, stream_type: str = "REALTIME") -> list[MyOrder]:
+    """One ``trade`` event per item of ``o.trades`` (GET /v1/order), as the WebSocket
+    sends them: the fill's ``trade_uuid``, price and volume, the order's running totals.
+
+    ``is_maker`` follows from ``trend`` (``up``: a buyer took liquidity); REST has no
+    per-fill fee, so ``trade_fee``, ``paid_fee``, ``remaining_fee`` and ``locked`` are None.
+    """
+    base = rest_order_to_my_order(o, now_ms, stream_type=stream_type)
+    events: list[MyOrder] = []
+    volume = funds = Decimal(0)
+    for i, fill in enumerate(o.trades or (), start=1):
+        volume += fill.volume
+        funds += fill.funds
+        at = _fill_ms(fill)
+        is_maker = None if fill.trend is None else (fill.trend == "up") != (o.side == "bid")
+        events.append(
+            msgspec.structs.replace(
+                base,
+                state="trade",
+                trade_uuid=fill.uuid,
+                price=fill.price,
+                volume=fill.volume,
+                avg_price=funds / volume if volume else None,
+                remaining_volume=None if o.volume is None else o.volume - volume,
+                executed_volume=volume,
+                trades_count=i,
+                remaining_fee=None,
+                paid_fee=None,
+                locked=None,
+                executed_funds=funds,
+                trade_fee=None,
+                is_maker=is_maker,
+                trade_timestamp=at,
+            )
+        )
+    return events
 
 
 def rest_accounts_to_my_asset(

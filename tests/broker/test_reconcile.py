@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgspec
 import pytest
 
-from broker.reconcile import PrivateState
+from broker.reconcile import CLOSED_MARGIN_MS, CLOSED_WINDOW_MS, PrivateState, closed_window
 from schemas.errors import DecodeError
-from schemas.rest import RestAccount, RestOrder
+from schemas.rest import RestAccount, RestOrder, RestOrderTrade
 from schemas.upbit import AssetBalance, MyAsset, MyOrder
 
 NOW = 1_751_600_000_000
@@ -39,8 +40,40 @@ def order(
     )
 
 
+def fill(uuid: str, volume: str, *, at: str = "15:00:01", trend: str = "up") -> RestOrderTrade:
+    return RestOrderTrade(
+        market="KRW-BTC",
+        uuid=uuid,
+        price=D("140000000"),
+        volume=D(volume),
+        funds=D("140000000") * D(volume),
+        side="bid",
+        trend=trend,
+        created_at=f"2025-07-04T{at}.250000+09:00",
+    )
+
+
+def detailed(uuid: str, *fills: RestOrderTrade, state: str = "done") -> RestOrder:
+    """``GET /v1/order`` of a 1.0 BTC bid with ``fills`` (executed = their sum)."""
+    executed = sum((f.volume for f in fills), D(0))
+    return msgspec.structs.replace(
+        order(uuid, state=state, executed=str(executed), remaining=str(D("1.0") - executed)),
+        trades=list(fills),
+        trades_count=len(fills),
+    )
+
+
+def trades(events: list[MyOrder]) -> list[tuple[str, str, str | None]]:
+    return [(ev.uuid, ev.state, ev.trade_uuid) for ev in events]
+
+
 def ws_order(
-    uuid: str, *, state: str = "wait", executed: str = "0", remaining: str = "1.0"
+    uuid: str,
+    *,
+    state: str = "wait",
+    executed: str = "0",
+    remaining: str = "1.0",
+    trade_uuid: str | None = None,
 ) -> MyOrder:
     return MyOrder(
         code="KRW-BTC",
@@ -48,6 +81,7 @@ def ws_order(
         ask_bid="BID",
         order_type="limit",
         state=state,
+        trade_uuid=trade_uuid,
         executed_volume=D(executed),
         remaining_volume=D(remaining),
         timestamp=NOW - 1,
@@ -144,8 +178,16 @@ def test_an_order_missing_only_from_an_incomplete_listing_is_not_reported(
 def test_an_order_born_and_finished_during_the_outage_is_reported_once(
     synced: PrivateState,
 ) -> None:
+    # Without its trades[] (not fetched): its birth, then how it ended.
     closed = {"C": order("C", state="done", executed="1.0", remaining="0.0")}
-    assert states(synced.diff_orders([order("A")], closed, NOW)) == [("C", "done")]
+    events = synced.diff_orders([order("A")], closed, NOW)
+    assert states(events) == [("C", "wait"), ("C", "done")]
+    birth = events[0]
+    assert (birth.executed_volume, birth.remaining_volume, birth.trades_count) == (
+        D(0),
+        D("1.0"),
+        0,
+    )
     assert synced.diff_orders([order("A")], closed, NOW) == []
 
 
@@ -199,6 +241,153 @@ def test_finished_orders_are_remembered_only_up_to_the_bound() -> None:
     # The last 10 are still known finished; older ones are forgotten, not leaked.
     assert state.diff_orders([order("o999")], {}, NOW) == []
     assert states(state.diff_orders([order("o0")], {}, NOW)) == [("o0", "wait")]
+
+
+# ----------------------------------------------------------------- fills and closed
+
+
+def test_an_order_born_and_filled_during_the_outage_comes_as_wait_each_trade_done(
+    synced: PrivateState,
+) -> None:
+    listed = order("C", state="done", executed="1.0", remaining="0.0")
+    # Its listing shows fills nobody saw: its trades[] are fetched.
+    assert synced.to_fetch([order("A")], [listed]) == ["C"]
+    full = detailed("C", fill("t1", "0.4", at="15:00:01"), fill("t2", "0.6", at="15:00:02"))
+    events = synced.diff_orders([order("A")], {"C": full}, NOW)
+    assert trades(events) == [
+        ("C", "wait", None),
+        ("C", "trade", "t1"),
+        ("C", "trade", "t2"),
+        ("C", "done", None),
+    ]
+    first, second, done = events[1:]
+    assert (first.volume, first.executed_volume, first.remaining_volume) == (
+        D("0.4"),
+        D("0.4"),
+        D("0.6"),
+    )
+    assert (second.executed_volume, second.remaining_volume, second.trades_count) == (
+        D("1.0"),
+        D("0.0"),
+        2,
+    )
+    # A buyer took liquidity (trend up), and this is a bid: the taker, not the maker.
+    assert first.is_maker is False
+    assert first.trade_timestamp == 1_751_608_801_250
+    assert done.trade_timestamp == second.trade_timestamp
+    # Exactly once: the next poll finds it finished, and asks nothing more of it.
+    assert synced.diff_orders([order("A")], {"C": full}, NOW) == []
+    assert synced.to_fetch([order("A")], [listed]) == []
+
+
+def test_fills_the_websocket_delivered_are_not_published_again(synced: PrivateState) -> None:
+    synced.apply_order(
+        ws_order("A", state="trade", executed="0.4", remaining="0.6", trade_uuid="t1")
+    )
+    full = detailed("A", fill("t1", "0.4"), fill("t2", "0.6", at="15:00:02"))
+    assert trades(synced.diff_orders([], {"A": full}, NOW)) == [
+        ("A", "trade", "t2"),
+        ("A", "done", None),
+    ]
+
+
+def test_each_fill_is_published_once_across_polls(synced: PrivateState) -> None:
+    partial = detailed("A", fill("t1", "0.4"), state="wait")
+    assert synced.to_fetch([order("A", executed="0.4", remaining="0.6")]) == ["A"]
+    assert trades(synced.diff_orders([partial], {"A": partial}, NOW)) == [("A", "trade", "t1")]
+    # Unchanged: nothing to fetch and nothing to publish.
+    assert synced.to_fetch([partial]) == []
+    assert synced.diff_orders([partial], {"A": partial}, NOW) == []
+    full = detailed("A", fill("t1", "0.4"), fill("t2", "0.6", at="15:00:02"))
+    assert synced.to_fetch([], [full]) == ["A"]
+    assert trades(synced.diff_orders([], {"A": full}, NOW)) == [
+        ("A", "trade", "t2"),
+        ("A", "done", None),
+    ]
+    assert synced.diff_orders([], {"A": full}, NOW) == []
+
+
+def test_a_partly_filled_order_cancelled_during_the_outage_shows_its_fill_then_cancel(
+    synced: PrivateState,
+) -> None:
+    cancelled = detailed("A", fill("t1", "0.3"), state="cancel")
+    assert trades(synced.diff_orders([], {"A": cancelled}, NOW)) == [
+        ("A", "trade", "t1"),
+        ("A", "cancel", None),
+    ]
+
+
+def test_an_order_cancelled_without_a_fill_needs_no_detail(synced: PrivateState) -> None:
+    gone = order("D", state="cancel")
+    assert synced.to_fetch([order("A")], [gone]) == []
+    assert states(synced.diff_orders([order("A")], {"D": gone}, NOW)) == [
+        ("D", "wait"),
+        ("D", "cancel"),
+    ]
+
+
+def test_known_orders_no_listing_shows_are_fetched(synced: PrivateState) -> None:
+    assert synced.to_fetch([], []) == ["A"]
+    # Listed closed without new fills: the listing is enough.
+    assert synced.to_fetch([], [order("A", state="cancel")]) == []
+
+
+def test_events_of_several_orders_follow_the_time_they_happened(synced: PrivateState) -> None:
+    a = detailed("A", fill("a1", "0.5", at="15:00:03"), fill("a2", "0.5", at="15:00:05"))
+    c = msgspec.structs.replace(
+        detailed("C", fill("c1", "1.0", at="15:00:04")), created_at="2025-07-04T15:00:02+09:00"
+    )
+    assert trades(synced.diff_orders([], {"A": a, "C": c}, NOW)) == [
+        ("C", "wait", None),
+        ("A", "trade", "a1"),
+        ("C", "trade", "c1"),
+        ("C", "done", None),
+        ("A", "trade", "a2"),
+        ("A", "done", None),
+    ]
+
+
+def test_trade_uuids_are_remembered_only_up_to_the_bound() -> None:
+    state = PrivateState(max_trades=10)
+    state.baseline([order("A")], [])
+    for i in range(1_000):
+        state.apply_order(ws_order("A", state="trade", trade_uuid=f"t{i}"))
+    assert len(state.snapshot().trades) == 10
+    assert state.snapshot().trades[-1] == "t999"
+
+
+def test_closed_orders_are_asked_from_a_little_before_the_known_time() -> None:
+    assert closed_window(NOW - 5_000, NOW) == (NOW - 5_000 - CLOSED_MARGIN_MS, NOW, True)
+    assert closed_window(None, NOW) == (NOW - CLOSED_MARGIN_MS, NOW, True)
+
+
+def test_closed_orders_older_than_upbits_seven_days_are_not_asked_for() -> None:
+    start, end, complete = closed_window(NOW - 30 * 86_400_000, NOW)
+    assert not complete
+    assert end - start < CLOSED_WINDOW_MS
+    assert end - start > CLOSED_WINDOW_MS - 2 * CLOSED_MARGIN_MS
+
+
+# ---------------------------------------------------------------------- restart
+
+
+def test_a_restored_state_reports_what_changed_since_it_was_saved(
+    synced: PrivateState,
+) -> None:
+    synced.apply_order(ws_order("A", state="trade", executed="0.4", trade_uuid="t1"))
+    synced.apply_order(ws_order("B", state="done", executed="1.0", remaining="0"))
+    restarted = PrivateState()
+    restarted.restore(synced.snapshot())
+    assert restarted.open_uuids == ["A"]
+    assert restarted.balances == synced.balances
+    full = detailed("A", fill("t1", "0.4"), fill("t2", "0.6", at="15:00:02"))
+    finished_before = order("B", state="done", executed="1.0", remaining="0")
+    assert restarted.to_fetch([], [full, finished_before]) == ["A"]
+    assert trades(restarted.diff_orders([], {"A": full, "B": finished_before}, NOW)) == [
+        ("A", "trade", "t2"),
+        ("A", "done", None),
+    ]
+    assert restarted.diff_accounts([account("KRW", "1000000"), account("BTC", "2")], NOW) is None
 
 
 # ------------------------------------------------------------------------- balances

@@ -41,6 +41,10 @@ class Seen:
     def order(self, uuid: str) -> tuple[float, MyOrder, str] | None:
         return next((o for o in self.orders if o[1].uuid == uuid), None)
 
+    def events_of(self, uuid: str) -> list[tuple[str, str | None, str]]:
+        """``(state, trade_uuid, source)`` of every myOrder event of ``uuid`` received."""
+        return [(o.state, o.trade_uuid, src) for _, o, src in self.orders if o.uuid == uuid]
+
     def asset_after(self, at: float) -> tuple[float, MyAsset, str] | None:
         return next((a for a in self.assets if a[0] >= at), None)
 
@@ -130,6 +134,29 @@ def place_resting_bid(sim: Sim) -> dict[str, Any]:
         },
     )
     assert order["state"] == "wait", order
+    return order
+
+
+def place_filled_bid(sim: Sim) -> dict[str, Any]:
+    """A limit bid on KRW-BTC that takes the best ask and half the next: two fills, done.
+
+    The answer carries the order's ``trades`` (the control endpoint shows them)."""
+    units = sim.rest("/v1/orderbook?markets=KRW-BTC")[0]["orderbook_units"]
+    sizes = [Decimal(str(u["ask_size"])) for u in units[:2]]
+    volume = (sizes[0] + sizes[1] / 2).quantize(Decimal("0.00000001"))
+    price = Decimal(str(units[4]["ask_price"])).quantize(Decimal(1))
+    order: dict[str, Any] = sim.control(
+        "orders",
+        {
+            "market": "KRW-BTC",
+            "side": "bid",
+            "ord_type": "limit",
+            "price": str(price),
+            "volume": str(volume),
+        },
+    )
+    assert order["state"] == "done", order
+    assert len(order["trades"]) >= 2, order
     return order
 
 
@@ -225,3 +252,44 @@ async def test_an_order_placed_during_a_short_private_outage_is_reconciled_after
         timeout=15,
         what="the private stream subscribed again",
     )
+
+
+async def test_an_order_placed_and_filled_during_an_outage_arrives_as_each_state_once(
+    sim: Sim, watcher: Seen
+) -> None:
+    refuse = 8.0
+    fault_at, _ = await outage(sim, watcher, refuse)
+    order = place_filled_bid(sim)
+    placed = time.time()
+    fills = [t["uuid"] for t in order["trades"]]
+    expected = [
+        ("wait", None, "rest"),
+        *[("trade", fill, "rest") for fill in fills],
+        ("done", None, "rest"),
+    ]
+
+    await async_wait_until(
+        lambda: ("done", None, "rest") in watcher.events_of(order["uuid"]),
+        timeout=GRACE + 10,
+        what="the order's done event over REST",
+    )
+    asset = await async_wait_until(
+        lambda: watcher.asset_after(placed), timeout=10, what="a myAsset change"
+    )
+    # More polls during the outage, then the reconciliation after it: nothing repeats.
+    restored = await async_wait_until(
+        lambda: watcher.status("source_websocket", fault_at),
+        timeout=refuse + 35,
+        what="the private stream back (source_websocket)",
+    )
+    assert restored is not None
+    assert asset is not None
+    events = watcher.events_of(order["uuid"])
+    print(f"\n[private] order born and filled in an outage: {events}")
+    assert events == expected
+    trades = [o for _, o, _ in watcher.orders if o.uuid == order["uuid"] and o.state == "trade"]
+    assert [t.volume for t in trades] == [Decimal(t["volume"]) for t in order["trades"]]
+    assert trades[-1].executed_volume == Decimal(order["executed_volume"])
+    balances = {a["currency"]: Decimal(a["balance"]) for a in sim.control("account", {})}
+    assert asset[2] == "rest"
+    assert {a.currency: a.balance for a in asset[1].assets}.items() <= balances.items()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal as D
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -323,6 +324,29 @@ async def test_closed_orders(api: Api, account: Account) -> None:
         {"start_time": "2025-06-01T00:00:00+09:00", "end_time": "2025-06-09T00:00:00+09:00"},
     )
     assert (status, answer["error"]["name"]) == (400, "validation_error")
+
+
+async def test_closed_orders_page_oldest_first_from_a_start_time_in_ms(api: Api) -> None:
+    # How the broker pages the closed listing: asc, full pages, the next start_time the
+    # last order's created_at (inclusive, so that order comes again).
+    placed = []
+    for _ in range(3):
+        order = await api.order(**limit_bid("99000000", "0.1"))
+        await api.request("DELETE", "/v1/order", {"uuid": order["uuid"]})
+        placed.append(order["uuid"])
+    created = datetime.fromisoformat(
+        (await api.request("GET", "/v1/order", {"uuid": placed[0]}))[1]["created_at"]
+    )
+    start_ms = int(created.timestamp() * 1000)
+    params = {"states[]": ["done", "cancel"], "start_time": start_ms, "limit": 2, "order_by": "asc"}
+    _, first = await api.request("GET", "/v1/orders/closed", params)
+    assert [o["uuid"] for o in first] == placed[:2]
+    _, orders = await api.request("GET", "/v1/orders/closed", {**params, "limit": 1000})
+    assert [o["uuid"] for o in orders] == placed
+    _, none = await api.request(
+        "GET", "/v1/orders/closed", {**params, "start_time": start_ms + 3_600_000}
+    )
+    assert none == []
 
 
 async def test_cancel(api: Api) -> None:
