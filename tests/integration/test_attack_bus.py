@@ -8,14 +8,25 @@ flips to a pass) once the weakness is fixed.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import zmq
 
-from schemas.bus import HEARTBEAT_TOPIC
-from tests.integration.conftest import BrokerProc
+from schemas.bus import (
+    HEARTBEAT_TOPIC,
+    ErrorReply,
+    StatusEvent,
+    StreamSpec,
+    Subscribe,
+    decode_batch,
+    split_published,
+    status_topic,
+)
+from tests.harness import control_request
+from tests.integration.conftest import BrokerProc, Sim, broker_env, run_broker_proc
 from tests.support import wait_until
 
 PREFIXES = 20_000
@@ -58,3 +69,56 @@ def test_one_sub_peer_cannot_grow_the_brokers_memory_without_bound(
     assert broker.child.alive()
     growth = proc.memory_info().rss - before
     assert growth < SUB_GROWTH_BOUND, f"the broker grew by {growth / 2**20:.0f} MB"
+
+
+WRONG_KEYS = {
+    "UPBIT_ACCESS_KEY": "wrong-access-key-0000000000",
+    "UPBIT_SECRET_KEY": "wrong-secret-key-0000000000000000000000",
+}
+
+
+@pytest.fixture
+def rejected_keys_broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[BrokerProc]:
+    """A broker whose API keys the simulator rejects, once it has found out."""
+    env = broker_env(sim, keys=True, extra=WRONG_KEYS)
+    for broker in run_broker_proc(env, monkeypatch):
+
+        def rejected() -> bool:
+            # Private links and polls start on demand: ask for private data until they ran.
+            control_request(env, lambda req: Subscribe(req, [StreamSpec("myAsset")]))
+            return "rejected the API keys" in broker.child.output()
+
+        wait_until(rejected, 20, interval=0.2, what="the broker to learn its keys are rejected")
+        yield broker
+
+
+def _told_private_is_off(reply: object, sub: zmq.Socket[bytes], seconds: float) -> bool:
+    """True when the subscribe was refused, or a status event said the keys are rejected."""
+    if isinstance(reply, ErrorReply):
+        return reply.code == "private_unavailable"
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not sub.poll(int(left * 1000)):
+            return False
+        _, envelopes = split_published(sub.recv())
+        for envelope in decode_batch(envelopes):
+            if isinstance(envelope.data, StatusEvent) and envelope.data.state == "auth_failed":
+                return True
+    return False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after Upbit rejected the keys, a private subscribe still gets SubscribeOk and "
+    "then silence: the auth_failed status went out once, before this client subscribed",
+)
+def test_a_private_subscribe_after_the_keys_were_rejected_is_not_a_silent_success(
+    rejected_keys_broker: BrokerProc, sub_ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    env = rejected_keys_broker.env
+    sub = sub_ctx.socket(zmq.SUB)
+    sub.connect(env["UPBIT_BROKER_DATA"])
+    for prefix in ("myOrder/", status_topic("private")):
+        sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    reply = control_request(env, lambda req: Subscribe(req, [StreamSpec("myOrder")]))
+    assert _told_private_is_off(reply, sub, 3.0), f"{reply!r}, then no auth_failed status"
