@@ -83,7 +83,7 @@ def rejected_keys_broker(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     env = broker_env(sim, keys=True, extra=WRONG_KEYS)
     for broker in run_broker_proc(env, monkeypatch):
 
-        def rejected() -> bool:
+        def rejected(broker: BrokerProc = broker) -> bool:
             # Private links and polls start on demand: ask for private data until they ran.
             control_request(env, lambda req: Subscribe(req, [StreamSpec("myAsset")]))
             return "rejected the API keys" in broker.child.output()
