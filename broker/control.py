@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Coroutine, Sequence
@@ -187,8 +188,13 @@ class ControlServer:
             return [self._refuse(identity, refusal)]
         self._clients.touch(client, now)
         if isinstance(message, Heartbeat):
+            # The client's own word, averaged into everyone's metrics: kept plausible.
             self._clients.report(
-                client, message.received, message.gaps, message.lag_ms, message.dropped
+                client,
+                max(0, message.received),
+                max(0, message.gaps),
+                _plausible_lag(message.lag_ms),
+                max(0, message.dropped),
             )
         elif isinstance(message, Subscribe):
             if self._markets.markets is None:
@@ -348,6 +354,13 @@ _NO_MARKETS = (
     "can be checked; nothing was subscribed; try again"
 )
 _request_decoder = msgspec.msgpack.Decoder()
+MAX_LAG_MS = 86_400_000.0
+"""Largest lag a heartbeat may report (a day): more is a broken or lying client."""
+
+
+def _plausible_lag(lag_ms: float) -> float:
+    """``lag_ms`` within ``[0, MAX_LAG_MS]``; NaN counts as no lag."""
+    return 0.0 if math.isnan(lag_ms) else min(max(lag_ms, 0.0), MAX_LAG_MS)
 
 
 def _request_id(data: bytes) -> int | None:
