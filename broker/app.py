@@ -423,6 +423,16 @@ class Broker:
             for client in owners:
                 self._carry_out(self.topics.unsubscribe(client, [spec]))
 
+    def private_refusal(self) -> str | None:
+        """Why private streams are refused now: Upbit rejected the keys (None: they are not)."""
+        reason = self.credentials.reason
+        if reason is None:
+            return None
+        return (
+            f"Upbit rejected the broker's API keys ({reason}); private streams are "
+            "unavailable until they work again (tried once a minute)"
+        )
+
     def is_available(self, private: bool) -> bool:
         """Whether the public (private) side can deliver data right now."""
         link = self.links.get("private" if private else "public")

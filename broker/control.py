@@ -260,10 +260,16 @@ class ControlServer:
                 f"{len(streams)} streams in one request; the limit is {MAX_STREAMS_PER_REQUEST}",
             )
         markets = self._markets.markets
-        return [
+        specs = [
             normalize_spec(spec, markets=markets, private_available=self._private_enabled)
             for spec in streams
         ]
+        refusal = self._status.private_refusal() if self._private_enabled else None
+        if refusal is not None and any(spec.is_private for spec in specs):
+            # Not a silent SubscribeOk: the auth_failed event went out before this client
+            # came, and nothing will flow until the keys work again.
+            raise SpecError("private_unavailable", refusal)
+        return specs
 
     def _subscribe(self, identity: bytes, client: str, message: Subscribe) -> Reply:
         try:

@@ -203,6 +203,10 @@ class BrokerStatus(Protocol):
         """Whether the public (private) side can deliver data right now."""
         ...
 
+    def private_refusal(self) -> str | None:
+        """Why private streams cannot be served for now (rejected keys), else None."""
+        ...
+
     def health(self) -> Health:
         """The broker's health right now."""
         ...

@@ -75,6 +75,7 @@ class FakeBroker:
         self.markets: frozenset[str] | None = MARKETS
         self.cache: dict[str, Envelope] = {}
         self.dropped: list[str] = []
+        self.refusal: str | None = None
 
     def subscribe(self, client_id: str, specs: Sequence[StreamSpec]) -> None:
         self.topics.subscribe(client_id, specs)
@@ -98,6 +99,9 @@ class FakeBroker:
 
     def is_available(self, private: bool) -> bool:
         return not private
+
+    def private_refusal(self) -> str | None:
+        return self.refusal
 
     def held(self, client_id: str) -> frozenset[StreamSpec]:
         return self.topics.state.streams_of(client_id)
@@ -440,3 +444,30 @@ async def test_a_second_snapshot_request_in_flight_is_refused_as_busy(
     (_, reply) = ask(control, ALICE, GetSnapshot(req=2, streams=[BTC]))
     assert isinstance(reply, ErrorReply)
     assert (reply.req, reply.code) == (2, "busy")
+
+
+def test_private_streams_are_refused_with_the_reason_while_the_keys_are_rejected(
+    broker: FakeBroker,
+) -> None:
+    control = ControlServer(
+        clients=broker.clients,
+        subscriptions=broker,
+        markets=broker,
+        snapshots=broker,
+        status=broker,
+        epoch="e1",
+        heartbeat_interval=0.5,
+        liveness=3,
+        private_enabled=True,
+    )
+    joined(control)
+    broker.refusal = "Upbit rejected the broker's API keys (INVALID_AUTH)"
+    (_, reply) = ask(control, ALICE, Subscribe(req=1, streams=[StreamSpec("myOrder")]))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.req, reply.code) == (1, "private_unavailable")
+    assert "INVALID_AUTH" in reply.message
+    # Public streams are not affected, and private ones come back with the keys.
+    assert isinstance(ask(control, ALICE, Subscribe(req=2, streams=[BTC]))[1], SubscribeOk)
+    broker.refusal = None
+    (_, ok) = ask(control, ALICE, Subscribe(req=3, streams=[StreamSpec("myOrder")]))
+    assert isinstance(ok, SubscribeOk)

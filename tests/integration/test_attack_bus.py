@@ -107,11 +107,6 @@ def _told_private_is_off(reply: object, sub: zmq.Socket[bytes], seconds: float) 
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after Upbit rejected the keys, a private subscribe still gets SubscribeOk and "
-    "then silence: the auth_failed status went out once, before this client subscribed",
-)
 def test_a_private_subscribe_after_the_keys_were_rejected_is_not_a_silent_success(
     rejected_keys_broker: BrokerProc, sub_ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
