@@ -40,7 +40,7 @@ from broker.config import ConfigError
 from broker.credentials import Credentials
 from broker.exchange import Exchange
 from broker.keepalive import PROBE, AppLiveness, Probe, Stalled
-from broker.logs import get_logger
+from broker.logs import LogThrottle, get_logger
 from broker.ratelimit import (
     Backoff,
     BanStore,
@@ -206,6 +206,8 @@ class UpstreamLink:
             widen_types=widen_types,
         )
         self._credentials = credentials
+        self._error_log = LogThrottle()
+        """Upbit's error frames are counted in full (stats) but logged ten a minute."""
         self._keepalive = keepalive
         self._compression = compression
         self._wake = asyncio.Event()
@@ -595,7 +597,11 @@ class UpstreamLink:
                 if self._credentials is not None and self._exchange.is_auth_error(name):
                     self._keys_rejected(f"{name}: {text}"[:200])
                     continue
-                self._log.error("Upbit sent an error", error=name, message=text[:200])
+                held = self._error_log.allow(now)
+                if held is not None:
+                    self._log.error(
+                        "Upbit sent an error", error=name, message=text[:200], held_back=held
+                    )
                 self._apply(self._policy.on_error(name, text, now))
             elif isinstance(message, SubscriptionList):
                 self._apply(self._policy.on_listing(message, now))

@@ -14,7 +14,15 @@ import pytest
 import structlog
 
 from broker import logs
-from broker.logs import MASK, SecretMasker, configure_logging, get_logger, mask, register_secret
+from broker.logs import (
+    MASK,
+    LogThrottle,
+    SecretMasker,
+    configure_logging,
+    get_logger,
+    mask,
+    register_secret,
+)
 
 ACCESS = "xqHGaA3pXmFtYS7bGDokz0xRJEz8Ewq7nLa2QnP1"
 SECRET = "Zk1VT3dj9sIYxQ0GhB5mCw8Pl2RaNuEeJ4oKvD6t"
@@ -380,3 +388,12 @@ def test_a_pathological_client_name_is_masked_through_the_processor() -> None:
     out = SecretMasker()(None, "info", {"event": "client hello", "name": name, "n": 1})
     assert out["name"] == name  # no JWT in it: kept as is
     assert out["n"] == 1
+
+
+def test_a_throttled_log_lets_a_burst_through_then_counts_what_it_holds_back() -> None:
+    throttle = LogThrottle(burst=3, window=60.0)
+    assert [throttle.allow(0.0) for _ in range(3)] == [0, 0, 0]
+    assert [throttle.allow(1.0) for _ in range(1000)] == [None] * 1000
+    # A new window: the first line says how many were held back.
+    assert throttle.allow(60.0) == 1000
+    assert throttle.allow(60.5) == 0
