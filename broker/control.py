@@ -33,6 +33,7 @@ from broker.logs import get_logger
 from broker.ports import BrokerStatus, MarketList, SnapshotSource, Subscriptions
 from broker.quotas import ClientQuotas, QuotaError
 from broker.rest import RestError
+from broker.snapshots import SnapshotTooBig
 from broker.subscriptions import SpecError, normalize_spec
 from schemas.bus import (
     PROTOCOL_VERSION,
@@ -66,6 +67,12 @@ MARKETS_WAIT = 3.0
 """How long a subscribe waits for Upbit's market list before it is refused with
 ``upstream_unavailable``: well inside a client's 5 s request timeout, so the client
 learns what is wrong instead of timing out."""
+FETCHING = 2
+"""Snapshot requests that fetch over REST at the same time (each is paced anyway by
+the REST limits every process on the host shares)."""
+MAX_PENDING = 16
+"""Requests waiting on REST (snapshots) or on the market list at once; past it a
+snapshot request is refused ``busy`` at once rather than queued past its timeout."""
 BATCH = 64
 """Requests answered in one turn of the event loop before the data path gets its turn."""
 
@@ -109,6 +116,8 @@ class ControlServer:
         self._key = secrets.token_bytes(16)
         self._socket: zmq.Socket[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fetching = asyncio.Semaphore(FETCHING)
+        """Snapshot requests fetching over REST at once; the others wait their turn."""
         self.requests = 0
         self.errors = 0
         self.unroutable = 0
@@ -204,6 +213,14 @@ class ControlServer:
         elif isinstance(message, Unsubscribe):
             return [self._unsubscribe(identity, client, message)]
         elif isinstance(message, GetSnapshot):
+            if len(self._tasks) >= MAX_PENDING:
+                busy = ErrorReply(
+                    message.req,
+                    "busy",
+                    f"the broker is answering {len(self._tasks)} requests over REST "
+                    "already; try again shortly",
+                )
+                return [self._refuse(identity, busy)]
             try:
                 self.quotas.start_snapshot(client)
             except QuotaError as exc:
@@ -321,7 +338,13 @@ class ControlServer:
             self._send(*self._refuse(identity, ErrorReply(message.req, exc.code, str(exc))))
             return
         try:
-            items, missing = await self._snapshots.fetch(specs)
+            async with self._fetching:
+                items, missing = await self._snapshots.fetch(specs)
+        except SnapshotTooBig as exc:
+            self._send(
+                *self._refuse(identity, ErrorReply(message.req, "too_many_streams", str(exc)))
+            )
+            return
         except RestError as exc:
             refusal = ErrorReply(message.req, "upstream_error", str(exc))
             self._send(*self._refuse(identity, refusal))

@@ -24,7 +24,14 @@ from schemas.rest import (
     rest_trade_to_trade,
 )
 
-__all__ = ["Snapshots"]
+__all__ = ["MAX_SINGLE_CALLS", "SnapshotTooBig", "Snapshots"]
+
+MAX_SINGLE_CALLS = 20
+"""REST calls one snapshot request may cost for kinds fetched one stream at a time."""
+
+
+class SnapshotTooBig(Exception):
+    """A snapshot request would cost more REST calls than one request may."""
 
 
 class Snapshots:
@@ -40,20 +47,59 @@ class Snapshots:
         return self._cache.last_values(topics)
 
     async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
-        """Envelopes for ``specs`` and the topics that have no value at all."""
+        """Envelopes for ``specs`` and the topics that have no value at all.
+
+        Uncached tickers come in one REST call (per 100 codes) and orderbooks in one
+        call per (depth, level), whatever their number; every other kind costs a call
+        per stream, at most :data:`MAX_SINGLE_CALLS` per request (SnapshotTooBig past
+        it), so one request can never queue hundreds of calls on the host's budget.
+        """
         items: list[Envelope] = []
         missing: list[str] = []
+        uncached: list[StreamSpec] = []
         for spec in specs:
             cached = self.last_values([spec.topic])
             if cached:
                 items.extend(cached)
-                continue
-            payloads = await _fetch(self._rest, spec)
-            if not payloads:
+            else:
+                uncached.append(spec)
+        singles = [s for s in uncached if s.type not in ("ticker", "orderbook")]
+        if len(singles) > MAX_SINGLE_CALLS:
+            raise SnapshotTooBig(
+                f"{len(singles)} uncached trade, candle or private streams would take as "
+                f"many REST calls; a snapshot request may take at most {MAX_SINGLE_CALLS}"
+            )
+        fetched: dict[str, Payload] = {}
+        rest = self._rest
+        now_ms = int(time.time() * 1000)
+        tickers = [s for s in uncached if s.type == "ticker" and s.code]
+        if tickers:
+            for t in await rest.tickers([s.code for s in tickers if s.code]):
+                topic = topic_for("ticker", t.market)
+                fetched[topic] = rest_ticker_to_ticker(t, stream_type="SNAPSHOT", now_ms=now_ms)
+        books: dict[tuple[int, float], list[StreamSpec]] = {}
+        for spec in uncached:
+            if spec.type == "orderbook" and spec.code:
+                key = (spec.depth or DEFAULT_ORDERBOOK_DEPTH, spec.level or 0.0)
+                books.setdefault(key, []).append(spec)
+        for (depth, level), group in books.items():
+            codes = [s.code for s in group if s.code]
+            for b in await rest.orderbooks(codes, level=level, count=depth):
+                topic = topic_for("orderbook", b.market, depth, level)
+                fetched[topic] = rest_orderbook_to_orderbook(
+                    b, stream_type="SNAPSHOT", now_ms=now_ms
+                )
+        now_ns = time.time_ns()
+        for spec in uncached:
+            if spec.type in ("ticker", "orderbook"):
+                payload = fetched.get(spec.topic)
+                found = [(spec.topic, payload)] if payload is not None else []
+            else:
+                found = await _fetch(rest, spec)
+            if not found:
                 missing.append(spec.topic)
-            now_ns = time.time_ns()
-            for topic, payload in payloads:
-                items.append(Envelope(topic, 0, self._epoch, now_ns, "rest", payload))
+            for topic, value in found:
+                items.append(Envelope(topic, 0, self._epoch, now_ns, "rest", value))
         return items, missing
 
 
