@@ -53,7 +53,7 @@ class _Window:
 class TradeDeduper:
     """Remembers recent trade ``sequential_id``\\ s per market to drop repeats.
 
-    ``sequential_id`` is unique but not guaranteed ordered (PROTOCOL.md §3.2), so this
+    ``sequential_id`` is unique but not guaranteed ordered (docs/PROTOCOL.md §3.2), so this
     never compares ids: it keeps the last ``max_ids_per_code`` ids *seen* (arrival
     order) in a set. Record every trade that is published, from either source.
     """

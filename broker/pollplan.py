@@ -1,7 +1,7 @@
 """Which quotation REST calls the public fallback makes each cycle, within the limits.
 
 While a public stream is served over REST, something must decide what to ask Upbit
-and how often without ever outrunning the per-IP quotation groups (PROTOCOL.md §6.1:
+and how often without ever outrunning the per-IP quotation groups (docs/PROTOCOL.md §6.1:
 ``ticker``, ``orderbook`` and ``trade`` allow 10 calls/s each; we plan for
 :data:`broker.ratelimit.DEFAULT_REST_MARGIN` of that, 8/s). :class:`PollPlanner`
 batches codes into as few calls as Upbit allows and, when one group has more calls
@@ -35,7 +35,7 @@ __all__ = [
 
 TICKER_BATCH: Final = 100
 """Codes per ``/v1/ticker`` call: very long ``markets=`` lists break HTTP clients
-(PROTOCOL.md §8.1; pyupbit chunks at 200), and 100 covers Upbit's KRW market in 3 calls."""
+(docs/PROTOCOL.md §8.1; pyupbit chunks at 200), and 100 covers Upbit's KRW market in 3 calls."""
 ORDERBOOK_BATCH: Final = 15
 """Codes per ``/v1/orderbook`` call. Upbit documents no cap, but a 30-level book is
 ~3 KB of JSON against ~0.7 KB for a ticker: 15 books (~45 KB) keep a response below a

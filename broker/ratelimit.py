@@ -84,7 +84,7 @@ REST_GROUP_LIMITS: Final[Mapping[str, Window]] = {
     "order-test": (8, 1.0),
     "order-cancel-all": (1, 2.0),
 }
-"""Upbit's documented REST limits per group (PROTOCOL.md §6.1), before margin."""
+"""Upbit's documented REST limits per group (docs/PROTOCOL.md §6.1), before margin."""
 QUOTATION_GROUPS: Final = frozenset({"market", "candle", "trade", "ticker", "orderbook"})
 """Groups measured per IP: a 418 on one of them blocks the IP, so all of them stop."""
 EXCHANGE_GROUPS: Final = frozenset({"default", "order", "order-test", "order-cancel-all"})

@@ -1,6 +1,6 @@
 """Reconcile the account's orders and balances with REST after a private outage.
 
-While the private WebSocket is down (or before it delivers, PROTOCOL.md §3.6), and on
+While the private WebSocket is down (or before it delivers, docs/PROTOCOL.md §3.6), and on
 the first sync of a broker that saved its state before it stopped, the broker polls
 REST: ``GET /v1/orders/open`` (states ``wait`` and ``watch``, every page),
 ``GET /v1/orders/closed`` since the outage began, ``GET /v1/order`` for each of

@@ -1,4 +1,4 @@
-"""Upbit's request message, built for its overwrite semantics (PROTOCOL.md §2).
+"""Upbit's request message, built for its overwrite semantics (docs/PROTOCOL.md §2).
 
 Every request replaces the connection's whole subscription, so each one lists every
 upstream stream. Each request would also re-send a snapshot of every stream, so streams
@@ -8,7 +8,7 @@ several objects of one type). Output is deterministic (objects and codes sorted)
 test or a log can compare it as a string.
 
 Decisions: orderbook codes carry ``.N`` only below the default depth 30 (``KRW-BTC.5``);
-``level`` is sent only when non-zero; flags are snake_case, which PROTOCOL.md §2.2 says
+``level`` is sent only when non-zero; flags are snake_case, which docs/PROTOCOL.md §2.2 says
 clients should prefer; ``myOrder`` on all markets and ``myAsset`` carry no ``codes``.
 """
 

@@ -1,4 +1,4 @@
-"""Upbit REST bodies a fallback poller needs (PROTOCOL.md §8) and their conversion to
+"""Upbit REST bodies a fallback poller needs (docs/PROTOCOL.md §8) and their conversion to
 the WebSocket structs of :mod:`schemas.upbit`, so consumers see one shape whatever the
 source.
 
@@ -256,7 +256,7 @@ class RestErrorBody(_Rest, frozen=True):
 
 
 class RestError(_Rest, frozen=True):
-    """A REST error body ``{"error":{"name":..,"message":..}}`` (PROTOCOL.md §5.2)."""
+    """A REST error body ``{"error":{"name":..,"message":..}}`` (docs/PROTOCOL.md §5.2)."""
 
     error: RestErrorBody
 

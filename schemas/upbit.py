@@ -1,6 +1,6 @@
 """Upbit WebSocket messages (server → client) as msgspec Structs, and the frame decoder.
 
-Field names and types follow PROTOCOL.md §3. Every data struct (:class:`Ticker`,
+Field names and types follow docs/PROTOCOL.md §3. Every data struct (:class:`Ticker`,
 :class:`Trade`, :class:`Orderbook`, the ``Candle*`` classes, :class:`MyOrder`,
 :class:`MyAsset`) is a member of the tagged union :data:`UpbitData` on tag field
 ``"type"`` with Upbit's own type strings as tags; the class attribute ``type`` gives the
@@ -32,7 +32,7 @@ decode + conversion); ``{"status":"UP"}`` 1.4 µs (key-inspection path).
 
 Legacy frames (decision): the 2018 shape with ``"market"`` / ``"mk"`` instead of
 ``type``/``code`` (and no ``stream_type``) is **rejected** with a DecodeError whose
-message starts "legacy 2018 Upbit frame". The current API never sends it (PROTOCOL.md
+message starts "legacy 2018 Upbit frame". The current API never sends it (docs/PROTOCOL.md
 §3), and decoding it would mean guessing the message type from its other keys.
 
 Errors: anything malformed raises :class:`schemas.errors.DecodeError` with ``path`` set
@@ -325,7 +325,7 @@ class UpbitErrorBody(Struct, frozen=True, gc=False):
 
 
 class UpbitError(Struct, frozen=True, gc=False):
-    """``{"error":{"name":..,"message":..}}``: Upbit rejected a request (PROTOCOL.md §5.1)."""
+    """``{"error":{"name":..,"message":..}}``: Upbit rejected a request (docs/PROTOCOL.md §5.1)."""
 
     error: UpbitErrorBody
 
@@ -436,7 +436,7 @@ SIMPLE_KEYS: Final[Mapping[type, Mapping[str, str]]] = {
     SubscriptionEntry: _keys("type=ty codes=cds level=lv"),
     SubscriptionList: _keys("method=mthd result=rslt ticket=tckt"),
 }
-"""SIMPLE-format key of every field, per class (PROTOCOL.md §3 and §2.7 tables).
+"""SIMPLE-format key of every field, per class (docs/PROTOCOL.md §3 and §2.7 tables).
 
 The SIMPLE tag field is ``"ty"`` (same values as ``type``). Candle subclasses share
 the :class:`Candle` table.

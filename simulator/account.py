@@ -5,7 +5,7 @@ Orders lock funds when placed; an order that crosses the current book fills imme
 taker, walking the levels; a resting limit order fills later as maker (at its own price)
 when :meth:`Account.on_book` reports a book that crosses it. Every order change emits a
 DEFAULT-format ``myOrder`` dict and every balance change one ``myAsset`` dict to listeners
-(PROTOCOL.md sections 3.5, 3.6). Books are not depleted by our fills: the market simulator
+(docs/PROTOCOL.md sections 3.5, 3.6). Books are not depleted by our fills: the market simulator
 owns them, so a level we took can fill us again on a later book update.
 """
 
@@ -182,7 +182,7 @@ class Order:
         return self.side == "bid" and self.ord_type in ("price", "best")
 
     def to_rest(self, *, with_trades: bool = False) -> dict[str, object]:
-        """The REST order object (decimals as strings, PROTOCOL.md section 8.2)."""
+        """The REST order object (decimals as strings, docs/PROTOCOL.md section 8.2)."""
         remaining = self.remaining_volume
         out: dict[str, object] = {
             "uuid": self.uuid,

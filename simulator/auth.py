@@ -3,7 +3,7 @@
 Upbit signs every private request with a JWT (HS256 or HS512) whose key is the secret key
 string used as raw bytes. The payload carries ``access_key``, a fresh UUID ``nonce`` and,
 when the request has parameters, ``query_hash`` = hex SHA-512 of the unencoded query string
-(PROTOCOL.md section 7). This module checks all of that and raises :class:`AuthError` with
+(docs/PROTOCOL.md section 7). This module checks all of that and raises :class:`AuthError` with
 Upbit's error names. Messages never contain the token or the secret.
 """
 

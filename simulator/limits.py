@@ -4,7 +4,7 @@ Windows are *sliding* (no more than N accepted requests in any window-long inter
 which is at least as strict as Upbit's per-second windows, so a client that passes here
 passes there. Rejected requests do not consume budget.
 
-Escalation (PROTOCOL.md section 6.3): over the limit -> 429; once more than
+Escalation (docs/PROTOCOL.md section 6.3): over the limit -> 429; once more than
 ``teapot_after`` violations fall within ``teapot_window`` seconds, the violation starts a
 418 block of ``block_base`` seconds; every request that arrives during a block is
 answered 418 and grows the block (x ``block_growth``, capped at ``block_max``);
@@ -191,7 +191,7 @@ class KeyedThrottles:
 
 
 def rest_group(method: str, path: str) -> str:
-    """Upbit's rate-limit group of a REST call (PROTOCOL.md section 6.1)."""
+    """Upbit's rate-limit group of a REST call (docs/PROTOCOL.md section 6.1)."""
     if path.startswith("/v1/market/"):
         return "market"
     if path.startswith("/v1/candles/"):

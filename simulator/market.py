@@ -50,7 +50,7 @@ DEPTH = 30
 DAY = 86_400
 KST_OFFSET_MS = 9 * 3_600_000
 
-# WebSocket candle types -> period in seconds (PROTOCOL.md section 3.4).
+# WebSocket candle types -> period in seconds (docs/PROTOCOL.md section 3.4).
 CANDLE_UNITS: dict[str, int] = {
     "1s": 1,
     "1m": 60,
@@ -707,7 +707,7 @@ def orderbook_fields(
 ) -> dict[str, object]:
     """An orderbook message: top ``count`` units, grouped by ``level`` atoms on KRW markets.
 
-    Totals are the sums of the units actually sent (PROTOCOL.md section 11.1). Grouping
+    Totals are the sums of the units actually sent (docs/PROTOCOL.md section 11.1). Grouping
     rounds asks up and bids down to the level, so grouped prices stay on the right side.
     """
     if quote == "KRW" and level > 0:

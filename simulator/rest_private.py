@@ -3,7 +3,7 @@
 Thin aiohttp handlers over :class:`simulator.account.Account`: every ``/v1`` call is
 verified with :class:`simulator.auth.JwtVerifier` against the query string (GET/DELETE) or
 the JSON body (POST) it carries. Errors use the exchange envelope
-``{"error": {"name": "<string>", "message": "..."}}`` (PROTOCOL.md section 5.2). Rate
+``{"error": {"name": "<string>", "message": "..."}}`` (docs/PROTOCOL.md section 5.2). Rate
 limiting is not done here: the app's middleware covers every ``/v1`` path.
 """
 

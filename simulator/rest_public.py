@@ -4,7 +4,7 @@ Routes: /v1/market/all, /v1/ticker, /v1/ticker/all, /v1/orderbook,
 /v1/orderbook/instruments, /v1/trades/ticks, /v1/candles/seconds,
 /v1/candles/minutes/{unit}, /v1/candles/days, /v1/candles/weeks, /v1/candles/months.
 
-Quotation errors carry an INTEGER name (PROTOCOL.md section 5.2). Numbers are JSON
+Quotation errors carry an INTEGER name (docs/PROTOCOL.md section 5.2). Numbers are JSON
 numbers. Rate limits and ``Remaining-Req`` are applied by the middleware in
 ``simulator.app``. A market used here stays active (ticking) for
 ``rest_activation_seconds`` so a REST poller sees it move.

@@ -13,7 +13,7 @@ serves myOrder and myAsset for a JWT-authenticated client. Layout:
 - The ``websockets`` server around it (own port, upgrade checks, pongs) is
   :mod:`simulator.ws_server`; REST stays on aiohttp (:mod:`simulator.app`).
 
-Decisions on points PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.1):
+Decisions on points docs/PROTOCOL.md leaves UNCONFIRMED (defaults per its section 11.1):
 
 - Every server frame is BINARY UTF-8 JSON, including ``{"status":"UP"}``, errors and the
   LIST_SUBSCRIPTIONS answer. Errors and status frames are never wrapped in a list and use
@@ -134,7 +134,7 @@ ERROR_MESSAGES = {
     "Too Many Requests": "Too many requests. Wait and try again.",
 }
 
-# -- SIMPLE format key maps (PROTOCOL.md sections 2.7 and 3) ------------------------------
+# -- SIMPLE format key maps (docs/PROTOCOL.md sections 2.7 and 3) ------------------------------
 
 _COMMON = {"type": "ty", "code": "cd", "timestamp": "tms", "stream_type": "st"}
 TICKER_SIMPLE = {
@@ -781,7 +781,7 @@ class Connection:
         except WsRequestError as exc:
             return exc
         if req.method == "LIST_SUBSCRIPTIONS":
-            # A format here switches the whole connection too (PROTOCOL.md section 2.6).
+            # A format here switches the whole connection too (docs/PROTOCOL.md section 2.6).
             if req.format is not None and req.format != self.format:
                 self.format = req.format
                 self.queue = deque(item for item in self.queue if not item[0])

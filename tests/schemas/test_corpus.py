@@ -69,7 +69,7 @@ REST_FILES: list[Any] = [f for f in FILES if f.split("/")[1].startswith("rest-")
     pytest.param("absent", marks=MISSING)
 ]
 
-# Keys real traffic carries that the structs deliberately drop (PROTOCOL.md §3.1, §8).
+# Keys real traffic carries that the structs deliberately drop (docs/PROTOCOL.md §3.1, §8).
 IGNORED_KEYS = {
     "trade_status",  # legacy ticker keys, often null
     "market_state_for_ios",

@@ -1,4 +1,4 @@
-"""schemas.rest: REST bodies (PROTOCOL.md §8) and their conversion to WebSocket structs."""
+"""schemas.rest: REST bodies (docs/PROTOCOL.md §8) and their conversion to WebSocket structs."""
 
 from decimal import Decimal
 from typing import Any

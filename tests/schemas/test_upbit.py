@@ -32,7 +32,7 @@ from schemas.upbit import (
 )
 
 # --------------------------------------------------------------------------------------
-# The SIMPLE key tables, transcribed independently from PROTOCOL.md §3 / §2.7 (default
+# The SIMPLE key tables, transcribed independently from docs/PROTOCOL.md §3 / §2.7 (default
 # key -> SIMPLE key). Nested tables are keyed "<list field>[]".
 
 TICKER_KEYS = {
@@ -170,7 +170,7 @@ KEYS_BY_TYPE: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {
 }
 
 # --------------------------------------------------------------------------------------
-# One DEFAULT message per type (PROTOCOL.md §3 examples, all fields present).
+# One DEFAULT message per type (values from Upbit's documented examples (docs/PROTOCOL.md §3), all fields present).
 
 TICKER: dict[str, Any] = {
     "type": "ticker",

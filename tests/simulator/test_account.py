@@ -21,7 +21,7 @@ ASKS = [(100_000_000.0, 0.5), (100_100_000.0, 1.0), (100_200_000.0, 2.0)]
 BIDS = [(99_900_000.0, 0.5), (99_800_000.0, 1.0), (99_700_000.0, 2.0)]
 T0 = 1_750_000_000.0
 
-# Every myOrder field of PROTOCOL.md section 3.5, in the documented order.
+# Every myOrder field of docs/PROTOCOL.md section 3.5, in the documented order.
 MYORDER_KEYS = [
     "type", "code", "uuid", "ask_bid", "order_type", "state", "trade_uuid", "price",
     "avg_price", "volume", "remaining_volume", "executed_volume", "trades_count",

@@ -1,6 +1,6 @@
 """ccxt's Upbit client against the simulator, pointed at it only by overriding its URLs.
 
-ccxt is a test-only dependency. Where ccxt disagrees with PROTOCOL.md it is noted in
+ccxt is a test-only dependency. Where ccxt disagrees with docs/PROTOCOL.md it is noted in
 comments here (and reported to the lead). Two tests:
 
 * ``test_ccxt_private_rest`` builds a tiny app with only the private routes (plus a
