@@ -170,7 +170,8 @@ KEYS_BY_TYPE: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {
 }
 
 # --------------------------------------------------------------------------------------
-# One DEFAULT message per type (values from Upbit's documented examples (docs/PROTOCOL.md §3), all fields present).
+# One DEFAULT message per type, every field present, with values from Upbit's documented
+# examples (docs/PROTOCOL.md §3).
 
 TICKER: dict[str, Any] = {
     "type": "ticker",
