@@ -37,8 +37,7 @@ def on_asset(asset: MyAsset) -> None:
     """One line per changed currency."""
     for item in asset.assets:
         print(
-            f"asset {item.currency:<9} balance={amount(item.balance)} "
-            f"locked={amount(item.locked)}",
+            f"asset {item.currency:<9} balance={amount(item.balance)} locked={amount(item.locked)}",
             flush=True,
         )
 
