@@ -57,7 +57,7 @@ def main(codes: list[str], seconds: float | None) -> None:
         deadline = time.monotonic() + (seconds if seconds is not None else float("inf"))
         while time.monotonic() < deadline:
             time.sleep(1.0)
-            print(analyzer.report(), "\n", flush=True)
+            print(analyzer.report() + "\n", flush=True)  # a blank line between reports
 
 
 if __name__ == "__main__":

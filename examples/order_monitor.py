@@ -2,23 +2,33 @@
 
 The original design's "OrderMonitor". It needs the broker to have API keys; without
 them it says so (``is_private_available()``) and watches the broker's status instead.
-Balances keep their full decimal precision (``Decimal``).
+Amounts keep their full decimal precision (``Decimal``) and are printed without
+trailing zeros, one readable line per event.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from decimal import Decimal
 
 from clients import BrokerClient
 from schemas.upbit import MyAsset, MyOrder
 
 
+def amount(value: Decimal | None) -> str:
+    """``1,234.5`` for Decimal("1234.50000"), ``0`` for ``0E-13``, ``-`` for None."""
+    if value is None:
+        return "-"
+    return f"{value.normalize():,f}" if value else "0"
+
+
 def on_order(order: MyOrder) -> None:
-    """One line per order event."""
+    """One line per order event (on ``trade``, price and volume are the fill's)."""
     print(
-        f"order {order.code} {order.ask_bid} {order.order_type} {order.state:<6} "
-        f"price={order.price} volume={order.volume} executed={order.executed_volume}",
+        f"order {order.code:<9} {order.ask_bid:<3} {order.order_type:<6} {order.state:<6} "
+        f"price={amount(order.price)} volume={amount(order.volume)} "
+        f"executed={amount(order.executed_volume)} remaining={amount(order.remaining_volume)}",
         flush=True,
     )
 
@@ -26,7 +36,10 @@ def on_order(order: MyOrder) -> None:
 def on_asset(asset: MyAsset) -> None:
     """One line per changed currency."""
     for item in asset.assets:
-        print(f"asset {item.currency:<6} balance={item.balance} locked={item.locked}", flush=True)
+        print(
+            f"asset {item.currency:<9} balance={amount(item.balance)} locked={amount(item.locked)}",
+            flush=True,
+        )
 
 
 async def main(seconds: float | None) -> None:

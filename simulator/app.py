@@ -31,6 +31,7 @@ from simulator.account import Account
 from simulator.auth import AuthError, JwtVerifier, unverified_access_key
 from simulator.config import SimConfig
 from simulator.control import Faults, Stats, add_control_routes
+from simulator.demo import run_demo_orders
 from simulator.limits import (
     QUOTATION_GROUPS,
     Escalation,
@@ -95,11 +96,16 @@ class Simulator:
         self.private_routes = True
         self._wake = asyncio.Event()
         self._ticker_task: asyncio.Task[None] | None = None
+        self._demo_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._ticker_task = asyncio.create_task(self._ticker(), name="sim-ticker")
+        cfg = self.config
+        if cfg.demo_orders:
+            demo = run_demo_orders(self, cfg.demo_market, cfg.demo_interval, cfg.seed)
+            self._demo_task = asyncio.create_task(demo, name="sim-demo-orders")
 
     async def stop(self) -> None:
         """Close every WebSocket (going away), then stop the ticker."""
@@ -111,10 +117,11 @@ class Simulator:
                 task.cancel()
             for conn in conns:
                 conn.abort()
-        if self._ticker_task is not None:
-            self._ticker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker_task
+        for background in (self._demo_task, self._ticker_task):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
 
     async def _ticker(self) -> None:
         """Advance the markets and fan their events out, sleeping until the next is due."""

@@ -140,7 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-max", type=float, default=d.block_max, help="longest 418 block, seconds"
     )
+    p.add_argument(
+        "--demo-orders",
+        action="store_true",
+        help="place, fill and cancel small demo orders on the account now and then "
+        "(the offline demo's myOrder/myAsset)",
+    )
+    p.add_argument(
+        "--demo-interval",
+        type=float,
+        default=d.demo_interval,
+        help="seconds between two demo actions (default %(default)s)",
+    )
+    p.add_argument(
+        "--demo-market", default=d.demo_market, help="market of the demo orders (%(default)s)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="json",
+        choices=["json", "console"],
+        help="stderr log lines: JSON (default) or one readable line per event, as the "
+        "broker's console format",
+    )
     p.add_argument(
         "--no-uvloop",
         action="store_true",
@@ -184,6 +206,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         teapot_window=args.teapot_window,
         block_base=args.block_base,
         block_max=args.block_max,
+        demo_orders=args.demo_orders,
+        demo_interval=args.demo_interval,
+        demo_market=args.demo_market.upper(),
     )
     if args.access_key:
         cfg = dataclasses.replace(cfg, access_key=args.access_key)
@@ -192,12 +217,17 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return cfg.with_env_keys()
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, fmt: str = "json") -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.JSONRenderer(),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -225,7 +255,7 @@ async def _serve(cfg: SimConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``upbit-sim``."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, args.log_format)
     cfg = config_from_args(args)
     if not args.no_uvloop:
         with contextlib.suppress(ImportError):

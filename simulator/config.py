@@ -80,6 +80,11 @@ class SimConfig:
     access_key: str = DEFAULT_ACCESS_KEY
     secret_key: str = DEFAULT_SECRET_KEY
     balances: dict[str, Decimal] | None = None
+    # Demo orders (offline demo): place, fill and cancel small orders on this account
+    # every demo_interval seconds on demo_market (simulator.demo).
+    demo_orders: bool = False
+    demo_interval: float = 2.0
+    demo_market: str = "KRW-BTC"
 
     # Rate limits. ``limits_enabled=False`` switches every limit off (benchmarks).
     limits_enabled: bool = True
