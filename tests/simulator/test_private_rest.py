@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -13,7 +14,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import jwt
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
@@ -536,3 +537,29 @@ async def test_cancel_open_orders_by_filters(api: Api, account: Account) -> None
                 {"count": 301}, {"count": 0}):  # fmt: skip
         status, answer = await api.request("DELETE", "/v1/orders/open", bad)
         assert (status, answer["error"]["name"]) == (400, "validation_error"), bad
+
+
+async def test_orders_past_the_order_group_limit_get_429() -> None:
+    from simulator.app import start_simulator
+    from simulator.config import DEFAULT_REST_LIMITS, SimConfig
+
+    limit = DEFAULT_REST_LIMITS["order"][0]
+    config = SimConfig(access_key=ACCESS, secret_key=SECRET, rate=5.0)
+    async with await start_simulator(config) as running:
+        base = running.urls["rest"]
+        async with ClientSession() as session:
+
+            async def place(i: int) -> tuple[int, str, str]:
+                body = {"market": "KRW-BTC", "side": "bid", "ord_type": "limit",
+                        "price": "1000000", "volume": "0.01", "identifier": f"rl-{i}"}  # fmt: skip
+                headers = {"Authorization": sign(body), "Content-Type": "application/json"}
+                async with session.post(f"{base}/v1/orders", json=body, headers=headers) as r:
+                    return r.status, r.headers.get("Remaining-Req", ""), await r.text()
+
+            results = await asyncio.gather(*(place(i) for i in range(limit + 3)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(201) <= limit
+    assert 429 in statuses
+    assert all(s in (201, 429) for s in statuses)
+    assert all("group=order" in header for _, header, _ in results)
+    assert {text for status, _, text in results if status == 429} == {"Too many API requests."}
