@@ -8,6 +8,10 @@ DEFAULT-format ``myOrder`` dict and every balance change one ``myAsset`` dict to
 (docs/PROTOCOL.md sections 3.5, 3.6). Books are not depleted by our fills: the market simulator
 owns them, so a level we took can fill us again on a later book update.
 
+Refusals use Upbit's error names (docs/PROTOCOL.md section 5.2); a limit price off its
+band's tick (simulator.market's table) is ``invalid_price_bid``/``invalid_price_ask``, the
+name field reports give (the notes do not list it).
+
 Self-match prevention (Upbit's SMP guide; the taker's ``smp_type`` decides): our own
 resting orders are not in the market's book, so a new order meets them by price next to
 the book's levels (the market's level first at one price). ``cancel_maker`` cancels our
@@ -33,6 +37,8 @@ from typing import Any
 
 import msgspec
 import structlog
+
+from simulator.market import PRICE_SCALE, tick_size
 
 __all__ = [
     "DEFAULT_BALANCES",
@@ -264,6 +270,14 @@ def _ms(at: float) -> int:
 def _dec(value: float) -> Decimal:
     """A book float as the decimal it was printed from (shortest repr)."""
     return Decimal(repr(value))
+
+
+def _on_tick(quote: str, price: Decimal) -> bool:
+    """True when a limit price is a whole number of ticks of its price band."""
+    atoms = price * PRICE_SCALE
+    if atoms != atoms.to_integral_value():
+        return False
+    return int(atoms) % tick_size(quote, int(atoms)) == 0
 
 
 def _floor_volume(value: Decimal) -> Decimal:
@@ -608,6 +622,11 @@ class Account:
         if volume is not None and volume != _floor_volume(volume):
             raise OrderError("invalid_parameter", "volume has more than 8 decimals")
         quote = market.split("-", 1)[0]
+        if ord_type == "limit" and price is not None and not _on_tick(quote, price):
+            raise OrderError(
+                f"invalid_price_{side}",
+                "주문가격 단위를 잘못 입력하셨습니다. 확인 후 시도해주세요.",
+            )
         fee_rate = FEE_RATES.get(quote, DEFAULT_FEE_RATE)
         min_total = MIN_TOTALS.get(quote, ZERO)
         if price is not None and volume is not None:

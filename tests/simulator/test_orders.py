@@ -213,3 +213,22 @@ def test_unknown_smp_type_is_refused(account: Account) -> None:
     with pytest.raises(OrderError) as err:
         bid(account, "0.1", "both")
     assert err.value.name == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("side", "price", "name"),
+    [("bid", "99950500", "invalid_price_bid"), ("ask", "100000000.5", "invalid_price_ask")],
+)
+def test_limit_price_off_the_tick_is_refused(
+    account: Account, side: str, price: str, name: str
+) -> None:
+    with pytest.raises(OrderError) as err:
+        account.place_order(
+            market="KRW-BTC", side=side, ord_type="limit", price=D(price), volume=D("0.1")
+        )
+    assert err.value.name == name
+    assert account.open_orders() == []
+    ok = account.place_order(
+        market="KRW-XRP", side="bid", ord_type="limit", price=D("612"), volume=D("10")
+    )
+    assert ok.state == "wait"

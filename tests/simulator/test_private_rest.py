@@ -240,6 +240,7 @@ async def test_json_number_values_are_hashed_as_sent(api: Api) -> None:
         ({"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": True,
           "volume": "0.1"}, "validation_error"),
         (limit_bid("99000000", "2"), "insufficient_funds_bid"),
+        (limit_bid("99000001", "0.1"), "invalid_price_bid"),
         (limit_bid("99000000", "0.00005"), "under_min_total_bid"),
         ({"market": "KRW-BTC", "side": "ask", "ord_type": "market", "volume": "3"},
          "insufficient_funds_ask"),
