@@ -7,6 +7,21 @@ when :meth:`Account.on_book` reports a book that crosses it. Every order change 
 DEFAULT-format ``myOrder`` dict and every balance change one ``myAsset`` dict to listeners
 (docs/PROTOCOL.md sections 3.5, 3.6). Books are not depleted by our fills: the market simulator
 owns them, so a level we took can fill us again on a later book update.
+
+Refusals use Upbit's error names (docs/PROTOCOL.md section 5.2); a limit price off its
+band's tick (simulator.market's table) is ``invalid_price_bid``/``invalid_price_ask``, the
+name field reports give (the notes do not list it).
+
+Self-match prevention (Upbit's SMP guide; the taker's ``smp_type`` decides): our own
+resting orders are not in the market's book, so a new order meets them by price next to
+the book's levels (the market's level first at one price). ``cancel_maker`` cancels our
+resting order, ``cancel_taker`` cancels the new order, ``reduce`` takes the overlap off
+both (``prevented_volume``/``prevented_locked``; a ``prevented`` myOrder event, or
+``cancel`` when nothing is left), ``none`` lets the two trade. Since 2026-11-09 an order
+without ``smp_type`` gets ``cancel_maker`` (``none`` with ``post_only``), and the order
+shows the type applied. Simulator choices (UNCONFIRMED): FOK counts prevented volume
+towards the whole; ``cancel_taker`` ends the new order at the first own order it meets,
+keeping fills it made before.
 """
 
 from __future__ import annotations
@@ -22,6 +37,8 @@ from typing import Any
 
 import msgspec
 import structlog
+
+from simulator.market import PRICE_SCALE, tick_size
 
 __all__ = [
     "DEFAULT_BALANCES",
@@ -63,7 +80,9 @@ MIN_TOTALS: dict[str, Decimal] = {
 SIDES = ("bid", "ask")
 ORD_TYPES = ("limit", "price", "market", "best")
 TIME_IN_FORCE = ("ioc", "fok", "post_only")
-SMP_TYPES = ("reduce", "cancel_maker", "cancel_taker")
+SMP_TYPES = ("reduce", "cancel_maker", "cancel_taker", "none")
+# Since 2026-11-09 an order without smp_type gets cancel_maker, except post_only (none).
+DEFAULT_SMP_TYPE = "cancel_maker"
 OPEN_STATES = ("wait", "watch")
 CLOSED_STATES = ("done", "cancel")
 
@@ -136,6 +155,7 @@ class Order:
     locked: Decimal = ZERO
     prevented_volume: Decimal = ZERO
     prevented_locked: Decimal = ZERO
+    prevented_funds: Decimal = ZERO  # quote amount an amount-sized order lost to SMP
     trades: list[Fill] = field(default_factory=list)
     closed: float | None = None
     # REST view at acceptance, for the POST /v1/orders reply (which the handler then clears).
@@ -156,12 +176,12 @@ class Order:
         """Volume left to fill; None for orders given by amount (``price``, best bid)."""
         if self.volume is None:
             return None
-        return self.volume - self.executed_volume
+        return self.volume - self.executed_volume - self.prevented_volume
 
     @property
     def remaining_funds(self) -> Decimal:
         """Quote amount left to spend for orders given by amount."""
-        return (self.price or ZERO) - self.executed_funds
+        return (self.price or ZERO) - self.executed_funds - self.prevented_funds
 
     @property
     def is_open(self) -> bool:
@@ -250,6 +270,14 @@ def _ms(at: float) -> int:
 def _dec(value: float) -> Decimal:
     """A book float as the decimal it was printed from (shortest repr)."""
     return Decimal(repr(value))
+
+
+def _on_tick(quote: str, price: Decimal) -> bool:
+    """True when a limit price is a whole number of ticks of its price band."""
+    atoms = price * PRICE_SCALE
+    if atoms != atoms.to_integral_value():
+        return False
+    return int(atoms) % tick_size(quote, int(atoms)) == 0
 
 
 def _floor_volume(value: Decimal) -> Decimal:
@@ -553,10 +581,12 @@ class Account:
             raise OrderError("validation_error", "time_in_force does not have a valid value")
         if smp_type is not None and smp_type not in SMP_TYPES:
             raise OrderError("validation_error", "smp_type does not have a valid value")
-        if time_in_force == "post_only" and (ord_type != "limit" or smp_type is not None):
+        if time_in_force == "post_only" and (ord_type != "limit" or smp_type not in (None, "none")):
             raise OrderError(
                 "invalid_post_only", "post_only is only for limit orders without smp_type."
             )
+        if smp_type is None:
+            smp_type = "none" if time_in_force == "post_only" else DEFAULT_SMP_TYPE
         if ord_type == "limit":
             if price is None or volume is None:
                 missing = "price" if price is None else "volume"
@@ -592,6 +622,11 @@ class Account:
         if volume is not None and volume != _floor_volume(volume):
             raise OrderError("invalid_parameter", "volume has more than 8 decimals")
         quote = market.split("-", 1)[0]
+        if ord_type == "limit" and price is not None and not _on_tick(quote, price):
+            raise OrderError(
+                f"invalid_price_{side}",
+                "주문가격 단위를 잘못 입력하셨습니다. 확인 후 시도해주세요.",
+            )
         fee_rate = FEE_RATES.get(quote, DEFAULT_FEE_RATE)
         min_total = MIN_TOTALS.get(quote, ZERO)
         if price is not None and volume is not None:
@@ -649,32 +684,59 @@ class Account:
         self, order: Order, asks: Sequence[Level], bids: Sequence[Level], now: float
     ) -> None:
         levels = asks if order.side == "bid" else bids
-        plan, satisfied = self._taker_plan(order, levels)
+        steps, satisfied = self._taker_plan(order, levels, self._own_crossing(order))
         tif = order.time_in_force
         immediate = order.ord_type in ("price", "market", "best") or tif in ("ioc", "fok")
-        if (tif == "post_only" and plan) or (tif == "fok" and not satisfied):
+        if (tif == "post_only" and steps) or (tif == "fok" and not satisfied):
             self._close(order, "cancel", now)
             return
-        for price, volume in plan:
-            self._fill(order, price, volume, is_maker=False, now=now)
+        for price, volume, maker in steps:
+            if maker is None:
+                self._fill(order, price, volume, is_maker=False, now=now)
+            elif not self._self_match(order, maker, price, volume, now):
+                return  # the taker was cancelled (cancel_taker, or reduced to nothing)
         if self._is_complete(order):
             self._close(order, "done", now)
         elif immediate:
             self._close(order, "cancel", now)
 
+    def _own_crossing(self, order: Order) -> list[Order]:
+        """Our own resting opposite orders ``order`` could trade with, best first."""
+        makers = []
+        for other in self._open_by_market.get(order.market, {}).values():
+            if other.side == order.side or other.state != "wait" or other.price is None:
+                continue
+            if order.ord_type == "limit":
+                limit = order.price or ZERO
+                if (order.side == "bid" and other.price > limit) or (
+                    order.side == "ask" and other.price < limit
+                ):
+                    continue
+            makers.append(other)
+        sign = 1 if order.side == "bid" else -1
+        return sorted(makers, key=lambda o: (sign * (o.price or ZERO), o.created))
+
     def _taker_plan(
-        self, order: Order, levels: Sequence[Level]
-    ) -> tuple[list[tuple[Decimal, Decimal]], bool]:
-        """(price, volume) fills this order would take from ``levels`` now, and whether they
-        satisfy it (for amount-sized orders: what is left cannot buy one volume quantum)."""
-        plan: list[tuple[Decimal, Decimal]] = []
-        if not levels:
+        self, order: Order, levels: Sequence[Level], makers: Sequence[Order] = ()
+    ) -> tuple[list[tuple[Decimal, Decimal, Order | None]], bool]:
+        """The steps this order would take now, best price first: ``(price, volume, None)``
+        fills from ``levels`` and ``(price, volume, maker)`` meetings with our own
+        ``makers`` (volume 0 when SMP cancels one side), and whether they satisfy it (for
+        amount-sized orders: what is left cannot buy one volume quantum). At one price the
+        market's level comes before our own orders."""
+        plan: list[tuple[Decimal, Decimal, Order | None]] = []
+        sign = 1 if order.side == "bid" else -1
+        sources: list[tuple[Decimal, Decimal, Order | None]] = [
+            (_dec(p), _dec(s), None) for p, s in levels
+        ]
+        sources += [(m.price or ZERO, m.remaining_volume or ZERO, m) for m in makers]
+        sources.sort(key=lambda src: (sign * src[0], src[2] is not None))
+        if not sources:
             return plan, False
-        best_price = _dec(levels[0][0])
+        best_price = sources[0][0]
         remaining_volume = order.remaining_volume
         remaining_funds = order.remaining_funds
-        for raw_price, raw_size in levels:
-            price, size = _dec(raw_price), _dec(raw_size)
+        for price, size, maker in sources:
             if order.ord_type == "limit":
                 limit = order.price or ZERO
                 if (order.side == "bid" and price > limit) or (
@@ -683,6 +745,11 @@ class Account:
                     return plan, False
             elif order.ord_type == "best" and price != best_price:
                 return plan, False
+            if maker is not None and order.smp_type in ("cancel_maker", "cancel_taker"):
+                plan.append((price, ZERO, maker))
+                if order.smp_type == "cancel_taker":
+                    return plan, False
+                continue
             if order.by_amount:
                 affordable = _floor_volume(remaining_funds / price)
                 if affordable <= 0:
@@ -694,10 +761,68 @@ class Account:
                 volume = min(size, remaining_volume)
                 remaining_volume -= volume
             if volume > 0:
-                plan.append((price, volume))
+                plan.append((price, volume, maker))
             if not order.by_amount and remaining_volume == 0:
                 return plan, True
         return plan, False
+
+    def _self_match(
+        self, taker: Order, maker: Order, price: Decimal, volume: Decimal, now: float
+    ) -> bool:
+        """Apply the taker's smp_type to a meeting with our own ``maker``; False when the
+        taker is closed by it (docs/PROTOCOL.md section 8.2, SMP)."""
+        smp = taker.smp_type
+        if smp == "none":  # a self-trade: both sides fill
+            self._fill(taker, price, volume, is_maker=False, now=now)
+            self._fill(maker, maker.price or price, volume, is_maker=True, now=now)
+            if self._is_complete(maker):
+                self._close(maker, "done", now)
+            return True
+        if smp == "cancel_maker":
+            self._prevent(maker, maker.remaining_volume or ZERO, price, now)
+            return True
+        if smp == "cancel_taker":
+            whole = taker.remaining_volume
+            if whole is None:  # amount-sized: the funds left, as volume at this price
+                whole = taker.remaining_funds / price
+            self._prevent(taker, whole, price, now)
+            if taker.is_open:
+                self._close(taker, "cancel", now)
+            return False
+        self._prevent(maker, volume, price, now)  # reduce
+        self._prevent(taker, volume, price, now)
+        return taker.is_open
+
+    def _prevent(self, order: Order, volume: Decimal, price: Decimal, now: float) -> None:
+        """Take ``volume`` (at ``price`` for amount-sized orders) off an order for SMP,
+        releasing its funds; the order is cancelled when nothing is left of it."""
+        if order.by_amount:
+            funds = min(price * volume, order.remaining_funds)
+            release = funds * (1 + order.fee_rate)
+            fee_release = funds * order.fee_rate
+            order.prevented_funds += funds
+            order.prevented_volume += _floor_volume(volume)
+        elif order.side == "bid":
+            reserved = (order.price or ZERO) * volume
+            release = reserved * (1 + order.fee_rate)
+            fee_release = reserved * order.fee_rate
+            order.prevented_volume += volume
+        else:
+            release, fee_release = volume, ZERO
+            order.prevented_volume += volume
+        release = min(release, order.locked)
+        cur = order.quote if order.side == "bid" else order.base
+        bal = self._balance(cur)
+        bal.locked -= release
+        bal.balance += release
+        order.locked -= release
+        order.remaining_fee -= fee_release
+        order.prevented_locked += release
+        if self._is_complete(order):
+            self._close(order, "cancel", now)
+        else:
+            self._emit(self._order_event(order, "prevented", now))
+            self._emit_assets([cur], now)
 
     def _is_complete(self, order: Order) -> bool:
         if order.by_amount:

@@ -1,10 +1,28 @@
 """The simulator's Upbit exchange REST endpoints (JWT-verified) and account control routes.
 
 Thin aiohttp handlers over :class:`simulator.account.Account`: every ``/v1`` call is
-verified with :class:`simulator.auth.JwtVerifier` against the query string (GET/DELETE) or
-the JSON body (POST) it carries. Errors use the exchange envelope
-``{"error": {"name": "<string>", "message": "..."}}`` (docs/PROTOCOL.md section 5.2). Rate
-limiting is not done here: the app's middleware covers every ``/v1`` path.
+verified with :class:`simulator.auth.JwtVerifier` against the parameters it carries. Errors
+use the exchange envelope ``{"error": {"name": "<string>", "message": "..."}}``
+(docs/PROTOCOL.md section 5.2). Rate limiting is not done here: the app's middleware
+covers every ``/v1`` path (``POST /v1/orders`` is the ``order`` group).
+
+Simulator choices where the notes are silent (UNCONFIRMED on Upbit):
+
+* GET and DELETE take their parameters from the query string **or** from a body, form
+  (``application/x-www-form-urlencoded``, as pyupbit's ``requests.get(data=...)`` sends)
+  or JSON. The query_hash input is the parameters' unencoded query string however they
+  came: the percent-decoded query string, the percent-decoded form body, or the JSON body
+  rendered as for POST; with both a query string and a body, the two joined by ``&``.
+* The batch cancels ``DELETE /v1/orders/open`` and ``DELETE /v1/orders/uuids`` read the
+  query string only (Upbit documents that they do not take a body); a body is ignored,
+  so a client that signed body parameters is refused ``invalid_query_payload``.
+* Batch cancel answers ``{"success": {"count", "orders"}, "failed": {"count",
+  "orders"}}`` with ``uuid``, ``market`` and ``identifier`` per order; an order not
+  found or not open goes to ``failed`` (with ``market`` null when unknown).
+  ``DELETE /v1/orders/uuids`` takes up to 20 ``uuids[]`` or ``identifiers[]``;
+  ``DELETE /v1/orders/open`` takes ``cancel_side`` (all/bid/ask), ``pairs`` or
+  ``quote_currencies`` (not both), ``excluded_pairs``, ``count`` (1-300, default 20) and
+  ``order_by``, and cancels only ``wait`` orders.
 """
 
 from __future__ import annotations
@@ -23,12 +41,13 @@ from aiohttp import web
 from simulator.account import KST, Account, Order, OrderError
 from simulator.auth import AuthError, JwtVerifier, body_query_string, request_query_string
 
-__all__ = ["BooksFn", "add_private_routes"]
+__all__ = ["BATCH_CANCEL_MAX", "BooksFn", "add_private_routes", "body_params"]
 
 Level = tuple[float, float]
 BooksFn = Callable[[str], tuple[list[Level], list[Level]] | None]
 
 _WEEK = 7 * 86400.0
+BATCH_CANCEL_MAX = 20  # DELETE /v1/orders/uuids takes at most 20 orders (Upbit's docs)
 _dumps = functools.partial(json.dumps, ensure_ascii=False)
 
 
@@ -62,8 +81,8 @@ def _invalid(name: str) -> _RequestError:
 class _Query:
     """Decoded GET/DELETE parameters, keeping repeats (``states[]=a&states[]=b``)."""
 
-    def __init__(self, raw_query_string: str) -> None:
-        self.pairs = parse_qsl(raw_query_string, keep_blank_values=True)
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
 
     def one(self, name: str) -> str | None:
         values = [v for k, v in self.pairs if k == name]
@@ -102,6 +121,41 @@ class _Query:
             if state not in allowed:
                 raise _invalid("state")
         return chosen
+
+
+def _json_text(value: object) -> str:
+    """A JSON body scalar as a query parameter value (as :func:`body_query_string` writes)."""
+    if isinstance(value, str):
+        return value
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def body_params(text: str, content_type: str) -> tuple[list[tuple[str, str]], list[str]] | None:
+    """Parameters of a GET/DELETE body and the query_hash inputs they may have been signed
+    with: JSON when the content type says so or the text is a JSON object, else a form.
+    None for a body that is neither."""
+    stripped = text.strip()
+    if content_type == "application/json" or stripped.startswith("{"):
+        try:
+            body = json.loads(stripped, parse_float=str, parse_int=str)
+        except ValueError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        pairs: list[tuple[str, str]] = []
+        for key, value in body.items():
+            items = value if isinstance(value, list) else [value]
+            pairs.extend((key, _json_text(item)) for item in items)
+        as_json = body_query_string(body.items())
+        as_python = body_query_string(body.items(), python=True)
+        return pairs, [as_json] if as_json == as_python else [as_json, as_python]
+    return parse_qsl(stripped, keep_blank_values=True), [request_query_string(stripped)]
 
 
 def _parse_time(text: str, name: str) -> float:
@@ -235,14 +289,27 @@ def add_private_routes(
 
         return wrapper
 
-    def get_query(request: web.Request) -> _Query:
+    async def get_query(request: web.Request, *, query_only: bool = False) -> _Query:
+        """Verified parameters of a GET/DELETE, from the query string and/or the body."""
         raw = request.rel_url.raw_query_string
-        authenticate(request, request_query_string(raw))
-        return _Query(raw)
+        pairs = parse_qsl(raw, keep_blank_values=True)
+        hash_inputs = [request_query_string(raw)]
+        text = "" if query_only or not request.can_read_body else await request.text()
+        if text.strip():
+            parsed = body_params(text, request.content_type)
+            if parsed is None:
+                authenticate(request, *hash_inputs)
+                raise _RequestError("validation_error", "the request body cannot be parsed")
+            body_pairs, body_inputs = parsed
+            pairs += body_pairs
+            prefix = hash_inputs[0] + "&" if hash_inputs[0] else ""
+            hash_inputs = [prefix + b for b in body_inputs]
+        authenticate(request, *hash_inputs)
+        return _Query(pairs)
 
     @guarded
     async def get_accounts(request: web.Request) -> web.StreamResponse:
-        get_query(request)
+        await get_query(request)
         return _ok(account.accounts())
 
     @guarded
@@ -257,7 +324,7 @@ def add_private_routes(
 
     @guarded
     async def get_open_orders(request: web.Request) -> web.StreamResponse:
-        query = get_query(request)
+        query = await get_query(request)
         states = query.states(("wait", "watch"), ("wait",))
         page = query.int_in("page", 1, 1, 1_000_000)
         limit = query.int_in("limit", 100, 1, 100)
@@ -268,7 +335,7 @@ def add_private_routes(
 
     @guarded
     async def get_closed_orders(request: web.Request) -> web.StreamResponse:
-        query = get_query(request)
+        query = await get_query(request)
         states = query.states(("done", "cancel"), ("done", "cancel"))
         limit = query.int_in("limit", 100, 1, 1000)
         order_by = query.order_by()
@@ -302,19 +369,86 @@ def add_private_routes(
 
     @guarded
     async def get_order(request: web.Request) -> web.StreamResponse:
-        order = lookup(get_query(request))
+        order = lookup(await get_query(request))
         return _ok(order.to_rest(with_trades=True))
 
     @guarded
     async def delete_order(request: web.Request) -> web.StreamResponse:
-        order = lookup(get_query(request))
+        order = lookup(await get_query(request))
         before = order.to_rest()  # Upbit answers with the order as it was when accepted
         account.cancel(uuid=order.uuid)
         return _ok(before)
 
+    def cancel_batch(orders: list[tuple[str, Order | None]]) -> dict[str, object]:
+        """Cancel each order that is open; the batch answer with successes and failures."""
+        success: list[dict[str, object]] = []
+        failed: list[dict[str, object]] = []
+        for key, order in orders:
+            if order is None or not order.is_open:
+                entry: dict[str, object] = {"uuid": order.uuid if order else key,
+                         "market": order.market if order else None,
+                         "identifier": order.identifier if order else None}  # fmt: skip
+                failed.append(entry)
+                continue
+            account.cancel(uuid=order.uuid)
+            success.append(
+                {"uuid": order.uuid, "market": order.market, "identifier": order.identifier}
+            )
+        return {
+            "success": {"count": len(success), "orders": success},
+            "failed": {"count": len(failed), "orders": failed},
+        }
+
+    @guarded
+    async def delete_orders_by_uuids(request: web.Request) -> web.StreamResponse:
+        query = await get_query(request, query_only=True)
+        uuids, identifiers = query.many("uuids[]"), query.many("identifiers[]")
+        if bool(uuids) == bool(identifiers):
+            raise _RequestError(
+                "validation_error", "exactly one of uuids[] or identifiers[] is required"
+            )
+        keys = uuids or identifiers
+        if len(keys) > BATCH_CANCEL_MAX:
+            raise _invalid("uuids[]" if uuids else "identifiers[]")
+        found = [
+            (key, account.get_order(uuid=key) if uuids else account.get_order(identifier=key))
+            for key in dict.fromkeys(keys)
+        ]
+        return _ok(cancel_batch(found))
+
+    @guarded
+    async def delete_open_orders(request: web.Request) -> web.StreamResponse:
+        query = await get_query(request, query_only=True)
+        side = query.one("cancel_side") or "all"
+        if side not in ("all", "bid", "ask"):
+            raise _invalid("cancel_side")
+        pairs_text, quotes_text = query.one("pairs"), query.one("quote_currencies")
+        if pairs_text is not None and quotes_text is not None:
+            raise _RequestError(
+                "validation_error", "pairs and quote_currencies cannot be used together"
+            )
+        pairs = set(filter(None, (pairs_text or "").split(",")))
+        quotes = set(filter(None, (quotes_text or "").split(",")))
+        excluded = set(filter(None, (query.one("excluded_pairs") or "").split(",")))
+        if len(pairs) > 20 or len(excluded) > 20:
+            raise _invalid("pairs" if len(pairs) > 20 else "excluded_pairs")
+        count = query.int_in("count", 20, 1, 300)
+        order_by = query.order_by()
+        chosen = [
+            o
+            for o in account.open_orders(states=("wait",))
+            if side in ("all", o.side)
+            and (not pairs or o.market in pairs)
+            and (not quotes or o.quote in quotes)
+            and o.market not in excluded
+        ]
+        if order_by == "desc":
+            chosen.reverse()
+        return _ok(cancel_batch([(o.uuid, o) for o in chosen[:count]]))
+
     @guarded
     async def get_orders_by_uuids(request: web.Request) -> web.StreamResponse:
-        query = get_query(request)
+        query = await get_query(request)
         uuids, identifiers = query.many("uuids[]"), query.many("identifiers[]")
         if bool(uuids) == bool(identifiers):
             raise _RequestError(
@@ -366,6 +500,8 @@ def add_private_routes(
     app.router.add_get("/v1/orders/open", get_open_orders)
     app.router.add_get("/v1/orders/closed", get_closed_orders)
     app.router.add_get("/v1/orders/uuids", get_orders_by_uuids)
+    app.router.add_delete("/v1/orders/uuids", delete_orders_by_uuids)
+    app.router.add_delete("/v1/orders/open", delete_open_orders)
     app.router.add_get("/v1/order", get_order)
     app.router.add_delete("/v1/order", delete_order)
     app.router.add_post("/_sim/orders", sim_orders)

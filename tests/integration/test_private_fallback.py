@@ -122,7 +122,7 @@ def rest_ok(sim: Sim, group: str) -> int:
 def place_resting_bid(sim: Sim) -> dict[str, Any]:
     """A limit bid on KRW-BTC far below the market: it rests (``wait``) and locks KRW."""
     price = Decimal(str(sim.rest("/v1/ticker?markets=KRW-BTC")[0]["trade_price"]))
-    bid = (price / 2).quantize(Decimal("1000"))
+    bid = (price / 2000).quantize(Decimal(1)) * 1000  # on the 1,000 KRW tick
     order: dict[str, Any] = sim.control(
         "orders",
         {

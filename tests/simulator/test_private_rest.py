@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -9,11 +10,11 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal as D
 from typing import Any
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import jwt
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
@@ -239,6 +240,7 @@ async def test_json_number_values_are_hashed_as_sent(api: Api) -> None:
         ({"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": True,
           "volume": "0.1"}, "validation_error"),
         (limit_bid("99000000", "2"), "insufficient_funds_bid"),
+        (limit_bid("99000001", "0.1"), "invalid_price_bid"),
         (limit_bid("99000000", "0.00005"), "under_min_total_bid"),
         ({"market": "KRW-BTC", "side": "ask", "ord_type": "market", "volume": "3"},
          "insufficient_funds_ask"),
@@ -427,3 +429,138 @@ async def test_sim_controls(api: Api, account: Account) -> None:
     status, accounts = await api.request("POST", "/_sim/account", body={"reset": True}, auth=None)
     assert status == 200
     assert accounts[0]["balance"] == "100000000.0"
+
+
+async def raw_call(
+    api: Api, method: str, path: str, params: dict[str, Any], *, form: bool, query: str = ""
+) -> tuple[int, Any]:
+    """A GET/DELETE with its parameters in a body: form-encoded (pyupbit's
+    ``requests.get(url, data=...)``) or JSON; signed over those parameters (plus ``query``)."""
+    url = URL(str(api.client.make_url(path)) + (f"?{query}" if query else ""), encoded=True)
+    signed = dict(parse_qsl(query)) | params
+    headers = {"Authorization": sign(signed)}
+    if form:
+        data: str = urlencode(params, doseq=True)
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    else:
+        data = json.dumps(params)
+        headers["Content-Type"] = "application/json"
+    async with api.client.session.request(method, url, data=data, headers=headers) as r:
+        return r.status, json.loads(await r.text())
+
+
+@pytest.mark.parametrize("form", [True, False])
+async def test_get_and_delete_take_parameters_from_a_body(api: Api, form: bool) -> None:
+    order = await api.order(**limit_bid("99000000", "0.1", identifier="body-1"))
+    status, got = await raw_call(api, "GET", "/v1/order", {"uuid": order["uuid"]}, form=form)
+    assert (status, got["uuid"]) == (200, order["uuid"])
+    status, got = await raw_call(api, "GET", "/v1/order", {"identifier": "body-1"}, form=form)
+    assert (status, got["uuid"]) == (200, order["uuid"])
+    status, listed = await raw_call(
+        api, "GET", "/v1/orders/open", {"states[]": ["wait", "watch"]}, form=form,
+        query="market=KRW-BTC",
+    )  # fmt: skip
+    assert status == 200
+    assert [o["uuid"] for o in listed] == [order["uuid"]]
+    status, got = await raw_call(api, "DELETE", "/v1/order", {"uuid": order["uuid"]}, form=form)
+    assert (status, got["uuid"]) == (200, order["uuid"])
+    _, after = await api.request("GET", "/v1/order", {"uuid": order["uuid"]})
+    assert after["state"] == "cancel"
+
+
+async def test_a_body_signed_over_other_parameters_is_refused(api: Api) -> None:
+    order = await api.order(**limit_bid("99000000", "0.1"))
+    url = URL(str(api.client.make_url("/v1/order")), encoded=True)
+    headers = {"Authorization": sign({"uuid": str(uuid.uuid4())}),
+               "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
+    async with api.client.session.get(url, data=f"uuid={order['uuid']}", headers=headers) as r:
+        body = await r.json()
+    assert (r.status, body["error"]["name"]) == (401, "invalid_query_payload")
+    headers = {"Authorization": sign(None), "Content-Type": "application/json"}
+    async with api.client.session.get(url, data="[1, 2", headers=headers) as r:
+        body = await r.json()
+    assert (r.status, body["error"]["name"]) == (400, "validation_error")
+
+
+async def test_cancel_by_uuids(api: Api, account: Account) -> None:
+    a = await api.order(**limit_bid("99000000", "0.1", identifier="bu-a"))
+    b = await api.order(**limit_bid("98000000", "0.1", identifier="bu-b"))
+    sold = await api.order(market="KRW-BTC", side="ask", ord_type="market", volume="0.1")
+    missing = str(uuid.uuid4())
+    status, answer = await api.request(
+        "DELETE", "/v1/orders/uuids", {"uuids[]": [a["uuid"], sold["uuid"], missing]}
+    )
+    assert status == 200
+    assert answer["success"] == {
+        "count": 1,
+        "orders": [{"uuid": a["uuid"], "market": "KRW-BTC", "identifier": "bu-a"}],
+    }
+    assert answer["failed"]["count"] == 2
+    assert [o["uuid"] for o in answer["failed"]["orders"]] == [sold["uuid"], missing]
+    status, answer = await api.request("DELETE", "/v1/orders/uuids", {"identifiers[]": ["bu-b"]})
+    assert (status, answer["success"]["orders"][0]["uuid"]) == (200, b["uuid"])
+    assert account.open_orders() == []
+    for bad in ({}, {"uuids[]": [a["uuid"]], "identifiers[]": ["bu-a"]},
+                {"uuids[]": [str(uuid.uuid4()) for _ in range(21)]}):  # fmt: skip
+        status, answer = await api.request("DELETE", "/v1/orders/uuids", bad)
+        assert (status, answer["error"]["name"]) == (400, "validation_error"), bad
+
+
+async def test_cancel_by_uuids_reads_only_the_query_string(api: Api) -> None:
+    order = await api.order(**limit_bid("99000000", "0.1"))
+    status, answer = await raw_call(
+        api, "DELETE", "/v1/orders/uuids", {"uuids[]": [order["uuid"]]}, form=True
+    )
+    assert (status, answer["error"]["name"]) == (401, "invalid_query_payload")
+
+
+async def test_cancel_open_orders_by_filters(api: Api, account: Account) -> None:
+    bids = [await api.order(**limit_bid(str(99_000_000 - i * 100_000), "0.1")) for i in range(3)]
+    ask = await api.order(market="KRW-BTC", side="ask", ord_type="limit", price="101000000",
+                          volume="0.1")  # fmt: skip
+    xrp = await api.order(market="KRW-XRP", side="bid", ord_type="limit", price="600",
+                          volume="10")  # fmt: skip
+    status, answer = await api.request(
+        "DELETE", "/v1/orders/open",
+        {"cancel_side": "bid", "pairs": "KRW-BTC", "count": 2, "order_by": "asc"},
+    )  # fmt: skip
+    assert status == 200
+    assert [o["uuid"] for o in answer["success"]["orders"]] == [b["uuid"] for b in bids[:2]]
+    assert answer["failed"] == {"count": 0, "orders": []}
+    _, answer = await api.request(
+        "DELETE", "/v1/orders/open", {"quote_currencies": "KRW", "excluded_pairs": "KRW-XRP"}
+    )
+    assert [o["uuid"] for o in answer["success"]["orders"]] == [ask["uuid"], bids[2]["uuid"]]
+    assert [o.uuid for o in account.open_orders()] == [xrp["uuid"]]
+    _, answer = await api.request("DELETE", "/v1/orders/open")
+    assert answer["success"]["count"] == 1
+    for bad in ({"cancel_side": "both"}, {"pairs": "KRW-BTC", "quote_currencies": "KRW"},
+                {"count": 301}, {"count": 0}):  # fmt: skip
+        status, answer = await api.request("DELETE", "/v1/orders/open", bad)
+        assert (status, answer["error"]["name"]) == (400, "validation_error"), bad
+
+
+async def test_orders_past_the_order_group_limit_get_429() -> None:
+    from simulator.app import start_simulator
+    from simulator.config import DEFAULT_REST_LIMITS, SimConfig
+
+    limit = DEFAULT_REST_LIMITS["order"][0]
+    config = SimConfig(access_key=ACCESS, secret_key=SECRET, rate=5.0)
+    async with await start_simulator(config) as running:
+        base = running.urls["rest"]
+        async with ClientSession() as session:
+
+            async def place(i: int) -> tuple[int, str, str]:
+                body = {"market": "KRW-BTC", "side": "bid", "ord_type": "limit",
+                        "price": "1000000", "volume": "0.01", "identifier": f"rl-{i}"}  # fmt: skip
+                headers = {"Authorization": sign(body), "Content-Type": "application/json"}
+                async with session.post(f"{base}/v1/orders", json=body, headers=headers) as r:
+                    return r.status, r.headers.get("Remaining-Req", ""), await r.text()
+
+            results = await asyncio.gather(*(place(i) for i in range(limit + 3)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(201) <= limit
+    assert 429 in statuses
+    assert all(s in (201, 429) for s in statuses)
+    assert all("group=order" in header for _, header, _ in results)
+    assert {text for status, _, text in results if status == 429} == {"Too many API requests."}
