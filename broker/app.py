@@ -65,7 +65,6 @@ from schemas.bus import (
     StreamSpec,
     status_topic,
 )
-from schemas.rest import RestMarket
 from schemas.trust import is_tcp
 from schemas.upbit import UpbitData
 
@@ -526,9 +525,7 @@ class Broker:
         delay = 1.0
         while True:
             try:
-                markets = await self.rest.get_list(
-                    "/v1/market/all", "market", RestMarket, {"is_details": "true"}
-                )
+                markets = await self.rest.markets()
             except RestError as exc:
                 self._log.warning("market list unavailable", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
