@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar, cast
 
+import msgspec
 import pytest
 
 from broker.control import MAX_PENDING, QUOTES_PER_CLIENT, ControlServer
@@ -349,3 +350,13 @@ def test_a_broker_without_a_gateway_refuses_quotes() -> None:
     control = control_with(None)
     hello(control, b"\x00a")
     assert refusal(control, b"\x00a", Quote(1, "markets")).code == "unknown_type"
+
+
+def test_an_unknown_kind_is_refused_bad_message_naming_the_field() -> None:
+    control = control_with(HeldQuotes())
+    hello(control, b"\x00a")
+    raw = msgspec.msgpack.encode({"op": "quote", "req": 4, "kind": "orders"})
+    ((_, reply),) = control.handle([b"\x00a", raw], 1.0)
+    assert isinstance(reply, ErrorReply)
+    assert (reply.req, reply.code) == (4, "bad_message")
+    assert "kind" in reply.message
