@@ -34,6 +34,7 @@ from broker.control import ControlServer
 from broker.credentials import Credentials
 from broker.exchange import Exchange, UpbitExchange
 from broker.fallback import PrivateFallback, PublicFallback
+from broker.gateway import Gateway
 from broker.handlers import DataHandler, HandlerError, HandlerSet, load_handlers
 from broker.health import RateMeter, compute_health, compute_metrics
 from broker.http import MonitorServer
@@ -149,6 +150,8 @@ class Broker:
             "private": [self.private_fallback] if self.private_fallback else [],
         }
         """Who hears of each link's state changes, and of every change of held streams."""
+        self.gateway = Gateway(self.rest, self)
+        """Quotation REST for clients, answered from the market cache and REST."""
         self.control = ControlServer(
             clients=self.clients,
             subscriptions=self,
@@ -159,6 +162,7 @@ class Broker:
             heartbeat_interval=settings.heartbeat_interval,
             liveness=settings.liveness,
             private_enabled=self.exchange.has_private(),
+            quotes=self.gateway,
         )
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
@@ -527,6 +531,7 @@ class Broker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
+            self.gateway.set_markets(markets)
             self.markets = frozenset(m.market for m in markets)
             self.links["public"].set_markets(self.markets)
             self.markets_loaded.set()

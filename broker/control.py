@@ -21,6 +21,7 @@ import hashlib
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import zmq.asyncio
 
 from broker.liveness import ClientTable
 from broker.logs import get_logger
-from broker.ports import BrokerStatus, MarketList, SnapshotSource, Subscriptions
+from broker.ports import BrokerStatus, MarketList, QuoteService, SnapshotSource, Subscriptions
 from broker.quotas import ClientQuotas, QuotaError
 from broker.rest import RestError
 from broker.snapshots import SnapshotTooBig
@@ -48,6 +49,7 @@ from schemas.bus import (
     Hello,
     MetricsReply,
     MetricsRequest,
+    Quote,
     SnapshotReply,
     StreamSpec,
     Subscribe,
@@ -75,6 +77,9 @@ MAX_PENDING = 16
 snapshot request is refused ``busy`` at once rather than queued past its timeout."""
 BATCH = 64
 """Requests answered in one turn of the event loop before the data path gets its turn."""
+QUOTES_PER_CLIENT = 2
+"""Quote requests (quotation REST through the broker) one client may have in flight;
+past it the next is refused ``busy`` at once."""
 
 Reply = tuple[bytes, BrokerMessage]
 """One answer: the ROUTER identity of the client, and the message to send it."""
@@ -101,8 +106,10 @@ class ControlServer:
         liveness: int,
         private_enabled: bool,
         quotas: ClientQuotas | None = None,
+        quotes: QuoteService | None = None,
     ) -> None:
-        """``private_enabled``: the broker has API keys (private streams can be served)."""
+        """``private_enabled``: the broker has API keys (private streams can be served);
+        ``quotes`` answers quote requests (refused ``unknown_type`` without it)."""
         self._clients = clients
         self._subscriptions = subscriptions
         self._markets = markets
@@ -113,6 +120,9 @@ class ControlServer:
         self._liveness = liveness
         self._private_enabled = private_enabled
         self.quotas = quotas if quotas is not None else ClientQuotas()
+        self._quotes = quotes
+        self._quoting: Counter[str] = Counter()
+        """Quote requests in flight per client."""
         self._key = secrets.token_bytes(16)
         self._socket: zmq.Socket[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -226,6 +236,12 @@ class ControlServer:
             except QuotaError as exc:
                 return [self._refuse(identity, ErrorReply(message.req, exc.code, str(exc)))]
             self._spawn(self._get_snapshot(identity, client, message))
+        elif isinstance(message, Quote):
+            turned_away = self._quote_refusal(client, message)
+            if turned_away is not None:
+                return [self._refuse(identity, turned_away)]
+            self._quoting[client] += 1
+            self._spawn(self._quote(identity, client, message))
         elif isinstance(message, HealthRequest):
             return [(identity, HealthReply(message.req, self._status.health()))]
         elif isinstance(message, MetricsRequest):
@@ -350,6 +366,43 @@ class ControlServer:
             self._send(*self._refuse(identity, refusal))
             return
         self._send(identity, SnapshotReply(message.req, items, missing))
+
+    def _quote_refusal(self, client: str, message: Quote) -> ErrorReply | None:
+        """Why ``message`` cannot start now (no gateway, too much in flight), else None."""
+        if self._quotes is None:
+            return ErrorReply(message.req, "unknown_type", "this broker serves no quotes")
+        if len(self._tasks) >= MAX_PENDING:
+            return ErrorReply(
+                message.req,
+                "busy",
+                f"the broker is answering {len(self._tasks)} requests over REST already; "
+                "try again shortly",
+            )
+        if self._quoting[client] >= QUOTES_PER_CLIENT:
+            return ErrorReply(
+                message.req,
+                "busy",
+                f"{QUOTES_PER_CLIENT} quote requests of this client still in flight; "
+                "wait for an answer before asking again",
+            )
+        return None
+
+    async def _quote(self, identity: bytes, client: str, message: Quote) -> None:
+        assert self._quotes is not None  # checked by _quote_refusal
+        try:
+            reply = await self._quotes.answer(message)
+        except Exception as exc:  # never leave a client waiting out its timeout
+            self._log.exception("quote failed", kind=message.kind)
+            reply = ErrorReply(message.req, "internal", f"internal error ({type(exc).__name__})")
+        finally:
+            self._quoting[client] -= 1
+            if self._quoting[client] <= 0:
+                del self._quoting[client]
+        if isinstance(reply, ErrorReply):
+            self.errors += 1
+            self._send(*self._refuse(identity, reply))
+        else:
+            self._send(identity, reply)
 
     # ---------------------------------------------------------------- plumbing
 

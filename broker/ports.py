@@ -17,8 +17,11 @@ from broker.subscriptions import UpstreamStream
 from schemas.bus import (
     ConnectionName,
     Envelope,
+    ErrorReply,
     Health,
     Metrics,
+    Quote,
+    QuoteReply,
     Source,
     StatusState,
     StreamSpec,
@@ -35,6 +38,7 @@ __all__ = [
     "MarketList",
     "MonitorCounters",
     "Monitored",
+    "QuoteService",
     "Route",
     "SnapshotSource",
     "StatusState",
@@ -173,6 +177,15 @@ class MarketList(Protocol):
 
     async def wait_markets(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the list; True once it is known."""
+        ...
+
+
+class QuoteService(Protocol):
+    """Runs a client's quotation REST call (market list, candles, ...) under the host's
+    limits (:class:`broker.gateway.Gateway`)."""
+
+    async def answer(self, message: Quote) -> QuoteReply | ErrorReply:
+        """The reply to ``message``: the items, or why the request was refused."""
         ...
 
 

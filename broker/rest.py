@@ -259,8 +259,10 @@ class RestClient:
     # ------------------------------------------------------------- quotation
 
     async def markets(self) -> list[RestMarket]:
-        """Every listed market (``GET /v1/market/all``)."""
-        return await self.get_list("/v1/market/all", "market", RestMarket)
+        """Every listed market with its names and warnings (``GET /v1/market/all``,
+        ``is_details=true``: the ``market_event`` flags clients see through the broker)."""
+        params: dict[str, QueryValue] = {"is_details": "true"}
+        return await self.get_list("/v1/market/all", "market", RestMarket, params)
 
     async def tickers(self, codes: Sequence[str]) -> list[RestTicker]:
         """Tickers of ``codes`` (chunked: very long lists break HTTP clients)."""

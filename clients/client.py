@@ -52,6 +52,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -87,6 +88,8 @@ from schemas.bus import (
     Metrics,
     MetricsReply,
     MetricsRequest,
+    Quote,
+    QuoteReply,
     SnapshotReply,
     StatusEvent,
     StatusState,
@@ -101,6 +104,7 @@ from schemas.bus import (
     encode,
 )
 from schemas.errors import DecodeError
+from schemas.rest import RestCandle, RestMarket, RestOrderbook, RestTicker, RestTrade
 
 __all__ = ["BrokerClient", "StatusCallback"]
 
@@ -114,6 +118,9 @@ messages at low rates, at most ~80 MB under load (~0.5 s at 120k msg/s); past it
 broker's PUB drops for this client only, and the client counts the gap."""
 IDLE_BEAT: Final = 0.25
 """Seconds the heartbeat thread waits while the client sends no heartbeats."""
+CANDLE_PAGE_WAIT: Final = 0.25
+"""Extra seconds a :meth:`BrokerClient.candles` request waits per 200 candles: the broker
+pages them past Upbit's 200 per call, paced by the host's candle budget (10 calls/s)."""
 
 
 class _Reset(Exception):
@@ -385,13 +392,17 @@ class BrokerClient(StreamMethods):
         if self._core.closed:
             raise ClientClosed("client closed")
 
-    async def _request(self, make: Callable[[int], ClientMessage], expect: type[R]) -> R:
+    async def _request(
+        self, make: Callable[[int], ClientMessage], expect: type[R], timeout: float | None = None
+    ) -> R:
         """A user request: waits while the client reconnects, and is retried once when
-        the broker restarted or forgot us meanwhile (recovery uses _request_once)."""
+        the broker restarted or forgot us meanwhile (recovery uses _request_once).
+        ``timeout`` replaces ``request_timeout`` for requests known to take longer."""
         for attempt in range(2):
             await self._ensure_welcomed()
             try:
-                return await self._request_once(make, expect, self.request_timeout)
+                limit = self.request_timeout if timeout is None else timeout
+                return await self._request_once(make, expect, limit)
             except _Reset:
                 if attempt:
                     raise BrokerUnavailable("the connection to the broker was reset") from None
@@ -748,6 +759,52 @@ class BrokerClient(StreamMethods):
             )
         reply = await self._request(lambda r: GetSnapshot(r, streams), SnapshotReply)
         return reply.items
+
+    async def _quote(
+        self, make: Callable[[int], Quote], timeout: float | None = None
+    ) -> QuoteReply:
+        return await self._request(make, QuoteReply, timeout)
+
+    async def markets(self) -> list[RestMarket]:
+        """Every market Upbit lists, with names and warnings (the broker's cached list)."""
+        return (await self._quote(lambda r: Quote(r, "markets"))).markets
+
+    async def candles(
+        self, code: str, unit: str = "1m", *, count: int = 1, to: str | datetime | None = None
+    ) -> list[RestCandle]:
+        """Up to ``count`` (at most 10,000) candles of ``code`` before ``to``, newest first.
+
+        ``unit``: ``1s``, ``1m``, ``3m``, ``5m``, ``10m``, ``15m``, ``30m``, ``60m``,
+        ``240m``, ``days``, ``weeks``, ``months``, ``years``. ``to``: an ISO 8601 text or
+        a datetime (no zone means UTC); None for the latest candles.
+        """
+        when = to.isoformat() if isinstance(to, datetime) else to
+        pages = -(-max(count, 1) // 200)
+        return (
+            await self._quote(
+                lambda r: Quote(r, "candles", [code], unit=unit, count=count, to=when),
+                self.request_timeout + pages * CANDLE_PAGE_WAIT,
+            )
+        ).candles
+
+    async def tickers(self, codes: str | Iterable[str]) -> list[RestTicker]:
+        """Current tickers of ``codes`` (REST: every field, accumulated values included)."""
+        listed = [codes] if isinstance(codes, str) else list(codes)
+        return (await self._quote(lambda r: Quote(r, "tickers", listed))).tickers
+
+    async def orderbooks(
+        self, codes: str | Iterable[str], *, depth: int | None = None, level: float | None = None
+    ) -> list[RestOrderbook]:
+        """Current orderbooks of ``codes``: ``depth`` levels (1 to 30, default 30),
+        grouped by ``level`` (KRW markets; an unsupported level gives no book)."""
+        listed = [codes] if isinstance(codes, str) else list(codes)
+        return (
+            await self._quote(lambda r: Quote(r, "orderbooks", listed, depth=depth, level=level))
+        ).orderbooks
+
+    async def trades(self, code: str, *, count: int = 50) -> list[RestTrade]:
+        """The latest ``count`` (1 to 500) trades of ``code``, newest first."""
+        return (await self._quote(lambda r: Quote(r, "trades", [code], count=count))).trades
 
     async def health(self) -> Health:
         """The broker's health (status, uptime, upstream connections, epoch)."""

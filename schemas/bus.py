@@ -50,6 +50,7 @@ from typing import Final, Literal
 import msgspec
 
 from schemas.errors import DECODE_FAILURES, DecodeError, wrap_msgspec_error
+from schemas.rest import RestCandle, RestMarket, RestOrderbook, RestTicker, RestTrade
 from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
@@ -92,6 +93,9 @@ __all__ = [
     "MetricsReply",
     "MetricsRequest",
     "Payload",
+    "Quote",
+    "QuoteKind",
+    "QuoteReply",
     "SnapshotReply",
     "StatusEvent",
     "StatusState",
@@ -422,8 +426,40 @@ class Bye(msgspec.Struct, tag="bye", tag_field="op"):
     """The client is leaving: release everything now instead of waiting for expiry."""
 
 
+QuoteKind = Literal["markets", "candles", "tickers", "orderbooks", "trades"]
+"""The Upbit quotation calls the broker runs for clients (:class:`Quote`)."""
+
+
+class Quote(msgspec.Struct, tag="quote", tag_field="op", omit_defaults=True):
+    """Run one Upbit quotation REST call through the broker (its limits, its cache).
+
+    ``codes``: markets for tickers and orderbooks, exactly one for candles and trades,
+    none for markets. ``unit`` (candles): ``1s``, ``1m``/``3m``/``5m``/``10m``/``15m``/
+    ``30m``/``60m``/``240m``, ``days``, ``weeks``, ``months``, ``years``. ``count``:
+    candles (paged past Upbit's 200) and trades. ``to`` (candles): ISO 8601, candles
+    before it. ``depth``/``level``: orderbooks. Added in protocol 3 (a new message).
+    """
+
+    req: int
+    kind: QuoteKind
+    codes: list[str] = []
+    unit: str | None = None
+    count: int | None = None
+    to: str | None = None
+    depth: int | None = None
+    level: float | None = None
+
+
 ClientMessage = (
-    Hello | Subscribe | Unsubscribe | GetSnapshot | Heartbeat | HealthRequest | MetricsRequest | Bye
+    Hello
+    | Subscribe
+    | Unsubscribe
+    | GetSnapshot
+    | Heartbeat
+    | HealthRequest
+    | MetricsRequest
+    | Bye
+    | Quote
 )
 
 
@@ -582,8 +618,28 @@ class ErrorReply(msgspec.Struct, tag="error", tag_field="op"):
     message: str
 
 
+class QuoteReply(msgspec.Struct, tag="quote", tag_field="op", omit_defaults=True):
+    """Answer to :class:`Quote`: Upbit's REST items, in Upbit's order, in the one list
+    its ``kind`` fills (candles and trades newest first)."""
+
+    req: int
+    kind: QuoteKind
+    markets: list[RestMarket] = []
+    candles: list[RestCandle] = []
+    tickers: list[RestTicker] = []
+    orderbooks: list[RestOrderbook] = []
+    trades: list[RestTrade] = []
+
+
 BrokerMessage = (
-    Welcome | SubscribeOk | UnsubscribeOk | SnapshotReply | HealthReply | MetricsReply | ErrorReply
+    Welcome
+    | SubscribeOk
+    | UnsubscribeOk
+    | SnapshotReply
+    | HealthReply
+    | MetricsReply
+    | ErrorReply
+    | QuoteReply
 )
 
 _encoder = msgspec.msgpack.Encoder()
