@@ -131,9 +131,9 @@ KNOWN_REPUBLISH = (
     "saved private state lags what was published"
 )
 KNOWN_APP_STALL_LOSS = (
-    "known bug: order events that happen during a short application stall of the private "
-    "WebSocket (pongs answered, no data; shorter than the stall detection) are never "
-    "published and no gap is reported: nothing reconciles over REST afterwards"
+    "known bug: order events that happen during a short stall of the private WebSocket "
+    "(app or link kind, shorter than the stall detection; the simulator drops what the "
+    "stall holds) are never published and no gap is reported: nothing reconciles over REST"
 )
 KNOWN_BUGS = (KNOWN_REDELIVERY, KNOWN_REPUBLISH, KNOWN_APP_STALL_LOSS)
 """Each is reported apart (a deterministic ``xfail(strict=True)`` test in
@@ -249,7 +249,7 @@ def order_deliveries(
     joined: float,
     known: list[str] | None = None,
     published: Sequence[tuple[float, str, str, str | None]] = (),
-    app_stalls: Sequence[tuple[float, float]] = (),
+    stalls: Sequence[tuple[float, float]] = (),
 ) -> tuple[int, list[str]]:
     """Check each order's final state and fills reached this agent exactly once, or not
     at all under a ``gap`` on the myOrder topic reported after the event and before the
@@ -257,7 +257,8 @@ def order_deliveries(
     the tap's ``(rx, uuid, state, trade_uuid)``), or, never published, when it happened
     at the exchange. Orders placed before ``joined`` are skipped. (checked, problems)
     Hits of the known bugs (:data:`KNOWN_REDELIVERY`, :data:`KNOWN_REPUBLISH`, and
-    :data:`KNOWN_APP_STALL_LOSS` inside ``app_stalls``) go to ``known`` when given.
+    :data:`KNOWN_APP_STALL_LOSS` inside ``stalls``, the injected stall windows) go to
+    ``known`` when given.
     """
     events: dict[str, list[tuple[str, str | None, int]]] = defaultdict(list)
     order_topic_at: list[tuple[float, int]] = []
@@ -296,7 +297,7 @@ def order_deliveries(
                 return KNOWN_REDELIVERY
             if records[first].get("e") != records[again].get("e"):
                 return KNOWN_REPUBLISH
-        in_stall = any(start <= at <= end + 1.0 for start, end in app_stalls)
+        in_stall = any(start <= at <= end + 1.0 for start, end in stalls)
         if not got and in_stall and not published_at(uuid, state, trade):
             return KNOWN_APP_STALL_LOSS
         return None
@@ -630,7 +631,7 @@ class Run:
         self.rng = random.Random(seed ^ 0xC1A05)
         self.report = Report(seed)
         self.refusals: list[tuple[float, float, int]] = []
-        self.app_stalls: list[tuple[float, float]] = []
+        self.stalls: list[tuple[float, float]] = []
         self.agents: list[AgentLog] = []
         self.gone: list[AgentLog] = []
         self.churn_at = 0.0
@@ -703,8 +704,7 @@ class Run:
             return time.time()
         if kind in ("stall_link", "stall_app"):
             sim.control("stall", {"seconds": seconds, "kind": kind.removeprefix("stall_")})
-            if kind == "stall_app":
-                self.app_stalls.append((start, start + seconds))
+            self.stalls.append((start, start + seconds))
         elif kind.startswith("refuse_"):
             status = int(kind.removeprefix("refuse_"))
             sim.control("refuse_upgrades", {"seconds": seconds, "status": status})
@@ -830,7 +830,7 @@ class Run:
                 agent.joined,
                 known,
                 self.tap.orders,
-                self.app_stalls,
+                self.stalls,
             )
             self.report.deliveries_checked += checked
             self.report.problems[INVARIANTS[0]] += [f"{agent.name}: {p}" for p in problems]

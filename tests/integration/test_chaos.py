@@ -1,4 +1,5 @@
-"""The randomized fault test (seeded, ~75 s) and unit tests of its pure checks.
+"""The randomized fault test (seeded, ~75 s), unit tests of its pure checks, and one
+strict xfail test per bug the chaos runs found (each reproduced deterministically).
 
 ``UPBIT_CHAOS_SEED=N`` replays a run; a failure prints the seed and the fault sequence.
 The long soak is ``python -m bench.chaos --minutes 30`` (same module: ``tests/chaos.py``).
@@ -115,9 +116,9 @@ def test_known_bugs_are_told_apart_from_new_failures() -> None:
     assert order_deliveries([order], [done, replay], 0.0, known)[1] == []
     assert "known bug 2" in known[-1]
     assert order_deliveries([order], [done, done], 0.0, known)[1]  # a plain repeat fails
-    assert order_deliveries([order], [], 0.0, known, app_stalls=[(9.0, 12.0)])[1] == []
+    assert order_deliveries([order], [], 0.0, known, stalls=[(9.0, 12.0)])[1] == []
     assert "known bug 3" in known[-1]
-    assert order_deliveries([order], [], 0.0, known, app_stalls=[(20.0, 22.0)])[1]
+    assert order_deliveries([order], [], 0.0, known, stalls=[(20.0, 22.0)])[1]
 
 
 def test_refusals_outside_injected_faults_and_connects_inside_a_block_are_caught() -> None:
@@ -200,14 +201,19 @@ def test_an_order_event_published_just_before_a_broker_sigkill_is_not_published_
 
 
 @pytest.mark.xfail(strict=True, reason=KNOWN_APP_STALL_LOSS)
-def test_an_order_filled_during_a_short_private_app_stall_reaches_the_client() -> None:
-    # Found by the chaos run (UPBIT_CHAOS_SEED=3, stall_app 3.9 s): the orders filled in
-    # the stall were never published (only a later broker restart found them over REST).
+@pytest.mark.parametrize(("kind", "seconds"), [("app", 4.0), ("link", 2.0)])
+def test_an_order_filled_during_a_short_private_stall_reaches_the_client(
+    kind: str, seconds: float
+) -> None:
+    # Found by the chaos runs (UPBIT_CHAOS_SEED=3, stall_app 3.9 s; seed 5, stall_link
+    # 2.1 s): the orders filled in the stall were never published and no gap was told
+    # (in seed 3 only a later broker restart found them over REST).
     with private_follower() as (sim, _, agent):
         orders = Orders(sim, seed=0)
-        sim.control("stall", {"seconds": 4, "kind": "app", "path": PRIVATE})
+        sim.control("stall", {"seconds": seconds, "kind": kind, "path": PRIVATE})
         lost = orders.place(filled=True)
-        wait_until(lambda: not sim.control("")["faults"]["app_stall"], 10, what="stall over")
+        faults = f"{kind}_stall" if kind == "app" else "stall"
+        wait_until(lambda: not sim.control("")["faults"][faults], 10, what="the stall over")
         after = orders.place(filled=True)
         wait_until(lambda: events(agent, after.uuid, "done"), 15, what="an order after it")
         # Fails (times out) if the order never comes and no gap is reported either.
