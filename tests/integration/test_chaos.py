@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -158,6 +159,7 @@ def private_follower() -> Iterator[tuple[Sim, Broker, AgentLog]]:
         yield sim, broker, agent
     finally:
         agent.stop()
+        shutil.rmtree(agent.path.parent, ignore_errors=True)
         broker.stop()
         print(broker.child.output(5000))
         sim.stop()
