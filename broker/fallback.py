@@ -270,6 +270,12 @@ class PrivateFallback(_Supervisor):
         else:
             self.state.apply_asset(event)
         self._mark_dirty()
+        if self._store is not None and self._synced:
+            # Saved before the event leaves (the publisher sends at the end of this
+            # loop turn): a broker killed right after publishing it must not publish it
+            # again after a restart. Private events are few; a save is one small write.
+            self._next_save = 0.0
+            self._persist(time.monotonic())
 
     def link_changed(self, state: StatusState, now: float) -> None:
         """The private link reported ``state``: remember since when changes may be missed."""

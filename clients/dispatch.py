@@ -86,6 +86,8 @@ class Dispatcher:
         self._subs: dict[str, list[Subscription[Any]]] = {}
         self._routes: dict[bytes, _Route] = {}
         self._retired: set[str] = set()
+        self._delivered: dict[str, tuple[str, int]] = {}
+        """``(epoch, seq)`` per topic delivered before the last suspend (see activate)."""
 
     # ------------------------------------------------------------------ registry
 
@@ -283,9 +285,12 @@ class Dispatcher:
         floors.clear()
         items = [env for env in snapshot if env.epoch == epoch]
         tracker = self.tracker
+        delivered = self._delivered
         for env in items:  # the snapshot itself is delivered before any floor exists
             if env.seq > 0 and tracker.last_seq(env.topic) is None:
                 tracker.baseline(env.topic, env.epoch, env.seq)
+            if env.seq > 0 and delivered.get(env.topic) == (env.epoch, env.seq):
+                continue  # this client got that very message before it recovered
             if env.data.__class__ is StatusEvent:
                 sub._status(env)
             else:
@@ -305,6 +310,9 @@ class Dispatcher:
         """The broker is gone or restarted: forget sequences, buffer until resubscribed."""
         if self.epoch is not None:
             self._retired.add(self.epoch)
+        # What was delivered, so that a re-subscribe to the same broker (an expired
+        # client) does not deliver the last value of a topic a second time.
+        self._delivered.update(self.tracker.positions())
         self.epoch = None
         self.foreign_epoch = None
         self.tracker.reset()

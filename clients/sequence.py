@@ -129,6 +129,10 @@ class SequenceTracker:
         state = self._topics.get(topic)
         return None if state is None else (state.epoch, state.last)
 
+    def positions(self) -> dict[str, tuple[str, int]]:
+        """``(epoch, last accepted sequence)`` of every tracked topic."""
+        return {topic: (state.epoch, state.last) for topic, state in self._topics.items()}
+
     def forget(self, topic: str) -> None:
         """Stop tracking ``topic`` (after unsubscribing it)."""
         self._topics.pop(topic, None)

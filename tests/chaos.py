@@ -125,17 +125,12 @@ KNOWN_REDELIVERY = (
     "delivers again the last message the client already had (same topic, epoch, seq): "
     "Dispatcher.suspend() resets the SequenceTracker, so activate() cannot tell"
 )
-KNOWN_REPUBLISH = (
-    "known bug: a broker SIGKILLed less than its private save interval (1 s) after "
-    "publishing an order event publishes it again after the restart (new epoch): the "
-    "saved private state lags what was published"
-)
 KNOWN_APP_STALL_LOSS = (
     "known bug: order events that happen during a short stall of the private WebSocket "
     "(app or link kind, shorter than the stall detection; the simulator drops what the "
     "stall holds) are never published and no gap is reported: nothing reconciles over REST"
 )
-KNOWN_BUGS = (KNOWN_REDELIVERY, KNOWN_REPUBLISH, KNOWN_APP_STALL_LOSS)
+KNOWN_BUGS = (KNOWN_APP_STALL_LOSS,)
 """Each is reported apart (a deterministic ``xfail(strict=True)`` test in
 ``tests/integration/test_chaos.py`` holds it) until the broker or client is fixed."""
 
@@ -191,8 +186,9 @@ def silent_losses(
     no ``gap`` status on that topic between the messages around the hole; and repeats.
 
     Only seqs strictly between two the agent received in the same epoch count, so what
-    came before its subscription or after its end is not a loss. Repeats of the
-    :data:`KNOWN_REDELIVERY` kind go to ``known`` instead, when given.
+    came before its subscription or after its end is not a loss. Every repeat is a
+    problem (a client that recovered against the same broker once got its last message
+    again: fixed in clients/dispatch.py).
     """
     published: dict[tuple[str, str], set[int]] = defaultdict(set)
     for env in tapped:
@@ -210,12 +206,7 @@ def silent_losses(
         for seq, index in seen:
             where[seq].append(index)
         for seq, at in sorted(where.items()):
-            for first, again in itertools.pairwise(at):
-                what = f"{topic} epoch {epoch}: seq {seq} delivered twice"
-                if known is not None and redelivered_after_recovery(records, first, again):
-                    known.append(f"{what} (known bug 1)")
-                else:
-                    problems.append(what)
+            problems += [f"{topic} epoch {epoch}: seq {seq} delivered twice"] * (len(at) - 1)
         ordered = sorted(set(seen))
         for (low, low_at), (high, high_at) in itertools.pairwise(ordered):
             hole = [s for s in range(low + 1, high) if s in published[(topic, epoch)]]
@@ -256,7 +247,7 @@ def order_deliveries(
     next myOrder message. The event's time is when the broker published it (``published``:
     the tap's ``(rx, uuid, state, trade_uuid)``), or, never published, when it happened
     at the exchange. Orders placed before ``joined`` are skipped. (checked, problems)
-    Hits of the known bugs (:data:`KNOWN_REDELIVERY`, :data:`KNOWN_REPUBLISH`, and
+    Hits of the known bugs (:data:`KNOWN_REDELIVERY`, and
     :data:`KNOWN_APP_STALL_LOSS` inside ``stalls``, the injected stall windows) go to
     ``known`` when given.
     """
@@ -291,12 +282,6 @@ def order_deliveries(
     def known_kind(
         got: list[tuple[str, str | None, int]], at: float, uuid: str, state: str, trade: str | None
     ) -> str | None:
-        if len(got) == 2:
-            first, again = got[0][2], got[1][2]
-            if redelivered_after_recovery(records, first, again):
-                return KNOWN_REDELIVERY
-            if records[first].get("e") != records[again].get("e"):
-                return KNOWN_REPUBLISH
         in_stall = any(start <= at <= end + 1.0 for start, end in stalls)
         if not got and in_stall and not published_at(uuid, state, trade):
             return KNOWN_APP_STALL_LOSS
@@ -484,7 +469,8 @@ class Report:
     rss_max: int = 0
     problems: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in INVARIANTS})
     known: list[str] = field(default_factory=list)
-    """Hits of :data:`KNOWN_REDELIVERY`: printed, not failures (an xfail test holds it)."""
+    """Hits of the known bugs (:data:`KNOWN_BUGS`): printed, not failures (an xfail test
+    holds each)."""
     tapped: int = 0
     """Envelopes the raw tap saw: what each client's record is compared with."""
     skipped: int = 0
