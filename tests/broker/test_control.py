@@ -343,7 +343,9 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
 # ---------------------------------------------------------------- hostile clients
 
 
-def quota_control(broker: FakeBroker, quotas: Quotas) -> ControlServer:
+def quota_control(
+    broker: FakeBroker, quotas: Quotas, *, private_enabled: bool = False
+) -> ControlServer:
     """A control server over ``broker`` with ``quotas``."""
     return ControlServer(
         clients=broker.clients,
@@ -354,7 +356,7 @@ def quota_control(broker: FakeBroker, quotas: Quotas) -> ControlServer:
         epoch="e1",
         heartbeat_interval=0.5,
         liveness=3,
-        private_enabled=False,
+        private_enabled=private_enabled,
         quotas=ClientQuotas(quotas),
     )
 
@@ -449,17 +451,7 @@ async def test_a_second_snapshot_request_in_flight_is_refused_as_busy(
 def test_private_streams_are_refused_with_the_reason_while_the_keys_are_rejected(
     broker: FakeBroker,
 ) -> None:
-    control = ControlServer(
-        clients=broker.clients,
-        subscriptions=broker,
-        markets=broker,
-        snapshots=broker,
-        status=broker,
-        epoch="e1",
-        heartbeat_interval=0.5,
-        liveness=3,
-        private_enabled=True,
-    )
+    control = quota_control(broker, Quotas(), private_enabled=True)
     joined(control)
     broker.refusal = "Upbit rejected the broker's API keys (INVALID_AUTH)"
     (_, reply) = ask(control, ALICE, Subscribe(req=1, streams=[StreamSpec("myOrder")]))
