@@ -465,3 +465,28 @@ async def test_async_get_wakes_on_put_and_raises_once_closed_and_empty() -> None
     assert (await queue.get()).seq == 2
     with pytest.raises(ClientClosed):
         await queue.get()
+
+
+def test_a_recovery_against_the_same_broker_does_not_deliver_the_last_value_again(
+    d: Dispatcher,
+) -> None:
+    sub, got = collecting([StreamSpec("ticker", "KRW-BTC")])
+    live(d, sub)
+    feed(d, env(T_BTC, 5), env(T_BTC, 6))
+    d.suspend()  # expired by the broker: hello and subscribe again, same epoch
+    d.resume(EPOCH)
+    d.activate(sub, [env(T_BTC, 6)])  # the snapshot is the message it already has
+    feed(d, env(T_BTC, 7))
+    assert [t.trade_price for t in got] == [5.0, 6.0, 7.0]
+
+
+def test_after_a_broker_restart_the_snapshot_is_delivered_even_at_the_same_seq(
+    d: Dispatcher,
+) -> None:
+    sub, got = collecting([StreamSpec("ticker", "KRW-BTC")])
+    live(d, sub)
+    feed(d, env(T_BTC, 1), env(T_BTC, 2))
+    d.suspend()
+    d.resume("e2")  # a new broker numbers from 1 again
+    d.activate(sub, [env(T_BTC, 2, epoch="e2")])
+    assert [t.trade_price for t in got] == [1.0, 2.0, 2.0]
