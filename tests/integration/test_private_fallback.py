@@ -11,6 +11,7 @@ the link is down, or by reconciling once it is back. Figures are printed (``pyte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -68,17 +69,18 @@ async def _pump(sub: Subscription[Any], into: list[tuple[float, Any, str]]) -> N
         into.append((time.time(), payload, env.source))
 
 
-@pytest.fixture
-async def watcher(private_broker: BrokerProc, sim: Sim) -> AsyncIterator[Seen]:
-    """A client subscribed to myOrder and myAsset, the private link up and synced."""
-    seen = Seen()
+@contextlib.asynccontextmanager
+async def following(sim: Sim, seen: Seen, name: str, *, statuses: bool) -> AsyncIterator[Seen]:
+    """A client following myOrder and myAsset into ``seen``, once the private link is up
+    and the broker's first private REST sync is done."""
 
     def on_status(event: StatusEvent) -> None:
         seen.statuses.append((time.time(), event))
 
-    async with BrokerClient(name="order-watcher") as client:
-        orders = await client.subscribe_my_order(on_status=on_status)
-        assets = await client.subscribe_my_asset(on_status=on_status)
+    hook = on_status if statuses else None
+    async with BrokerClient(name=name) as client:
+        orders = await client.subscribe_my_order(on_status=hook)
+        assets = await client.subscribe_my_asset(on_status=hook)
         pumps = [
             asyncio.create_task(_pump(orders, seen.orders)),
             asyncio.create_task(_pump(assets, seen.assets)),
@@ -101,6 +103,13 @@ async def watcher(private_broker: BrokerProc, sim: Sim) -> AsyncIterator[Seen]:
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+
+
+@pytest.fixture
+async def watcher(private_broker: BrokerProc, sim: Sim) -> AsyncIterator[Seen]:
+    """A client subscribed to myOrder and myAsset, the private link up and synced."""
+    async with following(sim, Seen(), "order-watcher", statuses=True) as seen:
+        yield seen
 
 
 def private_types(sim: Sim) -> set[str]:

@@ -9,7 +9,6 @@ order's fills and end, and the balance change, from REST (Upbit replays nothing)
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -17,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from clients import BrokerClient
 from tests.harness import Child
 from tests.integration.conftest import BrokerProc, Sim, wait_ready
 from tests.integration.test_private_fallback import (
     Seen,
-    _pump,
+    following,
     place_filled_bid,
-    private_types,
-    rest_ok,
 )
 from tests.support import async_wait_until
 
@@ -33,30 +29,8 @@ from tests.support import async_wait_until
 @pytest.fixture
 async def follower(private_broker: BrokerProc, sim: Sim) -> AsyncIterator[Seen]:
     """A client following myOrder and myAsset, the private link up and synced."""
-    seen = Seen()
-    async with BrokerClient(name="restart-watcher") as client:
-        orders = await client.subscribe_my_order()
-        assets = await client.subscribe_my_asset()
-        pumps = [
-            asyncio.create_task(_pump(orders, seen.orders)),
-            asyncio.create_task(_pump(assets, seen.assets)),
-        ]
-        try:
-            await async_wait_until(
-                lambda: private_types(sim) == {"myOrder", "myAsset"},
-                timeout=15,
-                what="the private connection subscribed to myOrder and myAsset",
-            )
-            await async_wait_until(
-                lambda: rest_ok(sim, "default") >= 2,
-                timeout=15,
-                what="the broker's first private REST sync",
-            )
-            yield seen
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+    async with following(sim, Seen(), "restart-watcher", statuses=False) as seen:
+        yield seen
 
 
 async def test_an_order_filled_while_the_broker_was_down_reaches_the_client_after_restart(
