@@ -12,16 +12,18 @@ SUB to its data PUB (``topic + TOPIC_END + [envelope, ...]``), made by
 message. Routing, sequences and callbacks live in :mod:`clients.dispatch`, the typed
 ``subscribe_*`` methods in :mod:`clients.streams`.
 
-Liveness: the broker publishes ``_heartbeat/`` every interval, so a data socket silent
-for 1.5 intervals (:data:`clients.core.LOST_AFTER`, checked every quarter interval)
-means the broker is gone: a SIGKILLed broker is reported within 2 intervals (measured
-0.6-0.9 s at a 0.5 s interval, ``tests/integration/test_outage.py``). A broker that
-stops on SIGTERM/SIGINT says goodbye (a ``down`` status, detail ``broker stopping``):
-reported at once. A new epoch on any envelope or Welcome, an ``unknown_client`` error,
-a lost or departing broker, or a dropped data socket all lead to the same recovery: a
-fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe everything with snapshots. Each
-subscription hears, once: ``down``, a ``gap`` per topic, ``reconnecting``, then
-``restored`` once its upstream connection carries data again. No user code is needed.
+Liveness: a broker whose process dies has its connections closed by the kernel, which a
+monitor on the data socket reports at once: a SIGKILLed broker is reported within
+milliseconds (``tests/integration/test_outage.py``). A broker that is alive but silent
+(frozen, or its host unreachable over tcp) publishes no ``_heartbeat/``: a data socket
+silent for 3 intervals (:data:`clients.core.LOST_AFTER`, checked every quarter interval)
+means it is gone. A broker that stops on SIGTERM/SIGINT says goodbye (a ``down`` status,
+detail ``broker stopping``): reported at once. A new epoch on any envelope or Welcome,
+an ``unknown_client`` error, a lost or departing broker, or a dropped data socket all
+lead to the same recovery: a fresh DEALER (Lazy Pirate) and SUB, hello, re-subscribe
+everything with snapshots. Each subscription hears, once: ``down``, a ``gap`` per topic,
+``reconnecting``, then ``restored`` once its upstream connection carries data again. No
+user code is needed.
 
 Heartbeats do not depend on user code returning. A sync callback runs inline on the
 event loop, so a callback that blocks for 5 s stops the loop for 5 s; the broker expires
@@ -235,6 +237,7 @@ class BrokerClient(StreamMethods):
         self._io = io
         loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
+        loop.add_reader(io.monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
         self._finalizer = weakref.finalize(self, sockets.release, io)
         self._spawn(sockets.heartbeat_loop(weakref.WeakMethod(self._tick)))
         self._core.heard_data(loop.time())
@@ -265,11 +268,15 @@ class BrokerClient(StreamMethods):
         assert io is not None
         prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
         data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
+        monitor = sockets.watch_disconnect(data)
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.data.FD)
-        io.data.close(linger=0)
-        io.data = data
+        with contextlib.suppress(Exception):
+            io.loop.remove_reader(io.monitor.FD)
+        sockets.close_watched(io.data, io.monitor)
+        io.data, io.monitor = data, monitor
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
+        io.loop.add_reader(monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
 
     def _shutdown_io(self) -> None:
         if self._beat_stop is not None:
@@ -461,11 +468,19 @@ class BrokerClient(StreamMethods):
         d = self._dispatcher
         dropped = sum(sub.dropped for sub in d.subscriptions)
         self._beat_counters = (d.received, d.gaps, self._lag_ms, dropped)
+        self._check_link()
         tick = core.tick(io.loop.time())
         if tick.lost:
             silence = LOST_AFTER * core.welcome.heartbeat_interval
             self._schedule_resync(f"no heartbeat from the broker for {silence:g} s")
         return tick.delay
+
+    def _check_link(self) -> None:
+        """The data connection dropped (the broker's process died, or it dropped us):
+        recover now rather than after :data:`LOST_AFTER` silent intervals."""
+        io = self._io
+        if io is not None and sockets.disconnected(io.monitor):
+            self._schedule_resync("the broker closed the connection")
 
     def _beat_once(self) -> float:
         """Heartbeat thread: send a heartbeat when one is due; seconds until the next.

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import struct
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ __all__ = [
     "CurveKeys",
     "check_endpoint",
     "close_ctrl",
+    "close_watched",
     "curve_keys",
+    "disconnected",
     "heartbeat_loop",
     "new_routing_id",
     "on_readable",
@@ -49,6 +52,7 @@ __all__ = [
     "release",
     "retry_loop",
     "run_weak",
+    "watch_disconnect",
 ]
 
 BYE_LINGER_MS: Final = 100
@@ -177,10 +181,45 @@ def open_sub(
     return sock
 
 
+def watch_disconnect(sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
+    """A monitor of ``sock`` that reports only a dropped connection.
+
+    When the broker's process dies, its kernel closes the connection and libzmq reports
+    it here within a millisecond: the client learns of a crash at once instead of after
+    :data:`clients.core.LOST_AFTER` silent heartbeat intervals, so that silence bound
+    can be long enough that a broker merely busy for a moment is not declared gone.
+    """
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+
+def disconnected(monitor: zmq.Socket[bytes]) -> bool:
+    """Read every pending monitor event: did the connection drop since the last look?"""
+    dropped = False
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return dropped
+        except zmq.ZMQError:  # closed under us: the socket is being replaced
+            return dropped
+        # Frame 0: the event id (uint16) then a value (uint32), in native byte order.
+        if frames and len(frames[0]) >= 2:
+            (event,) = struct.unpack_from("=H", frames[0])
+            dropped = dropped or event == zmq.EVENT_DISCONNECTED
+
+
+def close_watched(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+    """Close a socket and its :func:`watch_disconnect` monitor, at once."""
+    with contextlib.suppress(zmq.ZMQError):
+        sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 class IO:
     """The resources a finalizer must release; holds no reference to the client."""
 
-    __slots__ = ("ctrl", "data", "dispatcher", "loop", "tasks")
+    __slots__ = ("ctrl", "data", "dispatcher", "loop", "monitor", "tasks")
 
     def __init__(
         self,
@@ -192,6 +231,8 @@ class IO:
         self.loop = loop
         self.ctrl = ctrl
         self.data = data
+        self.monitor = watch_disconnect(data)
+        """Reports the data connection dropping: a crashed broker, noticed at once."""
         self.dispatcher = dispatcher
         """Its subscriptions are ended too, so a held iterator does not wait forever."""
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -206,12 +247,12 @@ def release(io: IO) -> None:
         for task in list(io.tasks):
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 task.cancel()
-        for sock in (io.ctrl, io.data):
+        for sock in (io.ctrl, io.data, io.monitor):
             if not sock.closed and not io.loop.is_closed():
                 with contextlib.suppress(Exception):
                     io.loop.remove_reader(sock.FD)
         close_ctrl(io.ctrl)
-        io.data.close(linger=0)
+        close_watched(io.data, io.monitor)
 
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

@@ -256,17 +256,19 @@ def test_while_up_liveness_is_checked_four_times_an_interval() -> None:
     assert up_core(now=0.0).tick(0.5) == Tick(INTERVAL / 4)
 
 
-def test_a_broker_silent_for_one_and_a_half_intervals_is_lost() -> None:
-    # The broker publishes _heartbeat/ every interval: the old rule waited for a probe
-    # to time out, interval * liveness twice over (6 s here).
+def test_a_broker_silent_for_lost_after_intervals_is_lost() -> None:
+    # The broker publishes _heartbeat/ every interval: two may be late or missing
+    # (a busy broker on a loaded machine) before it counts as gone.
+    assert LOST_AFTER == 3.0
     core = up_core(now=0.0)
     core.heard_data(10.0)
     assert not core.tick(10.0 + LOST_AFTER * INTERVAL).lost  # a late heartbeat is fine
     assert core.tick(10.0 + LOST_AFTER * INTERVAL + 0.01).lost
 
 
-def test_a_sigkill_is_noticed_within_two_intervals_wherever_it_falls() -> None:
-    # Heartbeats at 0, 1, 2, ...; the broker dies at ``killed``; ticks every quarter.
+def test_a_frozen_broker_is_noticed_within_its_silence_wherever_it_falls() -> None:
+    # Heartbeats at 0, 1, 2, ...; the broker freezes at ``killed``; ticks every quarter.
+    # (A killed broker is noticed sooner: the shell's socket monitor sees it go.)
     for killed in (2.0, 2.01, 2.5, 2.99):
         core = up_core(now=0.0)
         now = 0.0
@@ -274,7 +276,8 @@ def test_a_sigkill_is_noticed_within_two_intervals_wherever_it_falls() -> None:
             if now <= killed:
                 core.heard_data(float(int(now)))  # the last heartbeat before now
             now += INTERVAL / 4
-        assert now - killed <= 2 * INTERVAL, (killed, now)
+        assert now - killed <= (LOST_AFTER + 0.25) * INTERVAL, (killed, now)
+        assert now - killed > (LOST_AFTER - 1) * INTERVAL, (killed, now)
 
 
 def test_anything_on_the_data_socket_restarts_the_silence() -> None:
@@ -282,7 +285,7 @@ def test_anything_on_the_data_socket_restarts_the_silence() -> None:
     core.heard_data(10.0)
     assert not core.tick(11.0).lost
     core.receive(UnsubscribeOk(99), 12.0)  # control traffic does not count
-    assert core.tick(11.6).lost
+    assert core.tick(10.0 + LOST_AFTER * INTERVAL + 0.1).lost
 
 
 def test_nothing_is_lost_while_recovering() -> None:

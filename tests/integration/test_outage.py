@@ -4,8 +4,11 @@ A client agent (``tests/integration/agent.py``) records every status event its
 subscriptions receive, stamped with its local receive time ``rx``; the test kills or
 stops the broker and reads the record. Each agent subscription holds one topic, so each
 status line is one event on one topic. The broker runs with a 0.5 s heartbeat
-(``tests/integration/conftest.py``): a SIGKILL must be detected within two intervals,
-a SIGTERM at once (the broker says goodbye).
+(``tests/integration/conftest.py``): a SIGKILL must be detected within two intervals
+(the client's socket monitor sees the connection close, so in practice at once), a
+SIGTERM at once (the broker says goodbye), a frozen broker after
+:data:`clients.core.LOST_AFTER` silent intervals and not before: a broker busy for a
+moment is not reported ``down``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from clients import BrokerClient
+from clients.core import LOST_AFTER
 from schemas.bus import StatusEvent
 from tests.integration.conftest import BrokerProc, Sim, wait_ready
 from tests.integration.test_sharing import Agent
@@ -90,6 +94,64 @@ def test_a_killed_broker_is_reported_down_within_two_heartbeats(
         assert seen["down"] == len(STREAMS), f"one down per topic expected: {seen}"
         assert seen["gap"] == len(STREAMS), f"one gap per topic expected: {seen}"
     finally:
+        agent.stop()
+
+
+def test_a_broker_frozen_for_one_heartbeat_is_not_reported_down(
+    sim: Sim, broker: BrokerProc
+) -> None:
+    agent = start_agent(broker, "pause")
+    try:
+        frozen = time.time()
+        broker.child.signal(signal.SIGSTOP)
+        try:
+            # The stimulus, not a wait: the broker is frozen for one heartbeat interval,
+            # a third of the silence that would mean it is gone.
+            time.sleep(HEARTBEAT)
+        finally:
+            broker.child.signal(signal.SIGCONT)
+        resumed = time.time()
+        wait_until(
+            lambda: {m["t"] for m in agent.data() if m["rx"] > resumed} >= TOPICS,
+            10,
+            what="data on every topic after the broker resumed",
+        )
+        seen = {m["status"] for m in statuses(agent, frozen)}
+        assert not seen & {"down", "reconnecting", "gap"}, (
+            f"a broker frozen for {resumed - frozen:.2f} s was reported: {seen}"
+        )
+    finally:
+        broker.child.signal(signal.SIGCONT)
+        agent.stop()
+
+
+def test_a_frozen_broker_is_reported_down_after_its_silence_and_recovered(
+    sim: Sim, broker: BrokerProc
+) -> None:
+    agent = start_agent(broker, "freeze")
+    try:
+        frozen = time.time()
+        broker.child.signal(signal.SIGSTOP)
+        try:
+            down = arrival(agent, "down", frozen, scaled(10))
+        finally:
+            broker.child.signal(signal.SIGCONT)
+        silence = LOST_AFTER * HEARTBEAT
+        print(f"[outage] SIGSTOP: down after {down - frozen:.3f} s (silence bound {silence:g} s)")
+        # The last heartbeat went out at most one interval before the freeze.
+        assert down - frozen >= silence - HEARTBEAT, f"down {down - frozen:.2f} s: too eager"
+        assert down - frozen <= scaled(silence + HEARTBEAT / 4 + LATENCY), (
+            f"down {down - frozen:.2f} s after the freeze (bound {silence:g} s)"
+        )
+        # Once it runs again the same subscriptions are restored, with data.
+        restored = arrival(agent, "restored", down, scaled(15))
+        wait_until(
+            lambda: {m["t"] for m in agent.data() if m["rx"] > restored} >= TOPICS,
+            10,
+            what="data on every topic after the recovery",
+        )
+    finally:
+        broker.child.signal(signal.SIGCONT)
         agent.stop()
 
 
