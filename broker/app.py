@@ -134,6 +134,7 @@ class Broker:
                 self._route,
                 credentials=self.credentials,
                 store=_private_store(settings),
+                audit_interval=settings.private_audit,
             )
             if self.exchange.has_private()
             else None
@@ -489,6 +490,8 @@ class Broker:
             decode_errors=self.router.decode_errors,
             duplicates=self.router.duplicates,
             send_errors=self.publisher.send_errors,
+            private_duplicates=self.router.private_duplicates,
+            private_recovered=self.private_fallback.recovered if self.private_fallback else 0,
         )
 
     async def wait_markets(self, timeout: float) -> bool:

@@ -270,6 +270,16 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: set[str]) -> 
     return value.rstrip("/")
 
 
+def _audit_interval(env: Mapping[str, str]) -> float:
+    """``UPBIT_BROKER_PRIVATE_AUDIT``: 0 (off) or at least 1 s (Upbit's budget is shared)."""
+    value = _number(env, "UPBIT_BROKER_PRIVATE_AUDIT", 30.0, minimum=0)
+    if 0 < value < 1:
+        raise ConfigError(
+            f"UPBIT_BROKER_PRIVATE_AUDIT={value!r} must be 0 (off) or at least 1 second"
+        )
+    return value
+
+
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -407,6 +417,9 @@ class Settings:
 
     http_endpoint: tuple[str, int] | None = None
     """``(host, port)`` serving /metrics and /health (:mod:`broker.http`); None: off."""
+    private_audit: float = 30.0
+    """Seconds between REST audits of orders and balances while the private WebSocket
+    is up (a stream can lose events without looking down); 0 turns them off."""
 
     @property
     def has_keys(self) -> bool:
@@ -451,4 +464,5 @@ class Settings:
             curve=curve,
             public_only=public_only,
             http_endpoint=_http_endpoint(env),
+            private_audit=_audit_interval(env),
         )

@@ -13,6 +13,11 @@ private link is down it polls open and closed orders, the fills of those that
 progressed, and balances, and publishes what changed (``wait``, each ``trade``,
 ``done`` / ``cancel``, once each); after the link returns, one more REST
 reconciliation publishes whatever changed between the last poll and the reconnect.
+While the link is up it audits too, every ``audit_interval``: a stream can lose events
+without ever looking down (a stall shorter than its detection; the exchange's side
+dropping what it held), and only REST can tell. What an audit finds is published with
+``source="rest"`` and counted (``private_recovered``); a WebSocket event that arrives
+after REST published it is dropped (:meth:`broker.reconcile.PrivateState.is_news`).
 Both diff against :class:`broker.reconcile.PrivateState`, which the router keeps
 current from WebSocket events too, and which :mod:`broker.private_store` saves so a
 restarted broker reports what it missed while it was down.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import cast
 
@@ -37,7 +43,7 @@ from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsV
 from broker.private_store import PrivateStore, SavedPrivate
 from broker.reconcile import PrivateState, closed_window
 from broker.rest import PRIORITY_POLL, RestClient, RestError
-from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES
+from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES, Source
 from schemas.errors import DecodeError
 from schemas.rest import (
     RestOrder,
@@ -55,6 +61,13 @@ __all__ = ["PrivateFallback", "PublicFallback"]
 IDLE_RETRY = 1.0
 """Seconds before a step that could do nothing useful (a failed baseline, a poll plan
 without calls) is tried again."""
+DEFAULT_AUDIT_INTERVAL = 30.0
+"""Seconds between two REST audits of the account while the private link is up: 3-4
+calls of the ``default`` group (30/s) each, about 0.5 % of its budget, and an event the
+stream lost reaches subscribers within this long."""
+RACED_AUDIT_DELAY = 5.0
+"""Seconds before the next audit when the last one could not trust its balances (the
+stream delivered while REST was being read)."""
 
 
 class _Supervisor:
@@ -225,16 +238,30 @@ class PrivateFallback(_Supervisor):
         credentials: Credentials | None = None,
         store: PrivateStore | None = None,
         save_interval: float = 1.0,
+        audit_interval: float = DEFAULT_AUDIT_INTERVAL,
     ) -> None:
         """``credentials``: the broker's keys, shared with the private link: rejected
         ones are tried once a minute at most, by either of them. ``store``: where the
-        published state outlives the process (None: nowhere)."""
+        published state outlives the process (None: nowhere). ``audit_interval``:
+        seconds between REST audits while the link is up (0: none)."""
         super().__init__(grace)
         self._announcer = announcer
         self._streams_view = streams
         self._rest = rest
         self._route = route
         self._interval = interval
+        self._audit_interval = audit_interval
+        self._next_audit = 0.0
+        """Monotonic time the next audit is due while the link is up."""
+        self._synced_ms = 0
+        """Wall time (ms) the last successful sync began: an audit asks for the orders
+        closed since then."""
+        self._stream_events = 0
+        """Private events the WebSocket delivered (a sync that saw this change while it
+        read REST cannot trust its balances: they may predate what the stream said)."""
+        self.audits = 0
+        self.recovered = 0
+        """Events audits published that the live stream had not delivered."""
         self._credentials = credentials if credentials is not None else Credentials()
         self.state = PrivateState()
         self.active = False
@@ -263,8 +290,17 @@ class PrivateFallback(_Supervisor):
                 orders=len(self._saved.snapshot.orders),
             )
 
-    def observe(self, event: MyOrder | MyAsset) -> None:
-        """Keep the known state current from every published private event."""
+    def observe(self, event: MyOrder | MyAsset, source: Source = "websocket") -> bool:
+        """Keep the known state current from every private event; whether to publish it.
+
+        A WebSocket event REST reconciliation already published is not news
+        (:meth:`PrivateState.is_news`): False, and nothing changes. REST's own events
+        were diffed against the state: always published.
+        """
+        if source == "websocket":
+            self._stream_events += 1
+            if not self.state.is_news(event):
+                return False
         if isinstance(event, MyOrder):
             self.state.apply_order(event)
         else:
@@ -276,6 +312,7 @@ class PrivateFallback(_Supervisor):
             # again after a restart. Private events are few; a save is one small write.
             self._next_save = 0.0
             self._persist(time.monotonic())
+        return True
 
     def link_changed(self, state: StatusState, now: float) -> None:
         """The private link reported ``state``: remember since when changes may be missed."""
@@ -319,8 +356,9 @@ class PrivateFallback(_Supervisor):
         down_for = self._down_for(time.monotonic())
         if down_for is None:
             if not self._needs_reconcile:
-                return None
+                return await self._audit()
             # Whatever changed between the last poll and the reconnect.
+            self._next_audit = time.monotonic() + self._audit_interval
             if await self._sync(publish=True):
                 self._needs_reconcile = False
                 self.reconciliations += 1
@@ -355,9 +393,26 @@ class PrivateFallback(_Supervisor):
         self._next_poll = time.monotonic() + self._interval
         return self._interval
 
+    async def _audit(self) -> float | None:
+        """While the link is up: compare REST with what was published, every
+        ``audit_interval``; publish what the stream lost. The wait until the next one."""
+        if self._audit_interval <= 0 or self._credentials.rejected:
+            return None
+        now = time.monotonic()
+        if self._next_audit == 0.0:
+            self._next_audit = now + self._audit_interval  # just synced: not yet
+        if now < self._next_audit:
+            return self._next_audit - now
+        self._next_audit = now + self._audit_interval
+        if await self._sync(publish=True, audit=True):
+            self.audits += 1
+        return max(0.0, self._next_audit - time.monotonic())
+
     def _closed_window(self, now_ms: int) -> tuple[int, int]:
-        """``start_time``, ``end_time`` of the closed orders to ask for."""
-        start, end, complete = closed_window(self._known_ms, now_ms)
+        """``start_time``, ``end_time`` of the closed orders to ask for: since the link
+        went down, or (link up: an audit) since the last sync began."""
+        known = self._known_ms if self._known_ms is not None else (self._synced_ms or None)
+        start, end, complete = closed_window(known, now_ms)
         if not complete:
             self._log.warning(
                 "orders closed more than 7 days ago cannot be listed: not reported",
@@ -365,13 +420,20 @@ class PrivateFallback(_Supervisor):
             )
         return start, end
 
-    async def _sync(self, *, publish: bool) -> bool:
-        """Fetch orders and balances; publish the differences (or just learn them)."""
+    async def _sync(self, *, publish: bool, audit: bool = False) -> bool:
+        """Fetch orders and balances; publish the differences (or just learn them).
+
+        ``audit``: the link is up, so what is found is what the stream lost (logged
+        and counted). If the stream delivered while REST was read, the balances read
+        may predate its events: they are not diffed (orders are safe, they only move
+        forward) and the next audit comes sooner.
+        """
         rest = self._rest
         credentials = self._credentials
         if not credentials.take_try(time.monotonic()):
             return False  # rejected keys: their one try a minute is not due
         started_ms = int(time.time() * 1000)
+        streamed = self._stream_events
         try:
             orders = await rest.open_orders()
             closed_list: list[RestOrder] = []
@@ -393,9 +455,14 @@ class PrivateFallback(_Supervisor):
                         self.state.forget_order(uuid)
             now_ms = int(time.time() * 1000)
             events: list[MyOrder | MyAsset] = list(self.state.diff_orders(orders, later, now_ms))
-            asset = self.state.diff_accounts(accounts, now_ms)
-            if asset is not None:
-                events.append(asset)
+            if self._stream_events == streamed:
+                asset = self.state.diff_accounts(accounts, now_ms)
+                if asset is not None:
+                    events.append(asset)
+            else:  # the stream spoke meanwhile: its balances may be newer than REST's
+                self._next_audit = min(
+                    self._next_audit or math.inf, time.monotonic() + RACED_AUDIT_DELAY
+                )
         except (RestError, DecodeError) as exc:
             self.failures += 1
             if isinstance(exc, RestError) and exc.status == 401:
@@ -416,13 +483,19 @@ class PrivateFallback(_Supervisor):
         now_ns = time.time_ns()
         for event in events:
             self._route(cast(UpbitData, event), now_ns, "rest")
-        if events:
+        if events and audit:
+            self.recovered += len(events)
+            self._log.warning(
+                "the private WebSocket missed events: published from REST", events=len(events)
+            )
+        elif events:
             self._log.info("private changes published from REST", events=len(events))
         self._synced_at(started_ms)
         return True
 
     def _synced_at(self, started_ms: int) -> None:
         """A sync that began at ``started_ms`` succeeded: everything before is known."""
+        self._synced_ms = started_ms
         self._known_ms = None if self._down_since is None else started_ms
         self._mark_dirty()
 

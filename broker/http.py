@@ -157,6 +157,17 @@ class BrokerCollector(Collector):
         c = _counter("duplicate_trades", "Trades dropped as already published.")
         c.add_metric([], counters.duplicates)
         yield c
+        c = _counter(
+            "private_duplicates", "Private stream events dropped as already published by REST."
+        )
+        c.add_metric([], counters.private_duplicates)
+        yield c
+        c = _counter(
+            "private_recovered",
+            "Private events a REST audit found the live WebSocket had not delivered.",
+        )
+        c.add_metric([], counters.private_recovered)
+        yield c
 
         # REST.
         c = _counter("rest_requests", "REST requests sent, per rate-limit group.", ("group",))

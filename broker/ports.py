@@ -254,6 +254,10 @@ class MonitorCounters:
     """Trades dropped as already published (the same trade over WebSocket and REST)."""
     send_errors: int
     """Envelopes the data socket refused."""
+    private_duplicates: int = 0
+    """Private WebSocket events dropped as already published by REST reconciliation."""
+    private_recovered: int = 0
+    """Private events a periodic REST audit found the live WebSocket had not delivered."""
 
 
 class Monitored(Protocol):

@@ -205,6 +205,28 @@ class PrivateState:
             self._trades.add(ev.trade_uuid)
         self._merge(ev.uuid, _order_of_event(ev))
 
+    def is_news(self, ev: MyOrder | MyAsset) -> bool:
+        """Whether consumers have not seen ``ev`` yet (call before applying it).
+
+        A WebSocket event that REST reconciliation already published (a periodic audit
+        or a reconnect raced the stream) is not news: a fill whose ``trade_uuid`` was
+        published, any event of an order already reported finished, an open order's
+        event showing no progress over what was published, balances equal to the known
+        ones. Dropping those keeps every state and fill exactly once per subscriber.
+        """
+        if isinstance(ev, MyAsset):
+            return any(
+                self._balances.get(a.currency, (_ZERO, _ZERO)) != (a.balance, a.locked)
+                for a in ev.assets
+            )
+        if ev.trade_uuid is not None:
+            return ev.trade_uuid not in self._trades
+        if ev.uuid in self._finished:
+            return False
+        new = _order_of_event(ev)
+        old = self._orders.get(ev.uuid)
+        return old is None or new.state in FINAL_STATES or _progress(new, old) > 0
+
     def forget_order(self, uuid: str) -> None:
         """Drop an order REST no longer knows (``GET /v1/order`` answered 404)."""
         self._orders.pop(uuid, None)

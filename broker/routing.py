@@ -8,7 +8,10 @@ errors and subscription listings are handed back to the link that received them.
 
 The same :meth:`DataRouter.route` publishes what the REST fallback fetches, so both
 sources share the trade de-duplication (a trade is published once whichever source
-brings it first) and the private-state observer that reconciliation relies on.
+brings it first) and the private-state observer that reconciliation relies on. That
+observer also filters: a private WebSocket event REST reconciliation already published
+(the stream raced an audit or a reconnect) is dropped, so each state and fill reaches
+subscribers once.
 
 Upbit may carry a ticker, trade or candle stream nobody subscribed to (released, or
 requested ahead of demand while requests are scarce: see
@@ -66,7 +69,7 @@ class DataRouter:
         publisher: Publisher,
         exchange: Exchange,
         *,
-        on_private: Callable[[MyOrder | MyAsset], None] | None = None,
+        on_private: Callable[[MyOrder | MyAsset, Source], bool] | None = None,
         handlers: HandlerSet | None = None,
     ) -> None:
         self._publisher = publisher
@@ -78,6 +81,8 @@ class DataRouter:
         self.received: Counter[str] = Counter()
         """Messages routed per stream type (WebSocket and REST), read by /metrics."""
         self.duplicates = 0
+        self.private_duplicates = 0
+        """Private WebSocket events dropped: REST reconciliation had published them."""
         self.decode_errors = 0
         self.last_decode_error = ""
         self._log = get_logger("router")
@@ -229,16 +234,18 @@ class DataRouter:
         if result is not None:
             route(result, recv_ns, source)
 
-    @staticmethod
     def _observed(
-        observe: Callable[[MyOrder | MyAsset], None],
+        self,
+        observe: Callable[[MyOrder | MyAsset, Source], bool],
         route: Callable[[Any, int, Source], None],
         message: MyOrder | MyAsset,
         recv_ns: int,
         source: Source,
     ) -> None:
-        observe(message)
-        route(message, recv_ns, source)
+        if observe(message, source):
+            route(message, recv_ns, source)
+        else:
+            self.private_duplicates += 1
 
     def _route_per_code(self, kind: str, message: Any, recv_ns: int, source: Source) -> None:
         self.received[kind] += 1

@@ -66,7 +66,13 @@ RESUME_BOUND = 15.0
 RSS_BOUND = 400 * 1024 * 1024
 """Broker resident memory never above this (generous: it runs ~60-100 MB)."""
 PUBLIC_STREAMS = ("ticker:KRW-BTC", "trade:KRW-BTC", "ticker:KRW-ETH", "orderbook:KRW-ETH")
-BROKER_ENV = {"UPBIT_BROKER_HEARTBEAT": "0.5", "UPBIT_BROKER_LIVENESS": "3"}
+BROKER_ENV = {
+    "UPBIT_BROKER_HEARTBEAT": "0.5",
+    "UPBIT_BROKER_LIVENESS": "3",
+    # An audit every 5 s (default 30 s): what a live stream lost arrives within the
+    # time the checks wait for it.
+    "UPBIT_BROKER_PRIVATE_AUDIT": "5",
+}
 WRONG_SECRET = "wrong-secret-key-0000000000000000000000"
 INVARIANTS = (
     "orders delivered exactly once (or under a gap)",
@@ -120,19 +126,6 @@ Record = dict[str, Any]
 
 
 CLIENT_TOPIC = "_client/"
-KNOWN_REDELIVERY = (
-    "known bug: after a client-side recovery against the same broker epoch the snapshot "
-    "delivers again the last message the client already had (same topic, epoch, seq): "
-    "Dispatcher.suspend() resets the SequenceTracker, so activate() cannot tell"
-)
-KNOWN_APP_STALL_LOSS = (
-    "known bug: order events that happen during a short stall of the private WebSocket "
-    "(app or link kind, shorter than the stall detection; the simulator drops what the "
-    "stall holds) are never published and no gap is reported: nothing reconciles over REST"
-)
-KNOWN_BUGS = (KNOWN_APP_STALL_LOSS,)
-"""Each is reported apart (a deterministic ``xfail(strict=True)`` test in
-``tests/integration/test_chaos.py`` holds it) until the broker or client is fixed."""
 
 
 def redelivered_after_recovery(records: Sequence[Record], first: int, again: int) -> bool:
@@ -179,9 +172,7 @@ class Tapped:
     status: bool
 
 
-def silent_losses(
-    records: Sequence[Record], tapped: Iterable[Tapped], known: list[str] | None = None
-) -> list[str]:
+def silent_losses(records: Sequence[Record], tapped: Iterable[Tapped]) -> list[str]:
     """Data envelopes the broker published (seen on the tap) that this agent missed with
     no ``gap`` status on that topic between the messages around the hole; and repeats.
 
@@ -238,18 +229,13 @@ def order_deliveries(
     orders: Sequence[PlacedOrder],
     records: Sequence[Record],
     joined: float,
-    known: list[str] | None = None,
     published: Sequence[tuple[float, str, str, str | None]] = (),
-    stalls: Sequence[tuple[float, float]] = (),
 ) -> tuple[int, list[str]]:
     """Check each order's final state and fills reached this agent exactly once, or not
     at all under a ``gap`` on the myOrder topic reported after the event and before the
     next myOrder message. The event's time is when the broker published it (``published``:
     the tap's ``(rx, uuid, state, trade_uuid)``), or, never published, when it happened
     at the exchange. Orders placed before ``joined`` are skipped. (checked, problems)
-    Hits of the known bugs (:data:`KNOWN_REDELIVERY`, and
-    :data:`KNOWN_APP_STALL_LOSS` inside ``stalls``, the injected stall windows) go to
-    ``known`` when given.
     """
     events: dict[str, list[tuple[str, str | None, int]]] = defaultdict(list)
     order_topic_at: list[tuple[float, int]] = []
@@ -279,14 +265,6 @@ def order_deliveries(
     def covered(at: float, uuid: str, state: str, trade: str | None) -> bool:
         return any(covered_at(t) for t in published_at(uuid, state, trade) or [at])
 
-    def known_kind(
-        got: list[tuple[str, str | None, int]], at: float, uuid: str, state: str, trade: str | None
-    ) -> str | None:
-        in_stall = any(start <= at <= end + 1.0 for start, end in stalls)
-        if not got and in_stall and not published_at(uuid, state, trade):
-            return KNOWN_APP_STALL_LOSS
-        return None
-
     checked, problems = 0, []
     for order in orders:
         if order.placed < joined:
@@ -301,12 +279,9 @@ def order_deliveries(
             checked += 1
             if len(got) == 1 or (not got and covered(at, order.uuid, order.final, trade)):
                 continue
-            message = f"order {order.uuid[:8]} {what} (at {at:.3f}): delivered {len(got)} times"
-            kind = known_kind(got, at, order.uuid, order.final, trade)
-            if known is not None and kind is not None:
-                known.append(f"{message} (known bug {KNOWN_BUGS.index(kind) + 1})")
-                continue
-            problems.append(message)
+            problems.append(
+                f"order {order.uuid[:8]} {what} (at {at:.3f}): delivered {len(got)} times"
+            )
     return checked, problems
 
 
@@ -468,9 +443,6 @@ class Report:
     streams_checked: int = 0
     rss_max: int = 0
     problems: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in INVARIANTS})
-    known: list[str] = field(default_factory=list)
-    """Hits of the known bugs (:data:`KNOWN_BUGS`): printed, not failures (an xfail test
-    holds each)."""
     tapped: int = 0
     """Envelopes the raw tap saw: what each client's record is compared with."""
     skipped: int = 0
@@ -497,10 +469,6 @@ class Report:
             verdict = "held" if not problems else f"FAILED ({len(problems)})"
             lines.append(f"  {name:<55} {verdict}")
             lines += [f"      {p}" for p in problems[:10]]
-        if self.known:
-            lines.append(f"known bugs hit ({len(self.known)}), reported apart, not failures:")
-            lines += [f"  {i}. {k}" for i, k in enumerate(KNOWN_BUGS, 1)]
-            lines += [f"      {k}" for k in self.known[:10]]
         if self.failed():
             lines.append("fault timeline (wall clock):")
             lines += [f"  {t}" for t in self.timeline]
@@ -617,7 +585,6 @@ class Run:
         self.rng = random.Random(seed ^ 0xC1A05)
         self.report = Report(seed)
         self.refusals: list[tuple[float, float, int]] = []
-        self.stalls: list[tuple[float, float]] = []
         self.agents: list[AgentLog] = []
         self.gone: list[AgentLog] = []
         self.churn_at = 0.0
@@ -690,7 +657,6 @@ class Run:
             return time.time()
         if kind in ("stall_link", "stall_app"):
             sim.control("stall", {"seconds": seconds, "kind": kind.removeprefix("stall_")})
-            self.stalls.append((start, start + seconds))
         elif kind.startswith("refuse_"):
             status = int(kind.removeprefix("refuse_"))
             sim.control("refuse_upgrades", {"seconds": seconds, "status": status})
@@ -779,10 +745,8 @@ class Run:
         self.report.problems[INVARIANTS[2]] += limit_violations(stats, self.refusals)
         self.report.tapped = len(tap.envelopes)
         for agent in self.gone:
-            known: list[str] = []
-            problems = silent_losses(agent.records, tap.envelopes, known)
+            problems = silent_losses(agent.records, tap.envelopes)
             self.report.problems[INVARIANTS[3]] += [f"{agent.name}: {p}" for p in problems]
-            self.report.known += [f"{agent.name}: {k}" for k in known]
             if "1" not in (os.environ.get(KEEP_LOGS), os.environ.get("BENCH_KEEP_LOGS")):
                 shutil.rmtree(agent.path.parent, ignore_errors=True)
         if self.report.rss_max > RSS_BOUND:
@@ -809,18 +773,11 @@ class Run:
         self._wait(complete, 45)
         for agent in self.private:
             agent.poll()
-            known: list[str] = []
             checked, problems = order_deliveries(
-                orders.placed,
-                agent.records,
-                agent.joined,
-                known,
-                self.tap.orders,
-                self.stalls,
+                orders.placed, agent.records, agent.joined, self.tap.orders
             )
             self.report.deliveries_checked += checked
             self.report.problems[INVARIANTS[0]] += [f"{agent.name}: {p}" for p in problems]
-            self.report.known += [f"{agent.name}: {k}" for k in known]
 
 
 def seed_from_env() -> int:
@@ -842,7 +799,7 @@ async def _agent(name: str, out: IO[str], streams: Sequence[str]) -> None:
         def stamp(record: Record) -> None:
             env = slot[0].last_envelope if slot else None
             if env is not None:
-                record.update(t=record.get("t", env.topic), e=env.epoch, s=env.seq)
+                record.update(t=record.get("t", env.topic), e=env.epoch, s=env.seq, src=env.source)
             record["rx"] = time.time()
             out.write(json.dumps(record) + "\n")
             out.flush()

@@ -217,6 +217,14 @@ def test_bad_coalesce_names_the_variable(base: dict[str, str]) -> None:
     assert "UPBIT_BROKER_COALESCE_MS" in config_error(base, UPBIT_BROKER_COALESCE_MS="-5")
 
 
+def test_private_audit_default_override_off_and_bounds(base: dict[str, str]) -> None:
+    assert settings(base).private_audit == 30.0
+    assert settings(base, UPBIT_BROKER_PRIVATE_AUDIT="5").private_audit == 5.0
+    assert settings(base, UPBIT_BROKER_PRIVATE_AUDIT="0").private_audit == 0.0
+    for bad in ("0.5", "-1", "often"):
+        assert "UPBIT_BROKER_PRIVATE_AUDIT" in config_error(base, UPBIT_BROKER_PRIVATE_AUDIT=bad)
+
+
 def test_widen_types_default_and_overrides(base: dict[str, str]) -> None:
     assert Settings.from_env(base).widen_types == {"ticker", "trade"}
     assert Settings.from_env({**base, "UPBIT_BROKER_WIDEN": "none"}).widen_types == frozenset()

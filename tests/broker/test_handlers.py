@@ -184,10 +184,15 @@ class DropAllOrders:
 
 def test_reconciliation_sees_private_messages_a_handler_drops() -> None:
     seen: list[Any] = []
+
+    def observe(message: Any, source: str) -> bool:
+        seen.append(message)
+        return True
+
     socket = RecordingSocket()
     publisher = Publisher(socket, "e")  # type: ignore[arg-type]
     hset = HandlerSet([DropAllOrders()])
-    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=seen.append, handlers=hset)
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=observe, handlers=hset)
     publisher.activate("myOrder/")
     order = my_order("KRW-BTC")
     router.route(order, 1, "websocket")

@@ -458,3 +458,50 @@ def test_ws_asset_events_update_balances_so_rest_repeats_nothing(synced: Private
     )
     assert synced.balances == {"KRW": (D("1386929.37"), D(0))}
     assert synced.diff_accounts([account("KRW", "1386929.370")], NOW) is None
+
+
+# ---------------------------------------------------------------- stream after REST
+
+
+def asset_event(*balances: tuple[str, str]) -> MyAsset:
+    return MyAsset(
+        asset_uuid="x",
+        assets=[AssetBalance(currency=c, balance=D(b), locked=D(0)) for c, b in balances],
+        asset_timestamp=NOW,
+        timestamp=NOW,
+    )
+
+
+def test_a_fill_rest_published_first_is_not_news_when_the_stream_brings_it(
+    synced: PrivateState,
+) -> None:
+    # An audit found order B born and filled; the stream then delivers the same story.
+    b = detailed("B", fill("B", "1.0"))
+    published = synced.diff_orders([], {"B": b}, NOW)
+    assert states(published) == [("B", "wait"), ("B", "trade"), ("B", "done")]
+    trade_uuid = published[1].trade_uuid
+    assert not synced.is_news(ws_order("B"))
+    assert not synced.is_news(ws_order("B", state="trade", executed="1.0", trade_uuid=trade_uuid))
+    assert not synced.is_news(ws_order("B", state="done", executed="1.0", remaining="0"))
+    # Another fill, or another order, is news.
+    assert synced.is_news(ws_order("B", state="trade", trade_uuid="another-fill"))
+    assert synced.is_news(ws_order("C"))
+
+
+def test_an_open_orders_event_is_news_only_if_it_moves_the_order_on(
+    synced: PrivateState,
+) -> None:
+    assert not synced.is_news(ws_order("A"))  # as the baseline has it
+    assert synced.is_news(ws_order("A", executed="0.5", remaining="0.5"))
+    assert synced.is_news(ws_order("A", state="cancel"))
+    synced.apply_order(ws_order("A", executed="0.5", remaining="0.5"))
+    assert not synced.is_news(ws_order("A"))  # older than what was published
+
+
+def test_a_balance_event_is_news_only_if_it_differs_from_the_known_one(
+    synced: PrivateState,
+) -> None:
+    assert not synced.is_news(asset_event(("KRW", "1000000.0"), ("BTC", "2")))
+    assert synced.is_news(asset_event(("KRW", "1000000"), ("BTC", "1.5")))
+    assert not synced.is_news(asset_event(("ETH", "0")))  # unknown means zero
+    assert synced.is_news(asset_event(("ETH", "0.1")))

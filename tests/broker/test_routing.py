@@ -207,11 +207,21 @@ def my_order(code: str) -> MyOrder:
     )
 
 
+def recorder(seen: list[MyOrder | MyAsset], *, news: bool = True) -> Any:
+    """An observer that records what it is shown and answers ``news``."""
+
+    def observe(message: MyOrder | MyAsset, source: str) -> bool:
+        seen.append(message)
+        return news
+
+    return observe
+
+
 def test_private_messages_reach_the_observer_and_their_topics() -> None:
     seen: list[MyOrder | MyAsset] = []
     socket = RecordingSocket()
     publisher = Publisher(socket, "e")  # type: ignore[arg-type]
-    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=seen.append)
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=recorder(seen))
     asset = MyAsset(
         asset_uuid="a",
         assets=[AssetBalance(currency="KRW", balance=Decimal("1"), locked=Decimal("0"))],
@@ -313,3 +323,16 @@ def test_the_topic_cache_stays_bounded_whatever_codes_arrive() -> None:
         ("ticker/KRW-BTC/", 2, 12),
         ("trade/KRW-BTC/", 2, 12),
     ]
+
+
+def test_a_private_event_the_observer_has_seen_published_is_dropped_and_counted() -> None:
+    seen: list[MyOrder | MyAsset] = []
+    socket = RecordingSocket()
+    publisher = Publisher(socket, "e")  # type: ignore[arg-type]
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=recorder(seen, news=False))
+    publisher.activate("myOrder/")
+    router.route(my_order("KRW-BTC"), 1, "websocket")
+    assert seen == [my_order("KRW-BTC")]
+    assert socket.sent == []
+    assert router.private_duplicates == 1
+    assert router.duplicates == 0  # the trade counter is another story
