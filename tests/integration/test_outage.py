@@ -43,15 +43,19 @@ def first_rx(agent: Agent, state: str, after: float) -> float | None:
     return next((m["rx"] for m in statuses(agent, after) if m["status"] == state), None)
 
 
+def flowing_after(agent: Agent, after: float, what: str) -> None:
+    """Wait for data on every topic received after ``after``."""
+    wait_until(
+        lambda: {m["t"] for m in agent.data() if m["rx"] > after} >= TOPICS,
+        10,
+        what=f"data on every topic after {what}",
+    )
+
+
 def settled(agent: Agent, after: float) -> None:
     """Wait for data on every topic after the last status line: the broker publishes a
     status event on a topic in order with its data, so no copy of it can come later."""
-    last = max(m["rx"] for m in statuses(agent, after))
-    wait_until(
-        lambda: {m["t"] for m in agent.data() if m["rx"] > last} >= TOPICS,
-        10,
-        what="data on every topic after the status events",
-    )
+    flowing_after(agent, max(m["rx"] for m in statuses(agent, after)), "the status events")
 
 
 def arrival(agent: Agent, state: str, after: float, timeout: float) -> float:
@@ -111,11 +115,7 @@ def test_a_broker_frozen_for_one_heartbeat_is_not_reported_down(
         finally:
             broker.child.signal(signal.SIGCONT)
         resumed = time.time()
-        wait_until(
-            lambda: {m["t"] for m in agent.data() if m["rx"] > resumed} >= TOPICS,
-            10,
-            what="data on every topic after the broker resumed",
-        )
+        flowing_after(agent, resumed, "the broker resumed")
         seen = {m["status"] for m in statuses(agent, frozen)}
         assert not seen & {"down", "reconnecting", "gap"}, (
             f"a broker frozen for {resumed - frozen:.2f} s was reported: {seen}"
@@ -144,12 +144,7 @@ def test_a_frozen_broker_is_reported_down_after_its_silence_and_recovered(
             f"down {down - frozen:.2f} s after the freeze (bound {silence:g} s)"
         )
         # Once it runs again the same subscriptions are restored, with data.
-        restored = arrival(agent, "restored", down, scaled(15))
-        wait_until(
-            lambda: {m["t"] for m in agent.data() if m["rx"] > restored} >= TOPICS,
-            10,
-            what="data on every topic after the recovery",
-        )
+        flowing_after(agent, arrival(agent, "restored", down, scaled(15)), "the recovery")
     finally:
         broker.child.signal(signal.SIGCONT)
         agent.stop()
