@@ -41,7 +41,9 @@ import structlog
 from simulator.market import PRICE_SCALE, tick_size
 
 __all__ = [
+    "CLOSED_STATES",
     "DEFAULT_BALANCES",
+    "OPEN_STATES",
     "Account",
     "Balance",
     "Fill",

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -228,7 +230,8 @@ def _remote_ip(request: web.Request) -> str:
 
 @web.middleware
 async def rest_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Apply Upbit's REST group limits, ``Remaining-Req`` and injected failures to /v1."""
+    """Apply Upbit's REST group limits, ``Remaining-Req`` and injected failures to /v1
+    (``rest_fail`` before the handler; ``rest_drop`` after it, in place of the reply)."""
     path = request.path
     if not path.startswith("/v1/"):
         return await handler(request)
@@ -260,13 +263,32 @@ async def rest_middleware(request: web.Request, handler: Handler) -> web.StreamR
         resp.headers["Remaining-Req"] = header
         return resp
     sim.stats.rest_count(group, "ok")
+    drop = sim.faults.take_rest_drop(request.method, path)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         exc.headers["Remaining-Req"] = header
         raise
+    finally:
+        if drop:  # carried out, whatever the outcome; only the reply is lost
+            _reset_connection(request, sim)
     response.headers["Remaining-Req"] = header
     return response
+
+
+def _reset_connection(request: web.Request, sim: Simulator) -> None:
+    """Lose the reply to a request that was carried out: reset the TCP connection (RST,
+    not FIN, so no client takes it for a keep-alive close), before any byte is written.
+    aiohttp then fails to write the response and moves on."""
+    sim.stats.rest_dropped += 1
+    transport = request.transport
+    if transport is None:  # pragma: no cover - the client is already gone
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def build_app(sim: Simulator) -> web.Application:

@@ -16,9 +16,14 @@ Tests and benchmarks use it to look inside the simulator and to inject failures:
   exchange's application stalled)
 - ``POST /_sim/refuse_upgrades``  ``{"seconds", "status": 429|418}``
 - ``POST /_sim/rest_fail``        ``{"seconds", "status": 500|429}`` for every /v1 route
+- ``POST /_sim/rest_drop``        ``{"path", "method"?: "POST", "count"?: 1}`` lose replies:
+  the next ``count`` requests with that method and exact ``/v1`` path that pass the rate
+  limits are carried out (the order placed, the cancel done), then the connection is reset
+  with no response. Counts per method+path; a new call replaces that count, 0 removes it
 - ``POST /_sim/rate``             ``{"per_second"?: X, "firehose"?: bool, "firehose_rate"?: X}``
   (``firehose_rate``: messages/s per connection the firehose is held to; 0 = unlimited)
-- ``POST /_sim/reset``            clear faults, limits, counters, request logs, account
+- ``POST /_sim/reset``            clear faults (rest_drop included), limits, counters,
+  request logs, account
 - ``POST /_sim/orders``           registered by ``simulator.rest_private`` (no JWT)
 """
 
@@ -61,6 +66,7 @@ class Faults:
         self._refuse_status = 429
         self._rest_fail_until = 0.0
         self._rest_fail_status = 500
+        self._rest_drop: dict[tuple[str, str], int] = {}
 
     def stall(
         self, seconds: float, now: float, path: str | None = None, kind: StallKind = "link"
@@ -107,6 +113,26 @@ class Faults:
     def rest_fail_status(self, now: float) -> int | None:
         return self._rest_fail_status if now < self._rest_fail_until else None
 
+    def rest_drop(self, method: str, path: str, count: int) -> None:
+        """Lose the replies to the next ``count`` ``method path`` requests (0 cancels)."""
+        key = (method.upper(), path)
+        if count > 0:
+            self._rest_drop[key] = count
+        else:
+            self._rest_drop.pop(key, None)
+
+    def take_rest_drop(self, method: str, path: str) -> bool:
+        """True when this request's reply is to be lost (and one fewer remains)."""
+        key = (method.upper(), path)
+        left = self._rest_drop.get(key, 0)
+        if left <= 0:
+            return False
+        if left == 1:
+            del self._rest_drop[key]
+        else:
+            self._rest_drop[key] = left - 1
+        return True
+
     def describe(self, now: float) -> dict[str, object]:
         return {
             "stall": {(k or "*"): round(v - now, 3) for k, v in self._stall.items() if v > now},
@@ -126,6 +152,7 @@ class Faults:
                 if now < self._rest_fail_until
                 else None
             ),
+            "rest_drop": {f"{m} {p}": n for (m, p), n in self._rest_drop.items()},
         }
 
 
@@ -145,6 +172,8 @@ class Stats:
     ws_firehose_messages: int = 0
     ws_dropped: int = 0
     ws_slow_disconnects: int = 0
+    rest_dropped: int = 0
+    """REST replies lost on purpose (``/_sim/rest_drop``) after the request was carried out."""
     rest: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     upgrade_log: collections.deque[tuple[float, str, int]] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=UPGRADE_LOG_MAX)
@@ -191,7 +220,11 @@ class Stats:
                 "dropped": self.ws_dropped,
                 "slow_disconnects": self.ws_slow_disconnects,
             },
-            "rest": {"requests": rest_total, "groups": {k: dict(v) for k, v in self.rest.items()}},
+            "rest": {
+                "requests": rest_total,
+                "dropped": self.rest_dropped,
+                "groups": {k: dict(v) for k, v in self.rest.items()},
+            },
         }
 
 
@@ -313,6 +346,18 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         sim.faults.rest_fail(seconds, status, time.time())
         return web.json_response({"status": status, "seconds": seconds})
 
+    async def rest_drop(request: web.Request) -> web.Response:
+        body = await _body(request)
+        path, method, count = body.get("path"), body.get("method", "POST"), body.get("count", 1)
+        if not isinstance(path, str) or not path.startswith("/v1/"):
+            return _bad("path must be a /v1/... string")
+        if not isinstance(method, str) or method.upper() not in ("GET", "POST", "DELETE"):
+            return _bad("method must be GET, POST or DELETE")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return _bad("count must be an integer >= 0")
+        sim.faults.rest_drop(method, path, count)
+        return web.json_response({"path": path, "method": method.upper(), "count": count})
+
     async def rate(request: web.Request) -> web.Response:
         body = await _body(request)
         per_second = body.get("per_second")
@@ -357,6 +402,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         ("POST", "/_sim/stall", stall),
         ("POST", "/_sim/refuse_upgrades", refuse_upgrades),
         ("POST", "/_sim/rest_fail", rest_fail),
+        ("POST", "/_sim/rest_drop", rest_drop),
         ("POST", "/_sim/rate", rate),
         ("POST", "/_sim/reset", reset),
     ]

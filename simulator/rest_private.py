@@ -23,6 +23,14 @@ Simulator choices where the notes are silent (UNCONFIRMED on Upbit):
   ``DELETE /v1/orders/open`` takes ``cancel_side`` (all/bid/ask), ``pairs`` or
   ``quote_currencies`` (not both), ``excluded_pairs``, ``count`` (1-300, default 20) and
   ``order_by``, and cancels only ``wait`` orders.
+* The legacy listing ``GET /v1/orders`` (deprecated by Upbit in favour of
+  ``/v1/orders/open``, ``/closed`` and ``/uuids`` but still served, and still what
+  pyupbit's ``get_order(ticker)`` calls) takes ``market``, ``uuids[]``, ``identifiers[]``,
+  ``state`` (default ``wait``) or ``states[]`` (not both; open and closed states not mixed,
+  as Upbit documents since 2021-03-22), ``page`` (default 1), ``limit`` (1-100, default 100)
+  and ``order_by``. Every filter given must hold (``uuids[]`` and ``identifiers[]``
+  together narrow, they do not add); closed orders come from the kept history, with no
+  time window.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from simulator.account import KST, Account, Order, OrderError
+from simulator.account import CLOSED_STATES, KST, OPEN_STATES, Account, Order, OrderError
 from simulator.auth import AuthError, JwtVerifier, body_query_string, request_query_string
 
 __all__ = ["BATCH_CANCEL_MAX", "BooksFn", "add_private_routes", "body_params"]
@@ -334,6 +342,31 @@ def add_private_routes(
         return _ok(ordered[(page - 1) * limit : page * limit])
 
     @guarded
+    async def get_orders_legacy(request: web.Request) -> web.StreamResponse:
+        query = await get_query(request)
+        states = query.states(OPEN_STATES + CLOSED_STATES, ("wait",))
+        if set(states) & set(OPEN_STATES) and set(states) & set(CLOSED_STATES):
+            raise _RequestError(
+                "validation_error",
+                "open (wait, watch) and closed (done, cancel) states cannot be mixed",
+            )
+        page = query.int_in("page", 1, 1, 1_000_000)
+        limit = query.int_in("limit", 100, 1, 100)
+        order_by = query.order_by()
+        market = query.one("market")
+        uuids, identifiers = set(query.many("uuids[]")), set(query.many("identifiers[]"))
+        if states[0] in OPEN_STATES:
+            orders = account.open_orders(market=market, states=states)
+        else:
+            orders = account.closed_orders(market=market, states=states)
+        chosen = [
+            o
+            for o in orders
+            if (not uuids or o.uuid in uuids) and (not identifiers or o.identifier in identifiers)
+        ]
+        return _ok(_order_list(chosen, order_by)[(page - 1) * limit : page * limit])
+
+    @guarded
     async def get_closed_orders(request: web.Request) -> web.StreamResponse:
         query = await get_query(request)
         states = query.states(("done", "cancel"), ("done", "cancel"))
@@ -497,6 +530,7 @@ def add_private_routes(
 
     app.router.add_get("/v1/accounts", get_accounts)
     app.router.add_post("/v1/orders", post_orders)
+    app.router.add_get("/v1/orders", get_orders_legacy)
     app.router.add_get("/v1/orders/open", get_open_orders)
     app.router.add_get("/v1/orders/closed", get_closed_orders)
     app.router.add_get("/v1/orders/uuids", get_orders_by_uuids)

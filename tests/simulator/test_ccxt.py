@@ -8,6 +8,8 @@ comments here (and reported to the lead). Two tests:
   and parsing agree with our exchange endpoints.
 * ``test_ccxt_full_simulator`` runs the whole simulator in-process and drives ccxt.pro's
   public and private watchers (ticker, order book, trades, orders, balance).
+* ``test_ccxt_orders_through_the_full_simulator`` places, looks up, lists and cancels
+  orders through the whole simulator's REST (rate limits and ``Remaining-Req`` included).
 """
 
 from __future__ import annotations
@@ -223,3 +225,44 @@ async def test_ccxt_full_simulator() -> None:
             fetched = await timed(ex.fetch_order(placed["id"]))
             assert fetched["status"] == "closed"
             assert fetched["filled"] == 0.01
+
+
+async def test_ccxt_orders_through_the_full_simulator() -> None:
+    from simulator.app import start_simulator
+    from simulator.config import SimConfig
+
+    config = SimConfig(
+        access_key=ACCESS,
+        secret_key=SECRET,
+        balances={"KRW": D("100000000"), "BTC": D("1")},
+        rate=20.0,
+    )
+    async with (
+        await start_simulator(config) as running,
+        ccxt_upbit(running.urls["rest"], apiKey=ACCESS, secret=SECRET) as ex,
+    ):
+        last = (await timed(ex.fetch_ticker("BTC/KRW")))["last"]
+        price = int(last * 0.8) // 1000 * 1000  # far below the book, on the 1,000 tick
+        resting = await timed(ex.create_order("BTC/KRW", "limit", "buy", 0.001, price))
+        assert (resting["status"], resting["price"]) == ("open", price)
+        # A second resting order, so the cancel below must pick the right one.
+        other = await timed(ex.create_order("BTC/KRW", "limit", "buy", 0.001, price - 1000))
+        opened = await timed(ex.fetch_open_orders("BTC/KRW"))
+        assert [o["id"] for o in opened] == [other["id"], resting["id"]]  # newest first
+        fetched = await timed(ex.fetch_order(resting["id"]))
+        assert (fetched["status"], fetched["remaining"]) == ("open", 0.001)
+
+        cancelled = await timed(ex.cancel_order(resting["id"]))
+        assert cancelled["id"] == resting["id"]
+        assert (await timed(ex.fetch_order(resting["id"])))["status"] == "canceled"
+        opened = await timed(ex.fetch_open_orders("BTC/KRW"))
+        assert [o["id"] for o in opened] == [other["id"]]
+
+        sold = await timed(ex.create_order("BTC/KRW", "market", "sell", 0.01))
+        closed = await timed(ex.fetch_closed_orders("BTC/KRW"))
+        assert [o["id"] for o in closed] == [sold["id"]]
+        assert closed[0]["filled"] == 0.01
+        assert (await timed(ex.fetch_order(sold["id"])))["status"] == "closed"
+        # ccxt keeps the last reply's headers: placements count against the order group.
+        await timed(ex.create_order("BTC/KRW", "limit", "buy", 0.001, price))
+        assert ex.last_response_headers["Remaining-Req"].startswith("group=order; min=1800;")

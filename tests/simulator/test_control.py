@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 from websockets.exceptions import InvalidStatus
+from yarl import URL
 
+from simulator.app import RunningSimulator
 from tests.simulator.conftest import (
     SimFactory,
     collect_until,
@@ -16,11 +21,15 @@ from tests.simulator.conftest import (
     open_ws,
     recv_frame,
     recv_until,
+    rest_auth,
     send,
 )
 from tests.support import scaled
 
 T = {"ticket": "test"}
+
+# The simulator's demo secret is shorter than PyJWT recommends; harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
 
 async def test_connections_show_subscription_format_and_every_request(
@@ -125,6 +134,100 @@ async def test_rest_fail_makes_v1_routes_fail(
     assert status == 200
 
 
+async def signed(
+    sim: RunningSimulator, method: str, path: str, params: dict[str, Any]
+) -> tuple[int, Any]:
+    """One signed exchange call: JSON body for POST, query string otherwise."""
+    url, headers = sim.urls["rest"] + path, {"Authorization": rest_auth(params)}
+    async with aiohttp.ClientSession() as http:
+        if method == "POST":
+            request = http.post(url, json=params, headers=headers)
+        else:
+            request = http.request(method, url, params=params, headers=headers)
+        async with request as resp:
+            return resp.status, await resp.json()
+
+
+async def unanswered(sim: RunningSimulator, method: str, path: str, params: dict[str, Any]) -> None:
+    """Send one signed call over a bare socket and assert that no byte of a reply came
+    back before the connection ended. (A bare socket because aiohttp's client resends an
+    idempotent request once on a dropped connection, with the same spent JWT nonce.)"""
+    url = URL(sim.urls["rest"])
+    assert url.host is not None
+    assert url.port is not None
+    if method == "POST":
+        target, body = path, json.dumps(params).encode()
+    else:
+        target, body = f"{path}?{urlencode(params)}", b""
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        f"Authorization: {rest_auth(params)}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head.encode() + body)
+        await writer.drain()
+        try:
+            reply = await asyncio.wait_for(reader.read(), scaled(5))
+        except ConnectionResetError:
+            reply = b""
+        assert reply == b"", reply
+    finally:
+        writer.close()
+
+
+def limit_bid(identifier: str) -> dict[str, Any]:
+    return {"market": "KRW-BTC", "side": "bid", "ord_type": "limit", "price": "1000000",
+            "volume": "0.01", "identifier": identifier}  # fmt: skip
+
+
+async def test_rest_drop_carries_orders_out_but_loses_the_replies(make_sim: SimFactory) -> None:
+    sim = await make_sim()
+    answer = await control(sim, "rest_drop", {"path": "/v1/orders", "method": "POST", "count": 2})
+    assert answer == {"path": "/v1/orders", "method": "POST", "count": 2}
+    assert (await control(sim, ""))["faults"]["rest_drop"] == {"POST /v1/orders": 2}
+    for identifier in ("lost-1", "lost-2"):
+        await unanswered(sim, "POST", "/v1/orders", limit_bid(identifier))
+        status, order = await signed(sim, "GET", "/v1/order", {"identifier": identifier})
+        assert (status, order["state"]) == (200, "wait"), "placed although the reply was lost"
+    status, order = await signed(sim, "POST", "/v1/orders", limit_bid("answered"))
+    assert (status, order["identifier"]) == (201, "answered"), "count 2 drops two replies only"
+    status, listed = await signed(sim, "GET", "/v1/orders/open", {"market": "KRW-BTC"})
+    assert sorted(o["identifier"] for o in listed) == ["answered", "lost-1", "lost-2"]
+    stats = await control(sim, "stats")
+    assert stats["rest"]["dropped"] == 2
+    assert (await control(sim, ""))["faults"]["rest_drop"] == {}
+
+
+async def test_rest_drop_matches_method_and_path_and_carries_out_a_cancel(
+    make_sim: SimFactory,
+) -> None:
+    sim = await make_sim()
+    _, order = await signed(sim, "POST", "/v1/orders", limit_bid("to-cancel"))
+    await control(sim, "rest_drop", {"path": "/v1/order", "method": "DELETE"})
+    status, _ = await signed(sim, "GET", "/v1/order", {"uuid": order["uuid"]})
+    assert status == 200, "a GET of the same path is not dropped"
+    await unanswered(sim, "DELETE", "/v1/order", {"uuid": order["uuid"]})
+    status, got = await signed(sim, "GET", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, got["state"]) == (200, "cancel")
+    status, got = await signed(sim, "DELETE", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, got["error"]["name"]) == (404, "order_not_found")
+
+
+async def test_reset_and_count_0_clear_rest_drop(make_sim: SimFactory) -> None:
+    sim = await make_sim()
+    await control(sim, "rest_drop", {"path": "/v1/orders", "count": 5})
+    await control(sim, "reset", {})
+    status, _ = await signed(sim, "POST", "/v1/orders", limit_bid("after-reset"))
+    assert status == 201
+    await control(sim, "rest_drop", {"path": "/v1/orders", "count": 5})
+    await control(sim, "rest_drop", {"path": "/v1/orders", "count": 0})
+    status, _ = await signed(sim, "POST", "/v1/orders", limit_bid("after-zero"))
+    assert status == 201
+    assert (await control(sim, "stats"))["rest"]["dropped"] == 0
+
+
 async def test_rate_changes_the_event_rate(make_sim: SimFactory) -> None:
     sim = await make_sim(rate=40.0)
     async with open_ws(sim.urls["ws"]) as ws:
@@ -169,6 +272,7 @@ async def test_reset_clears_faults_counters_and_logs(
             "app_stall": {},
             "refuse_upgrades": None,
             "rest_fail": None,
+            "rest_drop": {},
         }
         status, _, _ = await get_json(http, sim.urls["rest"] + "/v1/market/all")
         assert status == 200
@@ -207,6 +311,12 @@ async def test_control_rejects_bad_bodies(
         ("stall", {"seconds": "x"}),
         ("refuse_upgrades", {"seconds": 1, "status": 500}),
         ("rest_fail", {"seconds": 1, "status": 404}),
+        ("rest_drop", {"method": "POST"}),
+        ("rest_drop", {"path": "/_sim/reset"}),
+        ("rest_drop", {"path": "/v1/orders", "method": "PATCH"}),
+        ("rest_drop", {"path": "/v1/orders", "count": -1}),
+        ("rest_drop", {"path": "/v1/orders", "count": 1.5}),
+        ("rest_drop", {"path": "/v1/orders", "count": True}),
         ("rate", {"per_second": -1}),
         ("rate", {"firehose": "yes"}),
         ("rate", {"firehose_rate": -5}),

@@ -123,3 +123,14 @@ def test_rest_limiter_counts_per_group_and_key_and_formats_the_header() -> None:
     assert limiter.check("order-cancel-all", "key:k", 0.0).allowed
     assert limiter.check("order-cancel-all", "key:k", 1.5).status == 429  # 1 per 2 s
     assert RestLimiter.header("ticker", decisions[0]) == "group=ticker; min=1800; sec=9"
+
+
+def test_the_order_group_takes_12_a_second_since_2026_08_21() -> None:
+    limiter = RestLimiter(DEFAULT_REST_LIMITS, ESC)
+    decisions = [limiter.check("order", "key:k", 7.0 + i * 0.01) for i in range(12)]
+    assert all(d.allowed for d in decisions)
+    assert RestLimiter.header("order", decisions[0]) == "group=order; min=1800; sec=11"
+    assert RestLimiter.header("order", decisions[-1]) == "group=order; min=1800; sec=0"
+    assert limiter.check("order", "key:k", 7.5).status == 429  # the 13th within a second
+    assert limiter.check("default", "key:k", 7.5).allowed  # queries have their own budget
+    assert limiter.check("order", "key:k", 8.001).allowed  # the first one left the window

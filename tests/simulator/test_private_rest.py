@@ -482,6 +482,94 @@ async def test_a_body_signed_over_other_parameters_is_refused(api: Api) -> None:
     assert (r.status, body["error"]["name"]) == (400, "validation_error")
 
 
+def pyupbit_sign(params: dict[str, Any] | None) -> str:
+    """Authorization header as pyupbit 0.2.x builds it: HS256, and the hash over
+    ``urlencode(params, doseq=True)`` with only ``%5B%5D=`` put back to ``[]=``."""
+    payload: dict[str, Any] = {"access_key": ACCESS, "nonce": str(uuid.uuid4())}
+    if params is not None:
+        query = urlencode(params, doseq=True).replace("%5B%5D=", "[]=")
+        payload["query_hash"] = hashlib.sha512(query.encode()).hexdigest()
+        payload["query_hash_alg"] = "SHA512"
+    return "Bearer " + jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+async def pyupbit_call(api: Api, method: str, path: str, data: dict[str, Any]) -> tuple[int, Any]:
+    """One request shaped as pyupbit sends it: GET and DELETE with ``requests``'s
+    ``data=dict`` (a form body, no query string), POST with a JSON body."""
+    headers = {"Authorization": pyupbit_sign(data)}
+    if method == "POST":
+        body = json.dumps(data)
+        headers |= {"Accept": "application/json", "Content-Type": "application/json"}
+    else:
+        body = urlencode(data, doseq=True)
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    url = URL(str(api.client.make_url(path)), encoded=True)
+    async with api.client.session.request(method, url, data=body, headers=headers) as r:
+        assert r.headers.get("Content-Type", "").startswith("application/json")
+        return r.status, await r.json()
+
+
+async def test_pyupbit_get_order_by_ticker_or_uuid_and_cancel_order(api: Api) -> None:
+    placed = {"market": "KRW-BTC", "side": "bid", "volume": "0.001", "price": "99000000",
+              "ord_type": "limit"}  # fmt: skip
+    status, order = await pyupbit_call(api, "POST", "/v1/orders", placed)  # buy_limit_order
+    assert status == 201
+    sold = await api.order(market="KRW-BTC", side="ask", ord_type="market", volume="0.01")
+    # get_order("KRW-BTC"): the legacy listing with its defaults, in a form body.
+    listing = {"market": "KRW-BTC", "state": "wait", "page": 1, "limit": 100, "order_by": "desc"}
+    status, orders = await pyupbit_call(api, "GET", "/v1/orders", listing)
+    assert status == 200
+    assert [o["uuid"] for o in orders] == [order["uuid"]]
+    status, orders = await pyupbit_call(api, "GET", "/v1/orders", listing | {"state": "done"})
+    assert [o["uuid"] for o in orders] == [sold["uuid"]]
+    # get_order(uuid) and get_individual_order(uuid): GET /v1/order with a form body.
+    status, got = await pyupbit_call(api, "GET", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, got["state"], got["trades"]) == (200, "wait", [])
+    # cancel_order(uuid): DELETE /v1/order with a form body; the reply is the order as it was.
+    status, got = await pyupbit_call(api, "DELETE", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, got["uuid"], got["state"]) == (200, order["uuid"], "wait")
+    status, got = await pyupbit_call(api, "GET", "/v1/order", {"uuid": order["uuid"]})
+    assert got["state"] == "cancel"
+    status, got = await pyupbit_call(api, "DELETE", "/v1/order", {"uuid": order["uuid"]})
+    assert (status, got["error"]["name"]) == (404, "order_not_found")
+
+
+async def test_legacy_order_list_filters_pages_and_refuses_bad_parameters(api: Api) -> None:
+    first = await api.order(**limit_bid("99000000", "0.1", identifier="lg-1"))
+    second = await api.order(**limit_bid("98000000", "0.1", identifier="lg-2"))
+    xrp = await api.order(market="KRW-XRP", side="bid", ord_type="limit", price="600",
+                          volume="10")  # fmt: skip
+    done = await api.order(market="KRW-BTC", side="ask", ord_type="market", volume="0.1")
+    await api.request("DELETE", "/v1/order", {"uuid": second["uuid"]})
+
+    async def uuids(params: dict[str, Any] | None = None) -> list[str]:
+        status, orders = await api.request("GET", "/v1/orders", params)
+        assert status == 200, orders
+        return [o["uuid"] for o in orders]
+
+    assert await uuids() == [xrp["uuid"], first["uuid"]]  # state=wait by default, newest first
+    assert await uuids({"market": "KRW-BTC"}) == [first["uuid"]]
+    assert await uuids({"state": "cancel"}) == [second["uuid"]]
+    assert await uuids({"states[]": ["done", "cancel"], "order_by": "asc"}) == [
+        second["uuid"],
+        done["uuid"],
+    ]
+    assert await uuids({"states[]": ["wait", "watch"], "limit": 1, "page": 2}) == [first["uuid"]]
+    assert await uuids({"uuids[]": [first["uuid"], second["uuid"]]}) == [first["uuid"]]
+    assert await uuids({"identifiers[]": ["lg-2"], "state": "cancel"}) == [second["uuid"]]
+    assert await uuids({"uuids[]": [first["uuid"]], "identifiers[]": ["lg-2"]}) == []
+    status, orders = await api.request("GET", "/v1/orders", {"market": "KRW-BTC"})
+    assert set(orders[0]) >= ORDER_FIELDS
+    assert "trades" not in orders[0]
+    for bad in ({"states[]": ["wait", "done"]}, {"state": "wait", "states[]": ["wait"]},
+                {"state": "open"}, {"limit": 101}, {"limit": 0}, {"page": 0},
+                {"order_by": "newest"}, {"page": "x"}):  # fmt: skip
+        status, answer = await api.request("GET", "/v1/orders", bad)
+        assert (status, answer["error"]["name"]) == (400, "validation_error"), bad
+    status, answer = await api.request("GET", "/v1/orders", auth=None)
+    assert (status, answer["error"]["name"]) == (401, "no_authorization_token")
+
+
 async def test_cancel_by_uuids(api: Api, account: Account) -> None:
     a = await api.order(**limit_bid("99000000", "0.1", identifier="bu-a"))
     b = await api.order(**limit_bid("98000000", "0.1", identifier="bu-b"))
