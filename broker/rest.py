@@ -77,6 +77,22 @@ _CLOSED_PAGE: Final = 1000
 _MINUTE_UNITS = {"1m": 1, "3m": 3, "5m": 5, "10m": 10, "15m": 15, "30m": 30, "60m": 60, "240m": 240}
 
 
+def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """An aiohttp session that sends each request once.
+
+    aiohttp sends a GET or DELETE again by itself when the connection drops before the
+    answer; the copy carries the same JWT, whose nonce Upbit refuses (401
+    ``nonce_used``, which would read as rejected keys), and a lost cancel would go out
+    twice. Whether and how to try again is the caller's decision (a fresh token each
+    time; an order is looked up, never resent). aiohttp has no public switch for this
+    (its own test client turns it off the same way); the locked version is checked by
+    ``tests/broker/test_rest.py``.
+    """
+    session = aiohttp.ClientSession(timeout=timeout)
+    session._retry_connection = False
+    return session
+
+
 class RestError(Exception):
     """A REST call failed: HTTP status (0 for transport errors) and a safe message."""
 
@@ -177,7 +193,7 @@ class RestClient:
         priority: int = PRIORITY_SNAPSHOT,
     ) -> bytes:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = _session(self._timeout)
         deadline = time.monotonic() + self._max_wait
         query = query_string(params) if params else ""
         # Sent as written: Upbit wants array keys' brackets unencoded (states[]=wait).

@@ -213,3 +213,32 @@ async def test_credentials_in_the_rest_url_are_dropped_and_never_logged(
     assert len(warnings) == 1
     assert "UPBIT_REST_URL" in warnings[0]["event"]
     assert warnings[0]["url"] == upbit.base
+
+
+def dropped(request: web.Request) -> web.Response:
+    """Carry the request out, then cut the connection before any byte of the answer."""
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response(status=200)
+
+
+@pytest.mark.parametrize("shape", ["fresh", "reused"])
+async def test_a_call_whose_answer_is_lost_is_sent_once_and_fails(
+    upbit: FakeUpbit, shape: str
+) -> None:
+    # aiohttp sends a GET or DELETE again by itself when the connection drops; signed
+    # with the same JWT, Upbit answers the copy 401 nonce_used, which reads as rejected
+    # keys, and a cancel would be sent twice. The broker decides what to retry.
+    rest = client(upbit.base)
+    try:
+        if shape == "reused":
+            await rest.accounts()  # a keep-alive connection to lose
+        upbit.reply = dropped
+        before = len(upbit.seen)
+        with pytest.raises(RestError) as caught:
+            await rest.accounts()
+        assert caught.value.status == 0, caught.value
+        sent = len(upbit.seen) - before  # (never print ``seen``: it holds the JWTs)
+        assert sent == 1, f"the request went out {sent} times"
+    finally:
+        await rest.close()
