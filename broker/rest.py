@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
@@ -54,7 +54,7 @@ from schemas.rest import (
 )
 from schemas.rest import RestError as RestErrorEnvelope
 
-__all__ = ["PRIORITY_POLL", "PRIORITY_SNAPSHOT", "RestClient", "RestError"]
+__all__ = ["PRIORITY_POLL", "PRIORITY_SNAPSHOT", "RestClient", "RestError", "http_session"]
 
 PRIORITY_SNAPSHOT: Final = int(Priority.QUOTATION)
 """A client is waiting for this answer (get_snapshot, market list)."""
@@ -77,8 +77,9 @@ _CLOSED_PAGE: Final = 1000
 _MINUTE_UNITS = {"1m": 1, "3m": 3, "5m": 5, "10m": 10, "15m": 15, "30m": 30, "60m": 60, "240m": 240}
 
 
-def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-    """An aiohttp session that sends each request once.
+def http_session(**options: Any) -> aiohttp.ClientSession:
+    """An aiohttp session that sends each request once (REST calls and WebSocket
+    upgrades alike; ``options`` go to :class:`aiohttp.ClientSession`).
 
     aiohttp sends a GET or DELETE again by itself when the connection drops before the
     answer; the copy carries the same JWT, whose nonce Upbit refuses (401
@@ -88,7 +89,7 @@ def _session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     (its own test client turns it off the same way); the locked version is checked by
     ``tests/broker/test_rest.py``.
     """
-    session = aiohttp.ClientSession(timeout=timeout)
+    session = aiohttp.ClientSession(**options)
     session._retry_connection = False
     return session
 
@@ -193,7 +194,7 @@ class RestClient:
         priority: int = PRIORITY_SNAPSHOT,
     ) -> bytes:
         if self._session is None:
-            self._session = _session(self._timeout)
+            self._session = http_session(timeout=self._timeout)
         deadline = time.monotonic() + self._max_wait
         query = query_string(params) if params else ""
         # Sent as written: Upbit wants array keys' brackets unencoded (states[]=wait).

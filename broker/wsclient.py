@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from broker.rest import http_session
+
 __all__ = [
     "ConnectFailed",
     "UpgradeRefused",
@@ -110,7 +112,7 @@ class WsClient:
         if session is None or session.closed:
             trace = aiohttp.TraceConfig()
             trace.on_request_end.append(self._keep_refusal_body)
-            session = self._session = aiohttp.ClientSession(trace_configs=[trace])
+            session = self._session = http_session(trace_configs=[trace])
         self._refusal_body = ""
         proxy = proxy_for(url)
         try:

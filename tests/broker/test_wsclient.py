@@ -20,7 +20,16 @@ from broker.wsclient import ConnectFailed, UpgradeRefused, WsClient, proxy_for
 BAN_BODY = '{"error":{"name":"too_many_requests","message":"blocked for 42 seconds"}}'
 
 
+UPGRADES: list[str] = []
+"""Paths and queries of the upgrade requests the server received."""
+
+
 async def _upgrade(request: web.Request) -> web.StreamResponse:
+    UPGRADES.append(request.path_qs)
+    if request.query.get("drop"):  # the connection dies before any answer
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
     if request.query.get("refuse"):
         status = int(request.query["refuse"])
         return web.Response(status=status, text=BAN_BODY, content_type="application/json")
@@ -75,6 +84,19 @@ async def test_connects_sends_headers_and_reads_text_as_bytes(server: str) -> No
         await ws.close()
     finally:
         await client.close()
+
+
+async def test_an_upgrade_whose_answer_is_lost_is_sent_once(server: str) -> None:
+    # aiohttp would send the GET again by itself, with the same JWT (a spent nonce:
+    # 401, read as rejected keys). The link reconnects with a fresh token instead.
+    client = WsClient()
+    UPGRADES.clear()
+    try:
+        with pytest.raises(ConnectFailed):
+            await client.connect(f"{server}?drop=1", {}, compression=False)
+    finally:
+        await client.close()
+    assert UPGRADES == ["/ws?drop=1"]
 
 
 async def test_unreachable_port_is_connect_failed() -> None:
