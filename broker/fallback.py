@@ -256,9 +256,9 @@ class PrivateFallback(_Supervisor):
         self._synced_ms = 0
         """Wall time (ms) the last successful sync began: an audit asks for the orders
         closed since then."""
-        self._stream_events = 0
-        """Private events the WebSocket delivered (a sync that saw this change while it
-        read REST cannot trust its balances: they may predate what the stream said)."""
+        self._streamed: set[str] | None = None
+        """While a sync reads REST: the currencies the WebSocket reported meanwhile (REST's
+        balances of those may predate what the stream said: they are not diffed)."""
         self.audits = 0
         self.recovered = 0
         """Events audits published that the live stream had not delivered."""
@@ -298,7 +298,8 @@ class PrivateFallback(_Supervisor):
         were diffed against the state: always published.
         """
         if source == "websocket":
-            self._stream_events += 1
+            if self._streamed is not None and isinstance(event, MyAsset):
+                self._streamed.update(asset.currency for asset in event.assets)
             if not self.state.is_news(event):
                 return False
         if isinstance(event, MyOrder):
@@ -424,16 +425,18 @@ class PrivateFallback(_Supervisor):
         """Fetch orders and balances; publish the differences (or just learn them).
 
         ``audit``: the link is up, so what is found is what the stream lost (logged
-        and counted). If the stream delivered while REST was read, the balances read
-        may predate its events: they are not diffed (orders are safe, they only move
-        forward) and the next audit comes sooner.
+        and counted). A currency the stream reported while REST was read may be older
+        in REST's answer: it is not diffed (orders are safe, they only move forward)
+        and the next audit comes sooner. An answer the diff cannot take (upstream sent
+        nonsense) is a failed sync, logged: never the end of this task (nor the broker).
         """
         rest = self._rest
         credentials = self._credentials
         if not credentials.take_try(time.monotonic()):
             return False  # rejected keys: their one try a minute is not due
         started_ms = int(time.time() * 1000)
-        streamed = self._stream_events
+        streamed: set[str] = set()
+        self._streamed = streamed
         try:
             orders = await rest.open_orders()
             closed_list: list[RestOrder] = []
@@ -455,11 +458,10 @@ class PrivateFallback(_Supervisor):
                         self.state.forget_order(uuid)
             now_ms = int(time.time() * 1000)
             events: list[MyOrder | MyAsset] = list(self.state.diff_orders(orders, later, now_ms))
-            if self._stream_events == streamed:
-                asset = self.state.diff_accounts(accounts, now_ms)
-                if asset is not None:
-                    events.append(asset)
-            else:  # the stream spoke meanwhile: its balances may be newer than REST's
+            asset = self.state.diff_accounts(accounts, now_ms, keep=streamed)
+            if asset is not None:
+                events.append(asset)
+            if streamed:  # the stream spoke meanwhile: those currencies are looked at again
                 self._next_audit = min(
                     self._next_audit or math.inf, time.monotonic() + RACED_AUDIT_DELAY
                 )
@@ -478,6 +480,12 @@ class PrivateFallback(_Supervisor):
                 return False
             self._log.warning("private REST sync failed", error=str(exc)[:200])
             return False
+        except Exception as exc:  # nonsense from upstream must not end the task
+            self.failures += 1
+            self._log.error("private REST answer not usable", error=type(exc).__name__)
+            return False
+        finally:
+            self._streamed = None
         if credentials.on_accepted():
             self._log.info("Upbit accepts the API keys again")
         now_ns = time.time_ns()

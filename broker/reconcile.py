@@ -27,7 +27,7 @@ balances hold non-zero currencies only. :meth:`PrivateState.snapshot` and
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
@@ -113,8 +113,9 @@ def _order_of_rest(o: RestOrder) -> KnownOrder:
 
 
 def _compare(new: Decimal | None, old: Decimal | None) -> int:
-    """-1/0/1 like ``cmp(new, old)``; 0 when either is unknown (None)."""
-    if new is None or old is None:
+    """-1/0/1 like ``cmp(new, old)``; 0 when either is unknown (None, or not a number:
+    upstream's ``"NaN"`` decodes, and ordering it would raise)."""
+    if new is None or old is None or not new.is_finite() or not old.is_finite():
         return 0
     return (new > old) - (new < old)
 
@@ -191,6 +192,11 @@ class PrivateState:
         self._balances: dict[str, Balance] = {}
         self._finished = _Recent(max_finished)
         self._trades = _Recent(max_trades)
+        self._rest_orders: set[str] = set()
+        """Open orders whose known state REST published (the stream has not moved them
+        on since): only their stream events can be late copies."""
+        self._rest_balances: dict[str, Balance] = {}
+        """Currency -> the value REST published last (zero too), while it is the known one."""
 
     # ------------------------------------------------------------------------ orders
 
@@ -203,26 +209,30 @@ class PrivateState:
         """Learn from a published ``myOrder`` event (a ``trade`` fill counts as ``wait``)."""
         if ev.trade_uuid is not None:
             self._trades.add(ev.trade_uuid)
-        self._merge(ev.uuid, _order_of_event(ev))
+        new = _order_of_event(ev)
+        if self._merge(ev.uuid, new) and ev.state not in FINAL_STATES:
+            self._rest_orders.discard(ev.uuid)  # the stream moved it on: its own again
 
     def is_news(self, ev: MyOrder | MyAsset) -> bool:
         """Whether consumers have not seen ``ev`` yet (call before applying it).
 
-        A WebSocket event that REST reconciliation already published (a periodic audit
-        or a reconnect raced the stream) is not news: a fill whose ``trade_uuid`` was
-        published, any event of an order already reported finished, an open order's
-        event showing no progress over what was published, balances equal to the known
-        ones. Dropping those keeps every state and fill exactly once per subscriber.
+        Only a late copy of what was published is not news (an audit or a reconnect
+        raced the stream): a fill whose ``trade_uuid`` was published, any event of an
+        order reported finished, and, while REST's is the last word on an order or a
+        currency, an event showing no progress over it or the balances it published.
+        What only the baseline learned was never published: the stream's news. So is
+        an SMP ``prevented`` (REST never sends one; it may change no volume).
         """
         if isinstance(ev, MyAsset):
             return any(
-                self._balances.get(a.currency, (_ZERO, _ZERO)) != (a.balance, a.locked)
-                for a in ev.assets
+                self._rest_balances.get(a.currency) != (a.balance, a.locked) for a in ev.assets
             )
         if ev.trade_uuid is not None:
             return ev.trade_uuid not in self._trades
         if ev.uuid in self._finished:
             return False
+        if ev.state == "prevented" or ev.uuid not in self._rest_orders:
+            return True
         new = _order_of_event(ev)
         old = self._orders.get(ev.uuid)
         return old is None or new.state in FINAL_STATES or _progress(new, old) > 0
@@ -230,6 +240,7 @@ class PrivateState:
     def forget_order(self, uuid: str) -> None:
         """Drop an order REST no longer knows (``GET /v1/order`` answered 404)."""
         self._orders.pop(uuid, None)
+        self._rest_orders.discard(uuid)
 
     def missing_uuids(self, open_orders: Sequence[RestOrder]) -> list[str]:
         """Known open orders absent from ``open_orders``: fetch each with ``GET /v1/order``."""
@@ -253,10 +264,10 @@ class PrivateState:
                 continue
             old = self._orders.get(uuid)
             known = _ZERO if old is None or old.executed_volume is None else old.executed_volume
-            if o.executed_volume is None:
+            if o.executed_volume is None or not o.executed_volume.is_finite():
                 if old is None and (o.trades_count or 0) > 0:
                     wanted.append(uuid)
-            elif o.executed_volume > known:
+            elif _compare(o.executed_volume, known) > 0:
                 wanted.append(uuid)
         return wanted
 
@@ -293,6 +304,8 @@ class PrivateState:
         keyed: list[tuple[tuple[int, int, str, int], MyOrder]] = []
         for o, events in planned:
             self._merge(o.uuid, _order_of_rest(o))
+            if events and o.uuid in self._orders:
+                self._rest_orders.add(o.uuid)  # the stream's copies of these are late
             at = 0
             for i, ev in enumerate(events):
                 if ev.trade_uuid is not None:
@@ -344,6 +357,7 @@ class PrivateState:
         old = self._orders.get(uuid)
         if new.state in FINAL_STATES:
             self._orders.pop(uuid, None)
+            self._rest_orders.discard(uuid)
             self._finished.add(uuid)
             return True
         if old is None:
@@ -364,7 +378,10 @@ class PrivateState:
     def apply_asset(self, ev: MyAsset) -> None:
         """Learn from a published ``myAsset`` event (it lists the changed currencies)."""
         for asset in ev.assets:
-            self._set_balance(asset.currency, (asset.balance, asset.locked))
+            value = (asset.balance, asset.locked)
+            if self._rest_balances.get(asset.currency, value) != value:
+                del self._rest_balances[asset.currency]  # the stream's value now
+            self._set_balance(asset.currency, value)
 
     def _set_balance(self, currency: str, value: Balance) -> None:
         if value == (_ZERO, _ZERO):
@@ -373,14 +390,22 @@ class PrivateState:
             self._balances[currency] = value
 
     def diff_accounts(
-        self, accounts: Sequence[RestAccount], now_ms: int, *, stream_type: str = "REALTIME"
+        self,
+        accounts: Sequence[RestAccount],
+        now_ms: int,
+        *,
+        stream_type: str = "REALTIME",
+        keep: Collection[str] = (),
     ) -> MyAsset | None:
         """A ``myAsset`` with only the currencies that changed (exact Decimal compare).
 
         A currency REST no longer lists is reported as balance 0, locked 0. None when
-        nothing changed. ``asset_uuid`` is None (REST has no such id).
+        nothing changed. ``asset_uuid`` is None (REST has no such id). ``keep``:
+        currencies whose known value stays whatever REST says (the stream reported
+        them while REST was read: REST's answer may be the older one).
         """
-        current = _balances_of(accounts)
+        current = {c: v for c, v in _balances_of(accounts).items() if c not in keep}
+        current.update((c, v) for c, v in self._balances.items() if c in keep)
         changed = [
             AssetBalance(currency=currency, balance=value[0], locked=value[1])
             for currency, value in current.items()
@@ -391,6 +416,8 @@ class PrivateState:
             for currency in sorted(self._balances.keys() - current.keys())
         ]
         self._balances = current
+        for asset in changed:
+            self._rest_balances[asset.currency] = (asset.balance, asset.locked)
         if not changed:
             return None
         return MyAsset(
@@ -409,6 +436,8 @@ class PrivateState:
             o.uuid: _order_of_rest(o) for o in open_orders if o.state not in FINAL_STATES
         }
         self._balances = _balances_of(accounts)
+        self._rest_orders.clear()  # nothing of it was published: the stream's is news
+        self._rest_balances.clear()
 
     def snapshot(self) -> PrivateSnapshot:
         """What is known now, to save: :meth:`restore` takes it back."""

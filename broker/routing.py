@@ -242,7 +242,12 @@ class DataRouter:
         recv_ns: int,
         source: Source,
     ) -> None:
-        if observe(message, source):
+        try:
+            news = observe(message, source)
+        except ArithmeticError as exc:  # an amount such as "sNaN": no number to compare
+            self._on_decode_error(DecodeError(f"unusable {type(message).__name__}: {exc!r}"))
+            return
+        if news:
             route(message, recv_ns, source)
         else:
             self.private_duplicates += 1

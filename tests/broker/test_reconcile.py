@@ -488,20 +488,99 @@ def test_a_fill_rest_published_first_is_not_news_when_the_stream_brings_it(
     assert synced.is_news(ws_order("C"))
 
 
-def test_an_open_orders_event_is_news_only_if_it_moves_the_order_on(
+def test_an_open_orders_event_is_news_unless_it_repeats_what_rest_published(
     synced: PrivateState,
 ) -> None:
-    assert not synced.is_news(ws_order("A"))  # as the baseline has it
-    assert synced.is_news(ws_order("A", executed="0.5", remaining="0.5"))
-    assert synced.is_news(ws_order("A", state="cancel"))
-    synced.apply_order(ws_order("A", executed="0.5", remaining="0.5"))
+    # An audit published A's fill; the stream's late copies of it are no news.
+    (published,) = synced.diff_orders([order("A", executed="0.5", remaining="0.5")], {}, NOW)
+    synced.apply_order(published)  # the router feeds REST's own events back: no-op
+    assert not synced.is_news(ws_order("A", executed="0.5", remaining="0.5"))
     assert not synced.is_news(ws_order("A"))  # older than what was published
+    assert synced.is_news(ws_order("A", executed="0.7", remaining="0.3"))
+    assert synced.is_news(ws_order("A", state="cancel"))
+    # Once the stream moved A on itself, its events are its own again.
+    synced.apply_order(ws_order("A", executed="0.7", remaining="0.3"))
+    assert synced.is_news(ws_order("A", executed="0.7", remaining="0.3"))
 
 
-def test_a_balance_event_is_news_only_if_it_differs_from_the_known_one(
+def test_what_the_baseline_learned_was_never_published_so_the_stream_brings_news(
     synced: PrivateState,
 ) -> None:
-    assert not synced.is_news(asset_event(("KRW", "1000000.0"), ("BTC", "2")))
-    assert synced.is_news(asset_event(("KRW", "1000000"), ("BTC", "1.5")))
-    assert not synced.is_news(asset_event(("ETH", "0")))  # unknown means zero
-    assert synced.is_news(asset_event(("ETH", "0.1")))
+    # An order placed as the broker started: the baseline's REST read saw it, its
+    # WebSocket ``wait`` came a moment later. Subscribers never heard of it.
+    state = PrivateState()
+    state.baseline([order("B")], [account("KRW", "990000", "10000")])
+    assert state.is_news(ws_order("B"))
+    # myAsset may come minutes late on a first subscription: the baseline read the
+    # balance it reports, which nobody published.
+    assert state.is_news(
+        MyAsset(
+            asset_uuid="x",
+            assets=[AssetBalance(currency="KRW", balance=D("990000"), locked=D("10000"))],
+            asset_timestamp=NOW,
+            timestamp=NOW,
+        )
+    )
+    # A currency sold out before the baseline: its zero was never published either.
+    assert state.is_news(asset_event(("ETH", "0")))
+    assert synced.is_news(ws_order("A"))
+
+
+def test_an_smp_prevented_event_is_news_even_without_volumes(synced: PrivateState) -> None:
+    # A market buy by amount (volumes null): an audit published its wait first, the
+    # stream's copy is dropped, but the SMP ``prevented`` after it is REST-invisible news.
+    market = msgspec.structs.replace(
+        order("M"), ord_type="price", volume=None, remaining_volume=None
+    )
+    (published,) = synced.diff_orders([order("A"), market], {}, NOW)
+    synced.apply_order(published)
+    amount = {"executed": "0", "remaining": "1.0"}
+    wait = msgspec.structs.replace(ws_order("M", **amount), volume=None, remaining_volume=None)
+    assert not synced.is_news(wait)
+    prevented = msgspec.structs.replace(wait, state="prevented", prevented_volume=D("0.1"))
+    assert synced.is_news(prevented)
+
+
+def test_a_non_number_from_upstream_raises_no_arithmetic_error(synced: PrivateState) -> None:
+    # msgspec decodes "NaN" as Decimal('NaN'), whose ordering raises InvalidOperation.
+    nan = D("NaN")
+    bad = msgspec.structs.replace(order("A"), executed_volume=nan)
+    assert synced.to_fetch([bad]) == []
+    assert synced.diff_orders([bad], {}, NOW) == []
+    ws = msgspec.structs.replace(ws_order("A"), executed_volume=nan)
+    synced.diff_orders([order("A", executed="0.5", remaining="0.5")], {}, NOW)
+    assert not synced.is_news(ws)
+    synced.apply_order(ws)
+    assert synced.open_uuids == ["A"]
+
+
+def test_a_balance_event_is_news_unless_it_repeats_what_rest_published(
+    synced: PrivateState,
+) -> None:
+    published = synced.diff_accounts([account("KRW", "1000000"), account("BTC", "1.5")], NOW)
+    assert published is not None
+    synced.apply_asset(published)  # REST's own event fed back: no-op
+    assert not synced.is_news(asset_event(("BTC", "1.50")))
+    assert synced.is_news(asset_event(("KRW", "1000000"), ("BTC", "1.5")))  # KRW: baseline
+    assert synced.is_news(asset_event(("BTC", "1.4")))
+    # A -> B -> A: after the stream's B, its A is news again.
+    synced.apply_asset(asset_event(("BTC", "1.4")))
+    assert synced.is_news(asset_event(("BTC", "1.5")))
+    # A currency REST reported gone: the stream's zero for it is a copy.
+    gone = synced.diff_accounts([account("KRW", "1000000")], NOW)
+    assert gone is not None
+    assert not synced.is_news(asset_event(("BTC", "0")))
+    assert synced.is_news(asset_event(("ETH", "0")))  # never published: news
+
+
+def test_currencies_the_stream_reported_during_a_read_keep_their_value(
+    synced: PrivateState,
+) -> None:
+    # REST's BTC may predate the stream's: it stays; KRW is diffed as usual.
+    ev = synced.diff_accounts([account("KRW", "900000"), account("BTC", "1.0")], NOW, keep={"BTC"})
+    assert ev is not None
+    assert [a.currency for a in ev.assets] == ["KRW"]
+    assert synced.balances == {"KRW": (D("900000"), D(0)), "BTC": (D("2.0"), D(0))}
+    # Kept even when REST no longer lists it.
+    assert synced.diff_accounts([account("KRW", "900000")], NOW, keep={"BTC"}) is None
+    assert "BTC" in synced.balances

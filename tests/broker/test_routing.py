@@ -12,6 +12,7 @@ import zmq
 from broker.config import Settings
 from broker.exchange import UpbitExchange
 from broker.publisher import Publisher
+from broker.reconcile import PrivateState
 from broker.routing import TOPIC_CACHE_LIMIT, DataRouter
 from broker.subscriptions import UpstreamStream
 from schemas.bus import Envelope, StreamSpec, decode_batch, split_published
@@ -336,3 +337,32 @@ def test_a_private_event_the_observer_has_seen_published_is_dropped_and_counted(
     assert socket.sent == []
     assert router.private_duplicates == 1
     assert router.duplicates == 0  # the trade counter is another story
+
+
+def test_a_private_amount_that_is_not_a_number_is_a_bad_frame_not_a_dead_link() -> None:
+    # msgspec decodes "sNaN" to Decimal('sNaN'); the private state comparing it raised
+    # InvalidOperation out of on_frame, which ended the link task and so the broker.
+    state = PrivateState()
+
+    def observe(message: MyOrder | MyAsset, source: str) -> bool:
+        if not state.is_news(message):
+            return False
+        if isinstance(message, MyAsset):
+            state.apply_asset(message)
+        return True
+
+    socket = RecordingSocket()
+    publisher = Publisher(socket, "e")  # type: ignore[arg-type]
+    router = DataRouter(publisher, UpbitExchange(Settings()), on_private=observe)
+    publisher.activate("myAsset/")
+    frame = (
+        b'{"type":"myAsset","asset_uuid":"x","assets":[{"currency":"KRW",'
+        b'"balance":"sNaN","locked":"0"}],"asset_timestamp":1,"timestamp":1}'
+    )
+    assert router.on_frame(frame, 1) is None
+    assert router.decode_errors == 1
+    assert "KRW" not in state.balances
+    assert socket.sent == []
+    good = frame.replace(b"sNaN", b"5")
+    assert router.on_frame(good, 1) is None
+    assert len(socket.sent) == 1

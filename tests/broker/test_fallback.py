@@ -1,0 +1,196 @@
+"""PrivateFallback's shell: bad REST answers and the stream racing a read lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, cast
+
+from broker.fallback import PrivateFallback
+from broker.ports import StatusState
+from broker.rest import RestClient
+from schemas.bus import Source, StreamSpec
+from schemas.rest import RestAccount, RestOrder
+from schemas.upbit import AssetBalance, MyAsset, MyOrder
+
+D = Decimal
+DEADLINE = 5.0
+
+
+def order(uuid: str, executed: str = "0") -> RestOrder:
+    return RestOrder(
+        uuid=uuid,
+        side="bid",
+        ord_type="limit",
+        price=D("140000000"),
+        state="wait",
+        market="KRW-BTC",
+        created_at="2025-07-04T15:00:00+09:00",
+        volume=D("1.0"),
+        remaining_volume=D("1.0") - D(executed),
+        executed_volume=D(executed),
+        trades_count=0,
+    )
+
+
+def account(currency: str, balance: str) -> RestAccount:
+    return RestAccount(currency=currency, balance=D(balance), locked=D(0))
+
+
+class FakeRest:
+    """The calls the private fallback makes, answered from attributes."""
+
+    def __init__(self) -> None:
+        self.open: list[RestOrder] = [order("A")]
+        self.accounts_answer: list[RestAccount] = [account("KRW", "1000000")]
+        self.during_accounts: Callable[[], None] | None = None
+        self.calls = 0
+
+    async def open_orders(self) -> list[RestOrder]:
+        self.calls += 1
+        return list(self.open)
+
+    async def closed_orders(self, start_ms: int, end_ms: int) -> list[RestOrder]:
+        return []
+
+    async def accounts(self) -> list[RestAccount]:
+        if self.during_accounts is not None:
+            self.during_accounts()  # the stream delivers while the answer travels
+            self.during_accounts = None
+        return list(self.accounts_answer)
+
+    async def order(self, uuid: str) -> RestOrder:
+        return next(o for o in self.open if o.uuid == uuid)
+
+
+class Announcements:
+    def __init__(self) -> None:
+        self.states: list[StatusState] = []
+
+    def announce(self, link: str, state: StatusState, detail: str, *, status: bool = True) -> None:
+        self.states.append(state)
+
+
+class Streams:
+    def all_streams(self) -> frozenset[StreamSpec]:
+        return frozenset({StreamSpec("myOrder"), StreamSpec("myAsset")})
+
+    def streams_of(self, client_id: str) -> frozenset[StreamSpec]:
+        return self.all_streams()
+
+
+class Bus:
+    """The router's part: every private event goes through ``observe`` first."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[Any, Source]] = []
+        self.fallback: PrivateFallback | None = None
+
+    def route(self, event: Any, recv_ns: int, source: Source) -> None:
+        assert self.fallback is not None
+        if self.fallback.observe(event, source):
+            self.published.append((event, source))
+
+    def assets(self, source: Source) -> list[dict[str, Decimal]]:
+        return [
+            {a.currency: a.balance for a in ev.assets}
+            for ev, src in self.published
+            if isinstance(ev, MyAsset) and src == source
+        ]
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def running(
+    rest: FakeRest, bus: Bus, **options: Any
+) -> tuple[PrivateFallback, asyncio.Task[None]]:
+    fallback = PrivateFallback(
+        Announcements(), Streams(), cast(RestClient, rest), bus.route, **options
+    )
+    bus.fallback = fallback
+    task = asyncio.create_task(fallback.run())
+    await until(lambda: fallback.state.open_uuids == ["A"], "the baseline")
+    return fallback, task
+
+
+async def stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _ws_asset(currency: str, balance: str) -> MyAsset:
+    return MyAsset(
+        asset_uuid="ws",
+        assets=[AssetBalance(currency=currency, balance=D(balance), locked=D(0))],
+        asset_timestamp=1,
+        timestamp=1,
+    )
+
+
+async def test_a_rest_answer_that_is_not_a_number_does_not_end_the_fallback() -> None:
+    # "sNaN" decodes to Decimal('sNaN'); comparing it raises InvalidOperation, which
+    # ended the task, and a failed task stops the whole broker.
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, grace=0.0, interval=0.02, audit_interval=0)
+    try:
+        rest.accounts_answer = [account("KRW", "sNaN")]
+        fallback.link_changed("down", time.monotonic())
+        await until(lambda: fallback.failures >= 1 or task.done(), "a failed poll")
+        assert not task.done()
+        rest.accounts_answer = [account("KRW", "1000000")]
+        rest.open = [order("A", executed="0.5")]
+        await until(lambda: len(bus.published) == 1, "the fill, once REST answers sense")
+        assert not task.done()
+    finally:
+        await stopped(task)
+
+
+async def test_a_reconnect_read_raced_by_the_stream_still_reports_the_other_balances() -> None:
+    # Audits off: the reconnect's REST read is the only reconciliation. The stream
+    # reporting BTC while it ran must not cost the KRW change made during the outage.
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, grace=60.0, audit_interval=0)
+    try:
+        fallback.link_changed("down", time.monotonic())
+        await asyncio.sleep(0.05)  # the step sees the outage (within its grace)
+        rest.accounts_answer = [account("KRW", "900000"), account("BTC", "0.5")]
+        rest.during_accounts = lambda: bus.route(_ws_asset("BTC", "0.5"), 0, "websocket")
+        calls = rest.calls
+        fallback.link_changed("up", time.monotonic())
+        await until(lambda: fallback.reconciliations == 1, "the reconnect sync")
+        assert rest.calls == calls + 1
+        assert bus.assets("websocket") == [{"BTC": D("0.5")}]
+        assert bus.assets("rest") == [{"KRW": D("900000")}]
+    finally:
+        await stopped(task)
+
+
+async def test_an_audit_reports_what_the_stream_lost_once() -> None:
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, audit_interval=1.0)
+    try:
+        rest.open = [order("A", executed="0.5")]
+        await until(lambda: fallback.audits >= 1 and bool(bus.published), "an audit")
+        assert [(ev.state, src) for ev, src in bus.published] == [("wait", "rest")]
+        assert fallback.recovered == 1
+        # The stream's late copy of the same progress is dropped.
+        late = MyOrder(
+            code="KRW-BTC",
+            uuid="A",
+            ask_bid="BID",
+            order_type="limit",
+            state="wait",
+            executed_volume=D("0.5"),
+            remaining_volume=D("0.5"),
+            timestamp=1,
+        )
+        assert not fallback.observe(late)
+    finally:
+        await stopped(task)
