@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from typing import cast
 
@@ -66,8 +65,9 @@ DEFAULT_AUDIT_INTERVAL = 30.0
 calls of the ``default`` group (30/s) each, about 0.5 % of its budget, and an event the
 stream lost reaches subscribers within this long."""
 RACED_AUDIT_DELAY = 5.0
-"""Seconds before the next audit when the last one could not trust its balances (the
-stream delivered while REST was being read)."""
+"""Seconds before the next audit when balances are in doubt: the stream delivered while
+REST was being read, or it changed a balance REST had published (news, or a held-back
+older value: the next read tells)."""
 
 
 class _Supervisor:
@@ -302,6 +302,8 @@ class PrivateFallback(_Supervisor):
                 self._streamed.update(asset.currency for asset in event.assets)
             if not self.state.is_news(event):
                 return False
+            if isinstance(event, MyAsset) and self.state.overrides_rest(event):
+                self._audit_soon()
         if isinstance(event, MyOrder):
             self.state.apply_order(event)
         else:
@@ -314,6 +316,18 @@ class PrivateFallback(_Supervisor):
             self._next_save = 0.0
             self._persist(time.monotonic())
         return True
+
+    @property
+    def reconcile_pending(self) -> bool:
+        """An outage was seen: one more REST pass is owed once the link is back."""
+        return self._needs_reconcile
+
+    def _audit_soon(self) -> None:
+        """Balances are in doubt: the next audit within :data:`RACED_AUDIT_DELAY`."""
+        soon = time.monotonic() + RACED_AUDIT_DELAY
+        if self._audit_interval > 0 and (self._next_audit == 0.0 or soon < self._next_audit):
+            self._next_audit = soon
+            self._wake.set()
 
     def link_changed(self, state: StatusState, now: float) -> None:
         """The private link reported ``state``: remember since when changes may be missed."""
@@ -462,9 +476,7 @@ class PrivateFallback(_Supervisor):
             if asset is not None:
                 events.append(asset)
             if streamed:  # the stream spoke meanwhile: those currencies are looked at again
-                self._next_audit = min(
-                    self._next_audit or math.inf, time.monotonic() + RACED_AUDIT_DELAY
-                )
+                self._audit_soon()
         except (RestError, DecodeError) as exc:
             self.failures += 1
             if isinstance(exc, RestError) and exc.status == 401:

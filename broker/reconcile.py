@@ -237,6 +237,19 @@ class PrivateState:
         old = self._orders.get(ev.uuid)
         return old is None or new.state in FINAL_STATES or _progress(new, old) > 0
 
+    def overrides_rest(self, ev: MyAsset) -> bool:
+        """Whether ``ev`` changes a balance whose last published value came from REST.
+
+        Either the stream moved on (news), or it delivers late what it held back
+        before REST was read (an older value): no timestamp tells which, so the caller
+        asks REST again soon rather than leave a stale balance standing for long.
+        """
+        return any(
+            a.currency in self._rest_balances
+            and self._rest_balances[a.currency] != (a.balance, a.locked)
+            for a in ev.assets
+        )
+
     def forget_order(self, uuid: str) -> None:
         """Drop an order REST no longer knows (``GET /v1/order`` answered 404)."""
         self._orders.pop(uuid, None)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, cast
 
+import pytest
+
 from broker.fallback import PrivateFallback
 from broker.ports import StatusState
 from broker.rest import RestClient
@@ -159,7 +161,7 @@ async def test_a_reconnect_read_raced_by_the_stream_still_reports_the_other_bala
     fallback, task = await running(rest, bus, grace=60.0, audit_interval=0)
     try:
         fallback.link_changed("down", time.monotonic())
-        await asyncio.sleep(0.05)  # the step sees the outage (within its grace)
+        await until(lambda: fallback.reconcile_pending, "the step to see the outage")
         rest.accounts_answer = [account("KRW", "900000"), account("BTC", "0.5")]
         rest.during_accounts = lambda: bus.route(_ws_asset("BTC", "0.5"), 0, "websocket")
         calls = rest.calls
@@ -192,5 +194,30 @@ async def test_an_audit_reports_what_the_stream_lost_once() -> None:
             timestamp=1,
         )
         assert not fallback.observe(late)
+    finally:
+        await stopped(task)
+
+
+async def test_a_stream_balance_that_contradicts_rest_brings_the_next_audit_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A reconnect published KRW 900,000 from REST; the stream then says 950,000: news,
+    # or a value it held back from before the read. Only REST can tell, soon (regular
+    # audits are an hour apart here).
+    monkeypatch.setattr("broker.fallback.RACED_AUDIT_DELAY", 0.2)
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, grace=60.0, audit_interval=3600.0)
+    try:
+        fallback.link_changed("down", time.monotonic())
+        await until(lambda: fallback.reconcile_pending, "the step to see the outage")
+        rest.accounts_answer = [account("KRW", "900000")]
+        fallback.link_changed("up", time.monotonic())
+        await until(lambda: bus.assets("rest") == [{"KRW": D("900000")}], "the reconnect sync")
+        assert fallback.audits == 0
+        assert fallback.observe(_ws_asset("KRW", "950000"))  # published: it may be news
+        await until(lambda: fallback.audits == 1, "an audit brought forward")
+        # REST still says 900,000: the stream's value was the older one, corrected.
+        assert bus.assets("rest")[-1] == {"KRW": D("900000")}
+        assert fallback.observe(_ws_asset("KRW", "900000")) is False  # a late copy
     finally:
         await stopped(task)
