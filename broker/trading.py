@@ -54,6 +54,8 @@ __all__ = [
     "BATCH_CANCEL_MAX",
     "LOOKUP_DELAYS",
     "ORDER_WAIT",
+    "BatchCancelAnswer",
+    "BatchCancelOrders",
     "Identifiers",
     "LookAgain",
     "LostPlacement",
@@ -454,16 +456,18 @@ class LostPlacement:
 # ---------------------------------------------------------------------------- the shell
 
 
-class _BatchOrders(msgspec.Struct, frozen=True):
+class BatchCancelOrders(msgspec.Struct, frozen=True):
+    """One half of a batch cancel's answer: how many, and which."""
+
     count: int = 0
     orders: list[CancelledOrder] = []
 
 
-class _BatchAnswer(msgspec.Struct, frozen=True):
+class BatchCancelAnswer(msgspec.Struct, frozen=True):
     """Upbit's answer to ``DELETE /v1/orders/uuids``."""
 
-    success: _BatchOrders = _BatchOrders()
-    failed: _BatchOrders = _BatchOrders()
+    success: BatchCancelOrders = BatchCancelOrders()
+    failed: BatchCancelOrders = BatchCancelOrders()
 
 
 def rest_refusal(req: int, error: RestError) -> ErrorReply:
@@ -552,7 +556,7 @@ class Trading:
         if plan.reply == "orders":
             orders = await rest.exchange(*call, list[RestOrder], plan.params, priority=priority)
             return OrderReply(req, "orders", orders=orders)
-        batch = await rest.exchange(*call, _BatchAnswer, plan.params, priority=priority)
+        batch = await rest.exchange(*call, BatchCancelAnswer, plan.params, priority=priority)
         return OrderReply(req, "batch", cancelled=batch.success.orders, failed=batch.failed.orders)
 
     async def _place(self, req: int, plan: OrderPlan) -> OrderReply | ErrorReply:

@@ -189,7 +189,7 @@ async def test_without_keys_account_calls_are_private_unavailable(
 def test_the_blocking_client_trades_too(trading_broker: BrokerProc, sim: Sim) -> None:
     with SyncBrokerClient(name="sync-trader") as client:
         order = client.place_order("KRW-BTC", "bid", price=resting_bid_price(sim), volume="0.001")
-        assert order.identifier and order.identifier.startswith("c-")
+        assert (order.identifier or "").startswith("c-")
         assert client.cancel_order(identifier=order.identifier).uuid == order.uuid
 
 
