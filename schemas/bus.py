@@ -44,6 +44,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Final, Literal
 
@@ -731,8 +732,8 @@ class ChanceSide(msgspec.Struct, omit_defaults=True):
     """One side of a market's order constraints (``market.bid`` / ``market.ask``)."""
 
     currency: str
-    price_unit: str | None = None
-    min_total: str | None = None
+    price_unit: Decimal | None = None
+    min_total: Decimal | None = None
 
 
 class ChanceMarket(msgspec.Struct, omit_defaults=True):
@@ -746,18 +747,20 @@ class ChanceMarket(msgspec.Struct, omit_defaults=True):
     ask_types: list[str] = []
     bid: ChanceSide | None = None
     ask: ChanceSide | None = None
-    max_total: str | None = None
+    max_total: Decimal | None = None
     state: str | None = None
 
 
 class OrderChance(msgspec.Struct, omit_defaults=True):
-    """Upbit's order chance of one market: fees, constraints and both accounts."""
+    """Upbit's order chance of one market: fees, constraints and both accounts.
+
+    Amounts are ``Decimal`` (Upbit sends them as text, some as numbers)."""
 
     market: ChanceMarket
-    bid_fee: str | None = None
-    ask_fee: str | None = None
-    maker_bid_fee: str | None = None
-    maker_ask_fee: str | None = None
+    bid_fee: Decimal | None = None
+    ask_fee: Decimal | None = None
+    maker_bid_fee: Decimal | None = None
+    maker_ask_fee: Decimal | None = None
     bid_account: RestAccount | None = None
     ask_account: RestAccount | None = None
 

@@ -41,12 +41,14 @@ from schemas.bus import (
     CancelOrder,
     ErrorReply,
     Hello,
+    OrderChance,
     OrderReply,
     PlaceOrder,
     Welcome,
+    decode_broker_message,
     encode,
 )
-from schemas.rest import RestOrder
+from schemas.rest import RestOrder, decode_rest
 from tests.broker.test_control import FakeBroker
 
 T = TypeVar("T")
@@ -307,6 +309,26 @@ def test_a_failed_lookup_then_not_found_after_settling_is_not_placed() -> None:
     again = lost.failed(0.25, "timeout")
     assert isinstance(again, LookAgain)
     assert lost.missing(again.at + SETTLE) == NotPlaced()
+
+
+def test_an_order_chance_decodes_with_amounts_as_text_or_numbers() -> None:
+    body = b"""{"bid_fee":"0.0005","ask_fee":"0.0005","maker_bid_fee":"0.0005",
+      "maker_ask_fee":"0.0005","market":{"id":"KRW-BTC","name":"BTC/KRW",
+      "order_types":["limit"],"order_sides":["ask","bid"],"bid_types":["best_fok","limit"],
+      "bid":{"currency":"KRW","price_unit":null,"min_total":5000},
+      "ask":{"currency":"BTC","min_total":"5000"},"max_total":"1000000000.0","state":"active"},
+      "bid_account":{"currency":"KRW","balance":"0.34","locked":"4999.9","avg_buy_price":"0",
+      "avg_buy_price_modified":true,"unit_currency":"KRW"},
+      "ask_account":{"currency":"BTC","balance":"0.00048","locked":"0.0"}}"""
+    chance = decode_rest(body, OrderChance)
+    assert chance.market.bid is not None
+    assert chance.market.ask is not None
+    assert chance.market.bid.min_total == chance.market.ask.min_total == Decimal(5000)
+    assert chance.bid_fee == Decimal("0.0005")
+    assert chance.ask_account is not None
+    assert chance.ask_account.balance == Decimal("0.00048")
+    reply = OrderReply(1, "chance", chance=chance)
+    assert decode_broker_message(encode(reply)) == reply
 
 
 # ------------------------------------------------------------------ the shell (fake REST)
