@@ -124,7 +124,7 @@ from schemas.rest import (
     RestTrade,
 )
 
-__all__ = ["Amount", "BrokerClient", "StatusCallback"]
+__all__ = ["Amount", "BrokerClient", "StatusCallback", "amount_text", "new_identifier"]
 
 R = TypeVar("R")
 
@@ -148,7 +148,7 @@ Amount = Decimal | str | int | float
 """A price or volume: kept exactly as written (a float goes by its shortest repr)."""
 
 
-def _amount(value: Amount | None) -> str | None:
+def amount_text(value: Amount | None) -> str | None:
     """``value`` as decimal text without an exponent, None if None."""
     if value is None or isinstance(value, str):
         return value
@@ -958,8 +958,8 @@ class BrokerClient(StreamMethods):
             market=market,
             side=side,
             ord_type=ord_type,
-            volume=_amount(volume),
-            price=_amount(price),
+            volume=amount_text(volume),
+            price=amount_text(price),
             identifier=key,
             time_in_force=time_in_force,
             smp_type=smp_type,
