@@ -52,6 +52,7 @@ from broker.routing import DataRouter
 from broker.snapshots import Snapshots
 from broker.subscriptions import SubscriptionState, UpstreamStream, carries
 from broker.topics import TopicLifecycle, TopicPlan
+from broker.trading import Trading
 from broker.upstream import ConnectGate, ConnectionName, UpstreamLink, keepalive_setting
 from schemas.bus import (
     BROKER_STOPPING,
@@ -153,6 +154,14 @@ class Broker:
         """Who hears of each link's state changes, and of every change of held streams."""
         self.gateway = Gateway(self.rest, self)
         """Quotation REST for clients, answered from the market cache and REST."""
+        self.trading = Trading(
+            self.rest,
+            self,
+            epoch=self.epoch,
+            keys=self.exchange.has_private(),
+            enabled=settings.trading,
+        )
+        """Account reads, placements and cancels for clients, with the broker's keys."""
         self.control = ControlServer(
             clients=self.clients,
             subscriptions=self,
@@ -164,6 +173,7 @@ class Broker:
             liveness=settings.liveness,
             private_enabled=self.exchange.has_private(),
             quotes=self.gateway,
+            trading=self.trading,
         )
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)
@@ -217,6 +227,7 @@ class Broker:
                 data=self.settings.data_endpoint,
                 upstream=self.exchange.ws_url(False),
                 private=self.exchange.has_private(),
+                trading=self._trading_state(),
                 pid=os.getpid(),
             )
             tasks = [
@@ -259,6 +270,15 @@ class Broker:
             self._ctx.term()
             self._lock.release()
             self._log.info("broker stopped")
+
+    def _trading_state(self) -> str:
+        """``on``, ``off``, or why trading cannot be on (said in the start line)."""
+        if not self.settings.trading:
+            return "off"
+        if not self.exchange.has_private():
+            self._log.warning("UPBIT_BROKER_TRADING is set but the broker has no API keys")
+            return "off (no API keys)"
+        return "on"
 
     def _say_goodbye(self) -> None:
         """Tell every client the broker is going (``down``, ``BROKER_STOPPING``), flushed

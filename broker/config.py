@@ -24,6 +24,8 @@ library (which only reads the two bus endpoints, never the keys)::
     UPBIT_BROKER_LOG_LEVEL  debug | info | warning | error
     UPBIT_BROKER_HTTP       (unset: off)  HOST:PORT of /metrics and /health, e.g.
                                      127.0.0.1:9464 (a bare PORT means loopback)
+    UPBIT_BROKER_TRADING    0        1: clients may place and cancel orders with the
+                                     broker's keys (reads of the account need keys only)
 
 The runtime directory is ``$XDG_RUNTIME_DIR/upbit-broker`` or
 ``/tmp/upbit-broker-<uid>`` (:func:`schemas.bus.runtime_dir_path`, which the clients
@@ -60,6 +62,7 @@ __all__ = [
     "CURVE_DIR_ENV",
     "IPC_PATH_MAX",
     "PUBLIC_ONLY_ENV",
+    "TRADING_ENV",
     "ConfigError",
     "CurveLayout",
     "Secret",
@@ -78,6 +81,7 @@ DEFAULT_WIDEN: Final = frozenset({"ticker", "trade"})
 candles may be added; orderbooks cannot (every market's books cost far more)."""
 CURVE_DIR_ENV: Final = "UPBIT_BROKER_CURVE_DIR"
 PUBLIC_ONLY_ENV: Final = "UPBIT_BROKER_TCP_PUBLIC_ONLY"
+TRADING_ENV: Final = "UPBIT_BROKER_TRADING"
 
 
 class ConfigError(ValueError):
@@ -421,6 +425,10 @@ class Settings:
     """Seconds between REST audits of orders and balances while the private WebSocket
     is up (a stream can lose events without looking down); 0 turns them off."""
 
+    trading: bool = False
+    """Clients may place and cancel orders with the broker's keys
+    (``UPBIT_BROKER_TRADING``); off, only reads of the account are served."""
+
     @property
     def has_keys(self) -> bool:
         """True when private streams can run."""
@@ -465,4 +473,5 @@ class Settings:
             public_only=public_only,
             http_endpoint=_http_endpoint(env),
             private_audit=_audit_interval(env),
+            trading=_flag(env, TRADING_ENV),
         )

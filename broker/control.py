@@ -31,15 +31,24 @@ import zmq.asyncio
 
 from broker.liveness import ClientTable
 from broker.logs import get_logger
-from broker.ports import BrokerStatus, MarketList, QuoteService, SnapshotSource, Subscriptions
+from broker.ports import (
+    BrokerStatus,
+    MarketList,
+    QuoteService,
+    SnapshotSource,
+    Subscriptions,
+    TradingService,
+)
 from broker.quotas import ClientQuotas, QuotaError
 from broker.rest import RestError
 from broker.snapshots import SnapshotTooBig
 from broker.subscriptions import SpecError, normalize_spec
 from schemas.bus import (
     PROTOCOL_VERSION,
+    AccountQuery,
     BrokerMessage,
     Bye,
+    CancelOrder,
     ClientMessage,
     ErrorReply,
     GetSnapshot,
@@ -49,6 +58,7 @@ from schemas.bus import (
     Hello,
     MetricsReply,
     MetricsRequest,
+    PlaceOrder,
     Quote,
     SnapshotReply,
     StreamSpec,
@@ -81,6 +91,15 @@ QUOTES_PER_CLIENT = 2
 """Quote requests (quotation REST through the broker) one client may have in flight;
 past it the next is refused ``busy`` at once."""
 
+TRADES_PER_CLIENT = 16
+"""Account and order requests one client may have in flight (orders wait their turn in
+the pocket's budget, so a client placing 10 a second has several queued); past it the
+next is refused ``busy`` at once."""
+MAX_TRADING = 64
+"""Account and order requests in flight over all clients; past it ``busy``."""
+
+TradingMessage = AccountQuery | PlaceOrder | CancelOrder
+
 Reply = tuple[bytes, BrokerMessage]
 """One answer: the ROUTER identity of the client, and the message to send it."""
 
@@ -107,9 +126,11 @@ class ControlServer:
         private_enabled: bool,
         quotas: ClientQuotas | None = None,
         quotes: QuoteService | None = None,
+        trading: TradingService | None = None,
     ) -> None:
         """``private_enabled``: the broker has API keys (private streams can be served);
-        ``quotes`` answers quote requests (refused ``unknown_type`` without it)."""
+        ``quotes`` answers quote requests, ``trading`` account and order requests (each
+        refused ``unknown_type`` without it)."""
         self._clients = clients
         self._subscriptions = subscriptions
         self._markets = markets
@@ -123,6 +144,10 @@ class ControlServer:
         self._quotes = quotes
         self._quoting: Counter[str] = Counter()
         """Quote requests in flight per client."""
+        self._trading = trading
+        self._trades: Counter[str] = Counter()
+        """Account and order requests in flight per client."""
+        self._trade_tasks: set[asyncio.Task[None]] = set()
         self._key = secrets.token_bytes(16)
         self._socket: zmq.Socket[bytes] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -242,6 +267,14 @@ class ControlServer:
                 return [self._refuse(identity, turned_away)]
             self._quoting[client] += 1
             self._spawn(self._quote(identity, client, message))
+        elif isinstance(message, AccountQuery | PlaceOrder | CancelOrder):
+            turned_away = self._trading_refusal(client, message)
+            if turned_away is not None:
+                return [self._refuse(identity, turned_away)]
+            self._trades[client] += 1
+            task = asyncio.ensure_future(self._trade(identity, client, message))
+            self._trade_tasks.add(task)
+            task.add_done_callback(self._trade_tasks.discard)
         elif isinstance(message, HealthRequest):
             return [(identity, HealthReply(message.req, self._status.health()))]
         elif isinstance(message, MetricsRequest):
@@ -398,6 +431,46 @@ class ControlServer:
             self._quoting[client] -= 1
             if self._quoting[client] <= 0:
                 del self._quoting[client]
+        if isinstance(reply, ErrorReply):
+            self.errors += 1
+            self._send(*self._refuse(identity, reply))
+        else:
+            self._send(identity, reply)
+
+    def _trading_refusal(self, client: str, message: TradingMessage) -> ErrorReply | None:
+        """Why ``message`` cannot start now (no keys, trading off, too much in flight)."""
+        if self._trading is None:
+            return ErrorReply(message.req, "unknown_type", "this broker serves no trading")
+        refused = self._trading.refusal(message)
+        if refused is not None:
+            return refused
+        if len(self._trade_tasks) >= MAX_TRADING:
+            return ErrorReply(
+                message.req,
+                "busy",
+                f"the broker has {len(self._trade_tasks)} account and order requests in "
+                "flight already; try again shortly (nothing was sent)",
+            )
+        if self._trades[client] >= TRADES_PER_CLIENT:
+            return ErrorReply(
+                message.req,
+                "busy",
+                f"{TRADES_PER_CLIENT} account and order requests of this client still in "
+                "flight; wait for an answer before sending more (nothing was sent)",
+            )
+        return None
+
+    async def _trade(self, identity: bytes, client: str, message: TradingMessage) -> None:
+        assert self._trading is not None  # checked by _trading_refusal
+        try:
+            reply = await self._trading.answer(message)
+        except Exception as exc:  # never leave a client waiting out its timeout
+            self._log.exception("trading request failed", op=type(message).__name__)
+            reply = ErrorReply(message.req, "internal", f"internal error ({type(exc).__name__})")
+        finally:
+            self._trades[client] -= 1
+            if self._trades[client] <= 0:
+                del self._trades[client]
         if isinstance(reply, ErrorReply):
             self.errors += 1
             self._send(*self._refuse(identity, reply))

@@ -15,11 +15,15 @@ from typing import Protocol, cast, get_args
 
 from broker.subscriptions import UpstreamStream
 from schemas.bus import (
+    AccountQuery,
+    CancelOrder,
     ConnectionName,
     Envelope,
     ErrorReply,
     Health,
     Metrics,
+    OrderReply,
+    PlaceOrder,
     Quote,
     QuoteReply,
     Source,
@@ -44,6 +48,7 @@ __all__ = [
     "StatusState",
     "StreamsView",
     "Subscriptions",
+    "TradingService",
     "status_state",
 ]
 
@@ -186,6 +191,21 @@ class QuoteService(Protocol):
 
     async def answer(self, message: Quote) -> QuoteReply | ErrorReply:
         """The reply to ``message``: the items, or why the request was refused."""
+        ...
+
+
+class TradingService(Protocol):
+    """Runs a client's account read, placement or cancel with the broker's keys
+    (:class:`broker.trading.Trading`)."""
+
+    def refusal(self, message: AccountQuery | PlaceOrder | CancelOrder) -> ErrorReply | None:
+        """Why ``message`` is refused at once (no keys, trading off), else None."""
+        ...
+
+    async def answer(
+        self, message: AccountQuery | PlaceOrder | CancelOrder
+    ) -> OrderReply | ErrorReply:
+        """The reply to ``message``: Upbit's answer, or why the request failed."""
         ...
 
 

@@ -17,6 +17,7 @@ takes none, and aiohttp refuses them next to the JWT of an exchange call.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -95,11 +96,28 @@ def http_session(**options: Any) -> aiohttp.ClientSession:
 
 
 class RestError(Exception):
-    """A REST call failed: HTTP status (0 for transport errors) and a safe message."""
+    """A REST call failed: HTTP status (0 for transport errors) and a safe message.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``name`` and ``upbit_message`` are Upbit's error name and message when the body was
+    its error envelope (masked and bounded like the message), else empty. ``sent`` is
+    False when the request never left the broker (no slot of its group in time): for an
+    order that means it was certainly not placed.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        name: str = "",
+        upbit_message: str = "",
+        sent: bool = True,
+    ) -> None:
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
+        self.name = name
+        self.upbit_message = upbit_message
+        self.sent = sent
 
 
 class RestClient:
@@ -178,7 +196,9 @@ class RestClient:
             await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
             wait = self._limiter.delay(group, time.time())
-            raise RestError(429, f"REST group {group} is rate limited for {wait:.1f} s") from None
+            raise RestError(
+                429, f"REST group {group} is rate limited for {wait:.1f} s", sent=False
+            ) from None
         finally:
             waited = time.monotonic() - started
             self.wait_seconds[group] = self.wait_seconds.get(group, 0.0) + waited
@@ -192,26 +212,34 @@ class RestClient:
         *,
         auth: bool = False,
         priority: int = PRIORITY_SNAPSHOT,
+        body: bool = False,
+        max_wait: float | None = None,
     ) -> bytes:
         if self._session is None:
             self._session = http_session(timeout=self._timeout)
-        deadline = time.monotonic() + self._max_wait
+        deadline = time.monotonic() + (self._max_wait if max_wait is None else max_wait)
         query = query_string(params) if params else ""
         # Sent as written: Upbit wants array keys' brackets unencoded (states[]=wait).
+        in_query = bool(params) and not body
         url = URL(
-            f"{self._base_url}{path}" + (f"?{_wire_query(params)}" if params else ""),
+            f"{self._base_url}{path}" + (f"?{_wire_query(params or {})}" if in_query else ""),
             encoded=True,
         )
+        # A body (POST /v1/orders) is JSON in the order of ``params``: Upbit hashes its
+        # ``k=v&...`` form, which is ``query`` above.
+        payload = json.dumps(dict(params or {})).encode() if body else None
         while True:
             await self._slot(group, priority, deadline)
             headers = self._exchange.rest_headers(query or None) if auth else {}
+            if payload is not None:
+                headers["Content-Type"] = "application/json; charset=utf-8"
             self.calls += 1
             self.calls_by_group[group] += 1
             try:
                 async with self._session.request(
-                    method, url, headers=headers, skip_auto_headers=("Origin",)
+                    method, url, headers=headers, data=payload, skip_auto_headers=("Origin",)
                 ) as response:
-                    body = await response.read()
+                    answer = await response.read()
                     remaining = parse_remaining_req(response.headers.get("Remaining-Req", ""))
                     if remaining is not None:
                         self._limiter.on_remaining(remaining[0], remaining[1], time.time())
@@ -229,14 +257,15 @@ class RestClient:
                 continue
             if status == 418:
                 self.failures += 1
-                seconds = ban_seconds(parse_block_seconds(body.decode("utf-8", "replace")))
+                seconds = ban_seconds(parse_block_seconds(answer.decode("utf-8", "replace")))
                 self._limiter.on_418(group, time.time(), seconds)
                 raise RestError(418, f"Upbit blocked REST group {group} for {seconds:.0f} s")
             if status >= 400:
                 self.failures += 1
-                raise RestError(status, _error_text(body))
+                name, message = _error_parts(answer)
+                raise RestError(status, _error_text(answer), name=name, upbit_message=message)
             self._limiter.on_success(group, time.time())
-            return body
+            return answer
 
     async def _get(
         self,
@@ -269,6 +298,33 @@ class RestClient:
         body = await self._request("GET", path, group, params, auth=auth, priority=priority)
         try:
             return decode_rest_list(body, kind)
+        except DecodeError as exc:
+            self.failures += 1
+            raise RestError(200, f"unexpected body from {path}: {_bounded(str(exc))}") from None
+
+    async def exchange(
+        self,
+        method: str,
+        path: str,
+        group: str,
+        kind: type[T],
+        params: Mapping[str, QueryValue] | None = None,
+        *,
+        body: bool = False,
+        priority: int = Priority.ACCOUNT,
+        max_wait: float | None = None,
+    ) -> T:
+        """One signed exchange call decoded as ``kind`` (orders, cancels, order reads).
+
+        ``body``: ``params`` go as a JSON body (``POST /v1/orders``), else in the query.
+        ``max_wait``: longest wait for a slot of ``group`` (then RestError, not sent).
+        """
+        answer = await self._request(
+            method, path, group, params, auth=True, priority=priority, body=body,
+            max_wait=max_wait,
+        )  # fmt: skip
+        try:
+            return decode_rest(answer, kind)
         except DecodeError as exc:
             self.failures += 1
             raise RestError(200, f"unexpected body from {path}: {_bounded(str(exc))}") from None
@@ -414,6 +470,16 @@ def _bounded(text: str, limit: int = ERROR_MESSAGE_LIMIT) -> str:
     secret cut in two would no longer be recognised)."""
     flat = " ".join(mask(text[:_MASK_WINDOW]).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _error_parts(body: bytes) -> tuple[str, str]:
+    """Upbit's error name and message from an error envelope (masked, bounded), or
+    empty strings when the body is none."""
+    try:
+        error = decode_rest(body, RestErrorEnvelope)
+    except DecodeError:
+        return "", ""
+    return _bounded(str(error.error.name), 80), _bounded(error.error.message)
 
 
 def _error_text(body: bytes) -> str:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -55,6 +56,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -79,7 +81,10 @@ from clients.subscription import Subscription
 from schemas.bus import (
     HEARTBEAT_TOPIC,
     STATUS_TOPIC_PREFIX,
+    AccountQuery,
     BrokerMessage,
+    CancelledOrder,
+    CancelOrder,
     ClientMessage,
     ConnectionName,
     Envelope,
@@ -90,6 +95,9 @@ from schemas.bus import (
     Metrics,
     MetricsReply,
     MetricsRequest,
+    OrderChance,
+    OrderReply,
+    PlaceOrder,
     Quote,
     QuoteReply,
     SnapshotReply,
@@ -106,9 +114,17 @@ from schemas.bus import (
     encode,
 )
 from schemas.errors import DecodeError
-from schemas.rest import RestCandle, RestMarket, RestOrderbook, RestTicker, RestTrade
+from schemas.rest import (
+    RestAccount,
+    RestCandle,
+    RestMarket,
+    RestOrder,
+    RestOrderbook,
+    RestTicker,
+    RestTrade,
+)
 
-__all__ = ["BrokerClient", "StatusCallback"]
+__all__ = ["Amount", "BrokerClient", "StatusCallback", "amount_text", "new_identifier"]
 
 R = TypeVar("R")
 
@@ -123,6 +139,28 @@ IDLE_BEAT: Final = 0.25
 CANDLE_PAGE_WAIT: Final = 0.25
 """Extra seconds a :meth:`BrokerClient.candles` request waits per 200 candles: the broker
 pages them past Upbit's 200 per call, paced by the host's candle budget (10 calls/s)."""
+ORDER_TIMEOUT: Final = 30.0
+"""Seconds a placement or cancel may take: it queues behind the pocket's order budget
+(about 9 a second for every program together), and a placement whose answer Upbit lost
+is looked up by its identifier for a few seconds more."""
+
+Amount = Decimal | str | int | float
+"""A price or volume: kept exactly as written (a float goes by its shortest repr)."""
+
+
+def amount_text(value: Amount | None) -> str | None:
+    """``value`` as decimal text without an exponent, None if None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise TypeError("an amount must be a number, not a bool")
+    number = value if isinstance(value, Decimal) else Decimal(repr(value))
+    return format(number, "f")
+
+
+def new_identifier() -> str:
+    """A fresh order identifier (random, so unique across programs and restarts)."""
+    return f"c-{uuid.uuid4().hex}"
 
 
 class _Reset(Exception):
@@ -820,6 +858,161 @@ class BrokerClient(StreamMethods):
     async def trades(self, code: str, *, count: int = 50) -> list[RestTrade]:
         """The latest ``count`` (1 to 500) trades of ``code``, newest first."""
         return (await self._quote(lambda r: Quote(r, "trades", [code], count=count))).trades
+
+    # ------------------------------------------------------------------ account, orders
+
+    async def _account(
+        self, make: Callable[[int], ClientMessage], timeout: float | None = None
+    ) -> OrderReply:
+        return await self._request(make, OrderReply, timeout)
+
+    async def accounts(self) -> list[RestAccount]:
+        """The balances of the broker's Upbit account (needs keys at the broker)."""
+        return (await self._account(lambda r: AccountQuery(r, "accounts"))).accounts
+
+    async def order_chance(self, market: str) -> OrderChance:
+        """Fees, order types, limits and both balances of ``market`` for ordering."""
+        reply = await self._account(lambda r: AccountQuery(r, "chance", market=market))
+        assert reply.chance is not None  # the broker fills it for this kind
+        return reply.chance
+
+    async def get_order(
+        self, uuid: str | None = None, *, identifier: str | None = None
+    ) -> RestOrder:
+        """One order by ``uuid`` or ``identifier``, with its trades (``order.trades``)."""
+        reply = await self._account(
+            lambda r: AccountQuery(r, "order", uuid=uuid, identifier=identifier)
+        )
+        assert reply.order is not None
+        return reply.order
+
+    async def open_orders(
+        self,
+        market: str | None = None,
+        *,
+        states: Iterable[str] = (),
+        page: int | None = None,
+        limit: int | None = None,
+        order_by: str | None = None,
+    ) -> list[RestOrder]:
+        """Open orders (``states``: ``wait``, ``watch``), one page of up to ``limit`` (100)."""
+        listed = list(states)
+        reply = await self._account(
+            lambda r: AccountQuery(
+                r, "open_orders", market=market, states=listed, page=page, limit=limit,
+                order_by=order_by,
+            )
+        )  # fmt: skip
+        return reply.orders
+
+    async def closed_orders(
+        self,
+        market: str | None = None,
+        *,
+        states: Iterable[str] = (),
+        start_time: str | datetime | None = None,
+        end_time: str | datetime | None = None,
+        limit: int | None = None,
+        order_by: str | None = None,
+    ) -> list[RestOrder]:
+        """Closed orders (``states``: ``done``, ``cancel``) in a window of at most 7 days
+        (Upbit's default: the last 7 days), up to ``limit`` (1000)."""
+        listed = list(states)
+        start = start_time.isoformat() if isinstance(start_time, datetime) else start_time
+        end = end_time.isoformat() if isinstance(end_time, datetime) else end_time
+        reply = await self._account(
+            lambda r: AccountQuery(
+                r, "closed_orders", market=market, states=listed, start_time=start,
+                end_time=end, limit=limit, order_by=order_by,
+            )
+        )  # fmt: skip
+        return reply.orders
+
+    async def place_order(
+        self,
+        market: str,
+        side: str,
+        ord_type: str = "limit",
+        *,
+        volume: Amount | None = None,
+        price: Amount | None = None,
+        identifier: str | None = None,
+        time_in_force: str | None = None,
+        smp_type: str | None = None,
+    ) -> RestOrder:
+        """Place an order with the broker's keys (trading must be on at the broker).
+
+        ``side``: ``bid`` (buy) or ``ask`` (sell). ``ord_type``: ``limit`` (``price``
+        and ``volume``), ``price`` (market buy for ``price`` KRW), ``market`` (market
+        sell of ``volume``), ``best`` (with ``time_in_force`` ``ioc`` or ``fok``).
+        ``time_in_force``: ``ioc``, ``fok``, ``post_only``. ``smp_type``:
+        ``cancel_maker``, ``cancel_taker``, ``reduce``. ``identifier``: your unique key
+        of the order; one is made when None. The order is sent once: if its outcome is
+        unknown (the broker's answer lost), the error names the identifier to look it
+        up with :meth:`get_order`. Upbit's refusals raise BrokerError with
+        ``upbit_name`` and ``upbit_message``.
+        """
+        key = identifier if identifier is not None else new_identifier()
+        message = functools.partial(
+            PlaceOrder,
+            market=market,
+            side=side,
+            ord_type=ord_type,
+            volume=amount_text(volume),
+            price=amount_text(price),
+            identifier=key,
+            time_in_force=time_in_force,
+            smp_type=smp_type,
+        )
+        reply = await self._order(message, key)
+        assert reply.order is not None
+        return reply.order
+
+    async def cancel_order(
+        self, uuid: str | None = None, *, identifier: str | None = None
+    ) -> RestOrder:
+        """Cancel one order by ``uuid`` or ``identifier``; the order as Upbit took the cancel."""
+        reply = await self._order(lambda r: CancelOrder(r, uuid=uuid, identifier=identifier))
+        assert reply.order is not None
+        return reply.order
+
+    async def cancel_orders(
+        self, uuids: Iterable[str] = (), *, identifiers: Iterable[str] = ()
+    ) -> tuple[list[CancelledOrder], list[CancelledOrder]]:
+        """Cancel up to 20 orders at once by ``uuids`` or ``identifiers``:
+        ``(cancelled, failed)`` as Upbit answered."""
+        by_uuid, by_identifier = list(uuids), list(identifiers)
+        reply = await self._order(
+            lambda r: CancelOrder(r, uuids=by_uuid, identifiers=by_identifier)
+        )
+        return reply.cancelled, reply.failed
+
+    async def _order(
+        self, make: Callable[[int], ClientMessage], identifier: str = ""
+    ) -> OrderReply:
+        """A placement or cancel: sent at most once (a lost answer is never re-sent)."""
+        limit = max(self.request_timeout, ORDER_TIMEOUT)
+        which = f" (identifier {identifier!r})" if identifier else ""
+        for attempt in range(2):
+            await self._ensure_welcomed()
+            try:
+                return await self._request_once(make, OrderReply, limit)
+            except _Reset:
+                raise BrokerUnavailable(
+                    f"the connection to the broker was reset while it had the request{which}: "
+                    "it may have been carried out; look it up before sending it again"
+                ) from None
+            except BrokerTimeout:
+                raise BrokerTimeout(
+                    f"no answer from the broker within {limit:g} s{which}: the request may "
+                    "have been carried out; look it up before sending it again"
+                ) from None
+            except BrokerError as exc:
+                # unknown_client: the broker refused it unread, so sending it again is safe.
+                if exc.code != "unknown_client" or attempt:
+                    raise
+                self._schedule_resync("the broker does not know this client")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def health(self) -> Health:
         """The broker's health (status, uptime, upstream connections, epoch)."""

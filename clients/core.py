@@ -295,7 +295,12 @@ class ClientCore:
         req = message.req
         expect = self._pending.pop(req, None) if req is not None else None
         if isinstance(message, ErrorReply):
-            error = BrokerError(message.code, message.message)
+            error = BrokerError(
+                message.code,
+                message.message,
+                upbit_name=message.upbit_name,
+                upbit_message=message.upbit_message,
+            )
             if req is not None and expect is not None:
                 return Refused(req, error)
             if message.code == "unknown_client":  # the answer to a heartbeat

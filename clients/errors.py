@@ -11,7 +11,9 @@ Hierarchy::
           └── ClientClosed           the client was closed; make a new one
 
 ``BrokerError.code`` is one of :data:`schemas.bus.ErrorCode` (``unknown_code``,
-``private_unavailable``, ...): branch on it, not on the message text.
+``private_unavailable``, ...): branch on it, not on the message text. When Upbit itself
+refused an account or order call, ``BrokerError.upbit_name`` and ``upbit_message`` say
+exactly how (``insufficient_funds_bid``, ...).
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ class ClientError(Exception):
 class BrokerError(ClientError):
     """The broker answered a request with an error (the request was at fault)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, *, upbit_name: str = "", upbit_message: str = ""
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         """Machine-readable reason, one of :data:`schemas.bus.ErrorCode`."""
         self.message = message
         """Human-readable explanation from the broker."""
+        self.upbit_name = upbit_name
+        """Upbit's error name when Upbit refused the request (``insufficient_funds_bid``,
+        ``order_not_found``...), else empty: branch on it for account and order calls."""
+        self.upbit_message = upbit_message
+        """Upbit's error message with it, else empty."""
 
     def __repr__(self) -> str:
         return f"BrokerError({self.code!r}, {self.message!r})"

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
-from clients.client import BrokerClient
+from clients.client import ORDER_TIMEOUT, BrokerClient
 from clients.errors import ClientClosed
 from clients.subscription import Subscription
 from schemas.bus import Envelope, StreamSpec
@@ -257,7 +257,7 @@ class SyncBrokerClient:
         self._client = BrokerClient(control, data, name=name, request_timeout=request_timeout)
         self._runner = _LoopThread()
         # Internal timeouts bound every call; this only guards against a wedged loop.
-        self._wait = request_timeout * 4 + 5.0
+        self._wait = max(request_timeout * 4, request_timeout + ORDER_TIMEOUT) + 5.0
         self._finalizer = weakref.finalize(self, _shutdown, self._runner, self._client)
 
     @property
@@ -302,6 +302,14 @@ class SyncBrokerClient:
     tickers = _Blocking(BrokerClient.tickers)
     orderbooks = _Blocking(BrokerClient.orderbooks)
     trades = _Blocking(BrokerClient.trades)
+    accounts = _Blocking(BrokerClient.accounts)
+    order_chance = _Blocking(BrokerClient.order_chance)
+    get_order = _Blocking(BrokerClient.get_order)
+    open_orders = _Blocking(BrokerClient.open_orders)
+    closed_orders = _Blocking(BrokerClient.closed_orders)
+    place_order = _Blocking(BrokerClient.place_order)
+    cancel_order = _Blocking(BrokerClient.cancel_order)
+    cancel_orders = _Blocking(BrokerClient.cancel_orders)
     subscribe_ticker = _BlockingSubscribe(BrokerClient.subscribe_ticker)
     subscribe_trade = _BlockingSubscribe(BrokerClient.subscribe_trade)
     subscribe_orderbook = _BlockingSubscribe(BrokerClient.subscribe_orderbook)

@@ -44,13 +44,22 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
 
 from schemas.errors import DECODE_FAILURES, DecodeError, wrap_msgspec_error
-from schemas.rest import RestCandle, RestMarket, RestOrderbook, RestTicker, RestTrade
+from schemas.rest import (
+    RestAccount,
+    RestCandle,
+    RestMarket,
+    RestOrder,
+    RestOrderbook,
+    RestTicker,
+    RestTrade,
+)
 from schemas.upbit import CANDLE_TYPES, UpbitData
 
 __all__ = [
@@ -71,9 +80,15 @@ __all__ = [
     "PUBLIC_STREAM_TYPES",
     "STATUS_TOPIC_PREFIX",
     "TOPIC_END",
+    "AccountKind",
+    "AccountQuery",
     "BrokerHeartbeat",
     "BrokerMessage",
     "Bye",
+    "CancelOrder",
+    "CancelledOrder",
+    "ChanceMarket",
+    "ChanceSide",
     "ClientMessage",
     "ClientMetrics",
     "ConnectionHealth",
@@ -92,7 +107,10 @@ __all__ = [
     "Metrics",
     "MetricsReply",
     "MetricsRequest",
+    "OrderChance",
+    "OrderReply",
     "Payload",
+    "PlaceOrder",
     "Quote",
     "QuoteKind",
     "QuoteReply",
@@ -450,6 +468,69 @@ class Quote(msgspec.Struct, tag="quote", tag_field="op", omit_defaults=True):
     level: float | None = None
 
 
+AccountKind = Literal["accounts", "chance", "order", "open_orders", "closed_orders"]
+"""The reads of the broker's account (:class:`AccountQuery`)."""
+
+
+class AccountQuery(msgspec.Struct, tag="account", tag_field="op", omit_defaults=True):
+    """Read the broker's Upbit account with its keys (no trading switch needed).
+
+    ``kind``: ``accounts`` (balances), ``chance`` (fees and limits of ``market``),
+    ``order`` (one order by ``uuid`` or ``identifier``, with its trades),
+    ``open_orders`` (``market``, ``states`` of ``wait``/``watch``, ``page``, ``limit``
+    up to 100) or ``closed_orders`` (``market``, ``states`` of ``done``/``cancel``,
+    ``start_time``/``end_time`` ISO 8601 or epoch ms, ``limit`` up to 1000);
+    ``order_by`` ``asc`` or ``desc`` for the lists. Added in protocol 3 (a new message).
+    """
+
+    req: int
+    kind: AccountKind
+    market: str | None = None
+    uuid: str | None = None
+    identifier: str | None = None
+    states: list[str] = []
+    page: int | None = None
+    limit: int | None = None
+    order_by: str | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+
+
+class PlaceOrder(msgspec.Struct, tag="place_order", tag_field="op", omit_defaults=True):
+    """Place one order on Upbit with the broker's keys (only with trading switched on).
+
+    ``side`` ``bid``/``ask``; ``ord_type`` ``limit`` (``price`` and ``volume``),
+    ``price`` (a market buy for ``price`` KRW), ``market`` (a market sell of ``volume``)
+    or ``best`` (``price`` for a bid, ``volume`` for an ask; needs ``time_in_force``
+    ``ioc`` or ``fok``). ``time_in_force``: ``ioc``, ``fok``, ``post_only``.
+    ``smp_type``: ``cancel_maker``, ``cancel_taker``, ``reduce``. ``identifier``: the
+    caller's unique key of the order; the broker makes one when it is None. Amounts are
+    decimal text, sent to Upbit as written. Added in protocol 3 (a new message).
+    """
+
+    req: int
+    market: str
+    side: str
+    ord_type: str
+    volume: str | None = None
+    price: str | None = None
+    identifier: str | None = None
+    time_in_force: str | None = None
+    smp_type: str | None = None
+
+
+class CancelOrder(msgspec.Struct, tag="cancel_order", tag_field="op", omit_defaults=True):
+    """Cancel orders (only with trading switched on): one by ``uuid`` or ``identifier``,
+    or up to 20 at once by ``uuids`` or ``identifiers`` (exactly one of the four).
+    Added in protocol 3 (a new message)."""
+
+    req: int
+    uuid: str | None = None
+    identifier: str | None = None
+    uuids: list[str] = []
+    identifiers: list[str] = []
+
+
 ClientMessage = (
     Hello
     | Subscribe
@@ -460,6 +541,9 @@ ClientMessage = (
     | MetricsRequest
     | Bye
     | Quote
+    | AccountQuery
+    | PlaceOrder
+    | CancelOrder
 )
 
 
@@ -602,6 +686,9 @@ ErrorCode = Literal[
     "rate_limited",
     "quota_exceeded",
     "busy",
+    "trading_disabled",
+    "order_not_placed",
+    "order_unknown",
 ]
 
 
@@ -611,11 +698,21 @@ class ErrorReply(msgspec.Struct, tag="error", tag_field="op"):
     ``req`` is the failing request's id, or None when the message could not be read.
     ``unknown_client`` means the broker does not know this client (it restarted or
     expired it): send hello again and re-subscribe.
+
+    Trading (protocol 3): ``trading_disabled`` - the broker's trading switch is off;
+    ``order_not_placed`` - Upbit's answer to a placement was lost and the order is
+    certainly not on the exchange (placing it again with the same identifier is safe);
+    ``order_unknown`` - the answer was lost and Upbit could not be asked whether the
+    order exists (look it up by its identifier). When Upbit itself refused a request,
+    ``upbit_name`` and ``upbit_message`` carry its error exactly (code
+    ``upstream_error``); else they are empty.
     """
 
     req: int | None
     code: ErrorCode
     message: str
+    upbit_name: str = ""
+    upbit_message: str = ""
 
 
 class QuoteReply(msgspec.Struct, tag="quote", tag_field="op", omit_defaults=True):
@@ -631,6 +728,72 @@ class QuoteReply(msgspec.Struct, tag="quote", tag_field="op", omit_defaults=True
     trades: list[RestTrade] = []
 
 
+class ChanceSide(msgspec.Struct, omit_defaults=True):
+    """One side of a market's order constraints (``market.bid`` / ``market.ask``)."""
+
+    currency: str
+    price_unit: Decimal | None = None
+    min_total: Decimal | None = None
+
+
+class ChanceMarket(msgspec.Struct, omit_defaults=True):
+    """A market's order constraints in an order chance: types, sides, totals, state."""
+
+    id: str
+    name: str | None = None
+    order_types: list[str] = []
+    order_sides: list[str] = []
+    bid_types: list[str] = []
+    ask_types: list[str] = []
+    bid: ChanceSide | None = None
+    ask: ChanceSide | None = None
+    max_total: Decimal | None = None
+    state: str | None = None
+
+
+class OrderChance(msgspec.Struct, omit_defaults=True):
+    """Upbit's order chance of one market: fees, constraints and both accounts.
+
+    Amounts are ``Decimal`` (Upbit sends them as text, some as numbers)."""
+
+    market: ChanceMarket
+    bid_fee: Decimal | None = None
+    ask_fee: Decimal | None = None
+    maker_bid_fee: Decimal | None = None
+    maker_ask_fee: Decimal | None = None
+    bid_account: RestAccount | None = None
+    ask_account: RestAccount | None = None
+
+
+class CancelledOrder(msgspec.Struct, omit_defaults=True):
+    """One order of a batch cancel's answer (``uuid`` the key asked for when unknown)."""
+
+    uuid: str | None = None
+    market: str | None = None
+    identifier: str | None = None
+
+
+class OrderReply(msgspec.Struct, tag="orders", tag_field="op", omit_defaults=True):
+    """Answer to :class:`AccountQuery`, :class:`PlaceOrder` and :class:`CancelOrder`.
+
+    ``kind`` says which fields it fills: ``accounts``; ``chance``; ``order`` (one order:
+    a placed one, a cancelled one as Upbit accepted the cancel, or one looked up);
+    ``orders`` (open or closed orders, Upbit's order); ``cancelled`` and ``failed``
+    (a batch cancel). ``resolved`` is True when a placement's answer was lost and the
+    order was found by its identifier instead. Added in protocol 3 (a new message).
+    """
+
+    req: int
+    kind: Literal["accounts", "chance", "order", "orders", "batch"]
+    accounts: list[RestAccount] = []
+    chance: OrderChance | None = None
+    order: RestOrder | None = None
+    orders: list[RestOrder] = []
+    cancelled: list[CancelledOrder] = []
+    failed: list[CancelledOrder] = []
+    resolved: bool = False
+
+
 BrokerMessage = (
     Welcome
     | SubscribeOk
@@ -640,6 +803,7 @@ BrokerMessage = (
     | MetricsReply
     | ErrorReply
     | QuoteReply
+    | OrderReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

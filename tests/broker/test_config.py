@@ -652,3 +652,14 @@ def test_the_curve_dir_defaults_to_the_user_config_dir(tmp_path: Path) -> None:
     assert curve_dir({"XDG_CONFIG_HOME": str(tmp_path)}) == tmp_path / "upbit-broker" / "curve"
     assert curve_dir({"HOME": str(tmp_path)}) == tmp_path / ".config" / "upbit-broker" / "curve"
     assert curve_dir({"UPBIT_BROKER_CURVE_DIR": "/k", "HOME": "/h"}) == Path("/k")
+
+
+def test_trading_is_off_unless_switched_on(base: dict[str, str]) -> None:
+    assert not settings(base).trading
+    assert settings(base, UPBIT_BROKER_TRADING="1").trading
+    assert settings(base, UPBIT_BROKER_TRADING="yes").trading
+    assert not settings(base, UPBIT_BROKER_TRADING="0").trading
+
+
+def test_the_trading_switch_must_be_a_flag(base: dict[str, str]) -> None:
+    assert "UPBIT_BROKER_TRADING" in config_error(base, UPBIT_BROKER_TRADING="sometimes")

@@ -156,6 +156,24 @@ def test_an_error_reply_fails_its_request_with_the_brokers_code() -> None:
     assert (event.error.code, event.error.message) == ("unknown_code", "no market KRW-BTC")
 
 
+def test_upbits_refusal_reaches_the_error_with_its_name_and_message() -> None:
+    core = up_core()
+    req, _ = core.request(lambda r: Subscribe(r, [BTC]), SubscribeOk)
+    refusal = ErrorReply(
+        req,
+        "upstream_error",
+        "Upbit refused: HTTP 400: insufficient_funds_bid: short",
+        upbit_name="insufficient_funds_bid",
+        upbit_message="short",
+    )
+    event = core.receive(refusal, 1.0)
+    assert isinstance(event, Refused)
+    assert (event.error.upbit_name, event.error.upbit_message) == (
+        "insufficient_funds_bid",
+        "short",
+    )
+
+
 def test_unknown_client_for_no_pending_request_asks_for_a_resync() -> None:
     event = up_core().receive(ErrorReply(None, "unknown_client", "hello first"), 1.0)
     assert event == Resync("the broker does not know this client")
