@@ -174,6 +174,7 @@ class Broker:
             private_enabled=self.exchange.has_private(),
             quotes=self.gateway,
             trading=self.trading,
+            on_welcome=functools.partial(self.publisher.heartbeat, HEARTBEAT_TOPIC),
         )
         self._stop = asyncio.Event()
         self._lock = InstanceLock(settings.control_endpoint)

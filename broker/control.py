@@ -22,7 +22,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
@@ -127,10 +127,14 @@ class ControlServer:
         quotas: ClientQuotas | None = None,
         quotes: QuoteService | None = None,
         trading: TradingService | None = None,
+        on_welcome: Callable[[], None] | None = None,
     ) -> None:
         """``private_enabled``: the broker has API keys (private streams can be served);
         ``quotes`` answers quote requests, ``trading`` account and order requests (each
-        refused ``unknown_type`` without it)."""
+        refused ``unknown_type`` without it). ``on_welcome`` runs after a Welcome went
+        out (the broker publishes a heartbeat: the client waits for data on its SUB
+        before it subscribes, and need not wait for the next interval)."""
+        self._on_welcome = on_welcome
         self._clients = clients
         self._subscriptions = subscriptions
         self._markets = markets
@@ -165,9 +169,11 @@ class ControlServer:
         self._socket = sync
         while True:
             frames = await socket.recv_multipart()
+            welcomed = False
             for _ in range(BATCH):
                 for identity, message in self.handle(frames, time.monotonic()):
                     self._send(identity, message)
+                    welcomed = welcomed or isinstance(message, Welcome)
                 try:
                     frames = sync.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -176,6 +182,9 @@ class ControlServer:
                 # A flood: let the data path (and everyone else's requests) run first.
                 for identity, message in self.handle(frames, time.monotonic()):
                     self._send(identity, message)
+                    welcomed = welcomed or isinstance(message, Welcome)
+            if welcomed and self._on_welcome is not None:
+                self._on_welcome()  # once per batch, however many hellos it held
             await asyncio.sleep(0)
 
     def client_key(self, identity: bytes) -> str:

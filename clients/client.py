@@ -212,6 +212,9 @@ class BrokerClient(StreamMethods):
         self._beat_counters: tuple[int, int, float, int] = (0, 0, 0.0, 0)
         """What the next heartbeat reports (set on the loop, read by the heartbeat thread)."""
         self._beat_stop: threading.Event | None = None
+        self._data_seen: asyncio.Event | None = None
+        """Set once the current SUB has received anything: its connection is live, so
+        the broker has its topic subscriptions (see :meth:`_data_path`)."""
         self._log = structlog.get_logger("clients").bind(client=self.client_id[:8])
 
     # ------------------------------------------------------------------ lifecycle
@@ -273,6 +276,7 @@ class BrokerClient(StreamMethods):
         ctrl = sockets.open_dealer(ctx, self.control_endpoint)
         io = sockets.IO(loop, ctrl, data, self._dispatcher)
         self._io = io
+        self._data_seen = asyncio.Event()
         loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         loop.add_reader(io.monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
@@ -313,6 +317,7 @@ class BrokerClient(StreamMethods):
             io.loop.remove_reader(io.monitor.FD)
         sockets.close_watched(io.data, io.monitor)
         io.data, io.monitor = data, monitor
+        self._data_seen = asyncio.Event()
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         io.loop.add_reader(monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
 
@@ -576,6 +581,7 @@ class BrokerClient(StreamMethods):
                 self._replace_ctrl()  # UntrustedBroker: an impostor took the path; retried
                 self._replace_data()
                 self._on_welcomed(await self._hello(timeout))
+                await self._data_path(timeout)
                 await self._resubscribe_all(timeout)
                 health = await self._request_once(HealthRequest, HealthReply, timeout)
             except (BrokerError, BrokerTimeout, BrokerUnavailable, _Reset):
@@ -589,6 +595,27 @@ class BrokerClient(StreamMethods):
             subs = [s for s in self._dispatcher.subscriptions if s.connection in carrying]
             self._notify("restored", f"reconnected after: {reason}", subs)
             return True
+
+    async def _data_path(self, limit: float) -> None:
+        """Wait until the SUB has received something (a heartbeat comes every interval).
+
+        A SUB misses what is published before its connection is up and its
+        subscriptions reached the broker (the slow joiner). A topic's snapshot and
+        sequence numbers cover a topic that already had a value; not one born after the
+        request (a private event the request itself brings out, e.g. the first REST
+        sync of a restarted broker): published before the SUB was live, it was lost
+        with no gap to tell. So nothing is asked before the data path is live.
+        """
+        seen = self._data_seen
+        if seen is None or seen.is_set():
+            return
+        try:
+            await asyncio.wait_for(seen.wait(), limit)
+        except TimeoutError:
+            raise BrokerTimeout(
+                f"the broker answered but nothing arrived on its data socket "
+                f"({self.data_endpoint}) within {limit:g} s"
+            ) from None
 
     async def _resubscribe_all(self, limit: float) -> None:
         specs = self._core.streams.held
@@ -671,6 +698,8 @@ class BrokerClient(StreamMethods):
             return
         loop = io.loop
         self._core.heard_data(loop.time())
+        if self._data_seen is not None:
+            self._data_seen.set()
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH or d.received >= stop_at:  # more may wait: after other tasks ran
@@ -731,6 +760,12 @@ class BrokerClient(StreamMethods):
         self._sub_prefixes(d.add(sub), subscribe=True)
         new, held = book.split(sub.streams)
         timeout = self.request_timeout
+        try:
+            await self._data_path(timeout)
+        except BaseException:
+            self._sub_prefixes(d.remove(sub), subscribe=False)
+            sub._close()
+            raise
         snapshot: list[Envelope] = []
         topics = [book.topic(s) for s in held]
         try:

@@ -83,6 +83,8 @@ class FakeBroker:
         self.epoch = "epoch-1"
         self.interval = 0.1
         self.silent = False
+        self.data_quiet = False
+        """Answer requests but publish no heartbeat (a data path not yet live)."""
         self.private = False
         self.bad_codes: set[str] = set()
         self.snapshots: dict[str, list[Envelope]] = {}
@@ -152,7 +154,7 @@ class FakeBroker:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if not self.silent:
+            if not self.silent and not self.data_quiet:
                 self.publish("_heartbeat/", BrokerHeartbeat(timestamp=1))
 
     async def _serve(self) -> None:
@@ -262,6 +264,26 @@ async def test_subscribe_delivers_snapshot_then_updates(
     assert got == [3.0]
     fake.publish(T_BTC, ticker(price=4.0), seq=4)
     await async_wait_until(lambda: got == [3.0, 4.0], 5, what="update")
+
+
+async def test_nothing_is_asked_before_the_data_socket_has_heard_the_broker(
+    fake: FakeBroker, client: BrokerClient
+) -> None:
+    # The slow joiner: what the broker publishes before the SUB is connected is lost,
+    # and a topic born after the request (a restarted broker's first private sync)
+    # has no snapshot or sequence to reveal the loss. So Subscribe waits for data.
+    fake.data_quiet = True
+    fake.interval = 0.5  # the client counts the broker gone after 1.5 s of silence
+    await client.connect()
+    task = asyncio.create_task(client.subscribe_ticker(["KRW-BTC"]))
+    beats = len(fake.of(Heartbeat))
+    await async_wait_until(lambda: len(fake.of(Heartbeat)) > beats, 5, what="a client beat")
+    assert fake.of(Subscribe) == [], "asked before the data path was live"
+    assert not task.done()
+    fake.data_quiet = False
+    sub = await asyncio.wait_for(task, 5)
+    assert len(fake.of(Subscribe)) == 1
+    await sub.unsubscribe()
 
 
 async def test_async_iterator_subscription(fake: FakeBroker, client: BrokerClient) -> None:

@@ -22,6 +22,7 @@ from tests.chaos import (
     INVARIANTS,
     PRIVATE,
     SEED_ENV,
+    WRONG_SECRET,
     AgentLog,
     Orders,
     PlacedOrder,
@@ -35,6 +36,7 @@ from tests.chaos import (
     silent_losses,
 )
 from tests.harness import (
+    SIM_KEYS,
     Broker,
     Child,
     Sim,
@@ -219,6 +221,37 @@ def test_an_order_filled_during_a_short_private_stall_reaches_the_client(
         assert [r["st"] for r in story] == ["wait", *["trade"] * len(lost.trades), "done"]
         assert {r["src"] for r in story} == {"rest"}, story
         assert not gap_told(agent)
+
+
+def test_what_a_restarted_brokers_first_sync_publishes_reaches_the_resubscribed_client() -> None:
+    # Found by the soak (seed 1847964149): an order lost in a short stall, the REST
+    # fallback failing (429), then the broker restarted, with wrong keys first. The new
+    # broker's first REST sync found the order and published it at once, while the
+    # client's fresh SUB was not yet connected (the slow joiner): a new topic, no
+    # baseline, so no gap either. The client now waits for its data path first.
+    with private_follower() as (sim, broker, agent):
+        orders = Orders(sim, seed=0)
+        sim.control("stall", {"seconds": 1.0, "kind": "app", "path": PRIVATE})
+        lost = orders.place(filled=True)
+        wait_until(lambda: not sim.control("")["faults"]["app_stall"], 10, what="the stall over")
+        sim.control("rest_fail", {"seconds": 3.0, "status": 429})
+        sim.control("drop", {"path": PRIVATE})
+        wait_until(lambda: not sim.control("")["faults"]["rest_fail"], 10, what="the 429s over")
+        broker.env["UPBIT_SECRET_KEY"] = WRONG_SECRET
+        try:
+            restart_broker(broker)
+        finally:
+            broker.env["UPBIT_SECRET_KEY"] = SIM_KEYS["UPBIT_SECRET_KEY"]
+        restart_broker(broker)
+        wait_until(lambda: events(agent, lost.uuid, "done"), 20, what="the order lost in the stall")
+        assert len(events(agent, lost.uuid, "done")) == 1
+
+
+def restart_broker(broker: Broker) -> None:
+    """SIGKILL the broker and start it again with its (possibly changed) environment."""
+    broker.child.kill()
+    broker.child = Child(broker.child.name, broker.args, env=broker.env)
+    wait_ready(broker.env, broker.child)
 
 
 def gap_told(agent: AgentLog) -> bool:
