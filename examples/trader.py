@@ -4,9 +4,11 @@ orders through the broker, and prints its fills from ``myOrder``.
 The strategy is a toy on purpose (copy the plumbing, not the idea): a moving average of
 the last ``--window`` one-minute closes; while the price is below it, keep one bid
 resting ``--offset`` below the price; when the price moves away, cancel it and place a
-new one. Every call goes through the broker, so this program holds no API keys and
+new one. A negative offset bids above the price: a marketable limit bid that fills at
+once. Every call goes through the broker, so this program holds no API keys and
 shares the host's rate limits with every other program. The broker must run with keys
 and ``UPBIT_BROKER_TRADING=1`` (``scripts/demo`` does, against the simulator).
+``--seconds`` and ``--until-fills`` bound a run (a test, a trial).
 
 Every order carries this program's own identifier, so after a crash it can find what it
 left behind (``get_order(identifier=...)``); on exit it cancels what it still has open.
@@ -57,6 +59,10 @@ class Trader:
         self.busy = False
         self.count = 0
         self.stem = f"trader-{int(time.time())}"
+        self.fills = 0
+        self.until_fills: int | None = args.until_fills
+        self.enough = asyncio.Event()
+        """Set once ``until_fills`` of our orders' fills were seen."""
 
     async def warm_up(self) -> None:
         """Fill the average from the broker's candle history (newest first)."""
@@ -86,7 +92,8 @@ class Trader:
                 await self.bid(wanted)
         except BrokerError as exc:
             # Upbit's own refusal (insufficient_funds_bid, ...) says exactly what is wrong.
-            print(f"refused: {exc.code} {exc.upbit_name} {exc.upbit_message or exc.message}")
+            why = exc.upbit_message or exc.message
+            print(f"refused: {exc.code} {exc.upbit_name} {why}", flush=True)
         finally:
             self.busy = False
 
@@ -94,10 +101,16 @@ class Trader:
         self.count += 1
         identifier = f"{self.stem}-{self.count}"
         volume = (self.krw / price).quantize(Decimal("0.00000001"), ROUND_DOWN)
-        order = await self.client.place_order(
-            self.code, "bid", "limit", price=price, volume=volume, identifier=identifier
-        )
+        # Resting from now on: its myOrder events may come before the broker's answer.
         self.resting, self.resting_price = identifier, price
+        try:
+            order = await self.client.place_order(
+                self.code, "bid", "limit", price=price, volume=volume, identifier=identifier
+            )
+        except BrokerError as exc:
+            if exc.code != "order_unknown":  # unknown: it may be there; cancel() finds it
+                self.resting = None
+            raise
         print(f"placed  {identifier} bid {volume} @ {price} ({order.state})", flush=True)
 
     async def cancel(self) -> None:
@@ -112,13 +125,22 @@ class Trader:
                 raise
             print(f"gone    {identifier} ({exc.upbit_name})", flush=True)  # filled meanwhile
 
-
-def on_order(order: MyOrder) -> None:
-    """Print our fills (``trade`` events: price and volume are the fill's)."""
-    if order.state == "trade":
-        print(f"fill    {order.code} {order.ask_bid} {order.volume} @ {order.price}", flush=True)
-    elif order.state == "done":
-        print(f"done    {order.identifier or order.uuid}", flush=True)
+    def on_order(self, order: MyOrder) -> None:
+        """Print our orders' fills (``trade`` events: price and volume are the fill's);
+        other programs' orders on the account are not ours to report."""
+        identifier = order.identifier or ""
+        if not identifier.startswith(self.stem + "-"):
+            return
+        if order.state == "trade":
+            fill = f"{order.ask_bid} {order.volume} @ {order.price}"
+            print(f"fill    {identifier} {fill}", flush=True)
+            self.fills += 1
+            if self.until_fills is not None and self.fills >= self.until_fills:
+                self.enough.set()
+        elif order.state == "done":
+            print(f"done    {identifier}", flush=True)
+            if identifier == self.resting:
+                self.resting = None  # filled: nothing left to cancel
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -127,13 +149,15 @@ async def main(args: argparse.Namespace) -> None:
         print(f"KRW available: {balances.get('KRW', 0)}", flush=True)
         trader = Trader(client, args.code, args)
         await trader.warm_up()
-        await client.subscribe_my_order(args.code, on_order)
+        await client.subscribe_my_order(args.code, trader.on_order)
         await client.subscribe_ticker(args.code, trader.on_ticker)
         try:
-            await asyncio.sleep(args.seconds or float("inf"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(trader.enough.wait(), args.seconds)
         finally:
             with contextlib.suppress(BrokerError):
                 await trader.cancel()
+        print(f"stopped after {trader.fills} fills", flush=True)
 
 
 if __name__ == "__main__":
@@ -143,5 +167,6 @@ if __name__ == "__main__":
     parser.add_argument("--offset", type=float, default=0.001, help="bid below price (0.001)")
     parser.add_argument("--krw", type=float, default=10_000, help="KRW per order (10000)")
     parser.add_argument("--seconds", type=float, default=None, help="stop after (forever)")
+    parser.add_argument("--until-fills", type=int, default=None, help="stop after N fills")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(parser.parse_args()))

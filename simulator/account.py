@@ -78,6 +78,17 @@ MIN_TOTALS: dict[str, Decimal] = {
     "BTC": Decimal("0.00005"),
     "USDT": Decimal("0.5"),
 }
+# Largest order total by quote currency, as GET /v1/orders/chance advertises it (Upbit's
+# examples: KRW 1,000,000,000; BTC 5). Advertised only: the simulator does not enforce it.
+MAX_TOTALS: dict[str, Decimal] = {
+    "KRW": Decimal("1000000000"),
+    "BTC": Decimal("5"),
+}
+# Order kinds per side as GET /v1/orders/chance lists them (Upbit's example answer);
+# ``order_types`` is Upbit's older field, kept as it still answers it.
+CHANCE_ORDER_TYPES = ("limit",)
+CHANCE_BID_TYPES = ("best_fok", "best_ioc", "limit", "limit_fok", "limit_ioc", "price")
+CHANCE_ASK_TYPES = ("best_fok", "best_ioc", "limit", "limit_fok", "limit_ioc", "market")
 
 SIDES = ("bid", "ask")
 ORD_TYPES = ("limit", "price", "market", "best")
@@ -385,17 +396,49 @@ class Account:
         for cur, bal in self._balances.items():
             if bal.balance == 0 and bal.locked == 0 and cur != "KRW":
                 continue
-            out.append(
-                {
-                    "currency": cur,
-                    "balance": _balance_str(bal.balance),
-                    "locked": _balance_str(bal.locked),
-                    "avg_buy_price": decimal_str(bal.avg_buy_price),
-                    "avg_buy_price_modified": bal.avg_buy_price_modified,
-                    "unit_currency": "KRW",
-                }
-            )
+            out.append(self.account_row(cur))
         return out
+
+    def account_row(self, currency: str) -> dict[str, object]:
+        """One currency's GET /v1/accounts row, zeros when nothing is held."""
+        bal = self._balances.get(currency) or Balance()
+        return {
+            "currency": currency,
+            "balance": _balance_str(bal.balance),
+            "locked": _balance_str(bal.locked),
+            "avg_buy_price": decimal_str(bal.avg_buy_price),
+            "avg_buy_price_modified": bal.avg_buy_price_modified,
+            "unit_currency": "KRW",
+        }
+
+    def order_chance(self, market: str) -> dict[str, object]:
+        """GET /v1/orders/chance body of ``market`` (``QUOTE-BASE``, known to exist): the
+        fees and order constraints of its quote currency and the two account rows."""
+        quote, base = market.split("-", 1)
+        fee = decimal_str(FEE_RATES.get(quote, DEFAULT_FEE_RATE))
+        min_total = decimal_str(MIN_TOTALS.get(quote, ZERO))
+        info: dict[str, object] = {
+            "id": market,
+            "name": f"{base}/{quote}",
+            "order_types": list(CHANCE_ORDER_TYPES),
+            "order_sides": list(SIDES[::-1]),
+            "bid_types": list(CHANCE_BID_TYPES),
+            "ask_types": list(CHANCE_ASK_TYPES),
+            "bid": {"currency": quote, "min_total": min_total},
+            "ask": {"currency": base, "min_total": min_total},
+        }
+        if quote in MAX_TOTALS:
+            info["max_total"] = decimal_str(MAX_TOTALS[quote])
+        info["state"] = "active"
+        return {
+            "bid_fee": fee,
+            "ask_fee": fee,
+            "maker_bid_fee": fee,
+            "maker_ask_fee": fee,
+            "market": info,
+            "bid_account": self.account_row(quote),
+            "ask_account": self.account_row(base),
+        }
 
     def markets_with_open_orders(self) -> set[str]:
         """Markets that have at least one open order (the market sim may call on_book less

@@ -303,7 +303,13 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_get(PUBLIC_PATH, elsewhere)
     app.router.add_get(PRIVATE_PATH, elsewhere)
     add_public_routes(app, sim)
-    add_private_routes(app, account=sim.account, verifier=sim.verifier, books=sim.books)
+    add_private_routes(
+        app,
+        account=sim.account,
+        verifier=sim.verifier,
+        books=sim.books,
+        known=sim.exchange.known,
+    )
     add_control_routes(app, sim)
     return app
 

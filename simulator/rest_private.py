@@ -23,6 +23,12 @@ Simulator choices where the notes are silent (UNCONFIRMED on Upbit):
   ``DELETE /v1/orders/open`` takes ``cancel_side`` (all/bid/ask), ``pairs`` or
   ``quote_currencies`` (not both), ``excluded_pairs``, ``count`` (1-300, default 20) and
   ``order_by``, and cancels only ``wait`` orders.
+* ``GET /v1/orders/chance`` takes ``market`` (query or body, like the other GETs); a
+  missing market is ``validation_error`` "market is missing", an unknown one
+  ``validation_error`` "market does not have a valid value" (as for ``POST /v1/orders``).
+  The answer is :meth:`simulator.account.Account.order_chance`: the quote currency's fee
+  for all four fees, its minimum total on both sides, no ``price_unit`` (the tick depends
+  on the price), and the two account rows, zeros for a currency not held.
 * The legacy listing ``GET /v1/orders`` (deprecated by Upbit in favour of
   ``/v1/orders/open``, ``/closed`` and ``/uuids`` but still served, and still what
   pyupbit's ``get_order(ticker)`` calls) takes ``market``, ``uuids[]``, ``identifiers[]``,
@@ -217,10 +223,15 @@ def add_private_routes(
     account: Account,
     verifier: JwtVerifier,
     books: BooksFn,
+    known: Callable[[str], bool] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> None:
     """Register the exchange endpoints (``/v1/accounts``, ``/v1/orders*``, ``/v1/order``)
-    and the unauthenticated controls ``POST /_sim/orders`` and ``POST /_sim/account``."""
+    and the unauthenticated controls ``POST /_sim/orders`` and ``POST /_sim/account``.
+
+    ``known`` tells whether a market code exists without touching its book (default: it
+    has a book)."""
+    is_known = known or (lambda code: books(code) is not None)
 
     def authenticate(request: web.Request, *query_strings: str) -> None:
         """Verify the JWT; with several candidate hash inputs, any one may match."""
@@ -319,6 +330,15 @@ def add_private_routes(
     async def get_accounts(request: web.Request) -> web.StreamResponse:
         await get_query(request)
         return _ok(account.accounts())
+
+    @guarded
+    async def get_order_chance(request: web.Request) -> web.StreamResponse:
+        market = (await get_query(request)).one("market")
+        if market is None:
+            raise _RequestError("validation_error", "market is missing")
+        if not is_known(market):
+            raise _invalid("market")
+        return _ok(account.order_chance(market))
 
     @guarded
     async def post_orders(request: web.Request) -> web.StreamResponse:
@@ -531,6 +551,7 @@ def add_private_routes(
     app.router.add_get("/v1/accounts", get_accounts)
     app.router.add_post("/v1/orders", post_orders)
     app.router.add_get("/v1/orders", get_orders_legacy)
+    app.router.add_get("/v1/orders/chance", get_order_chance)
     app.router.add_get("/v1/orders/open", get_open_orders)
     app.router.add_get("/v1/orders/closed", get_closed_orders)
     app.router.add_get("/v1/orders/uuids", get_orders_by_uuids)

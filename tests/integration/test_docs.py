@@ -2,10 +2,12 @@
 
 Each block is written to a file and run with a fresh interpreter against a real
 simulator (with ``--demo-orders``, so private examples see orders) and a real broker
-with the simulator's keys; a block preceded by ``<!-- docs-test: public broker -->``
-runs against a broker without keys instead. A block passes when it exits 0 within the
-deadline and printed something. Blocks that are not programs (a class shown out of its
-module) are listed in :data:`FRAGMENTS` by their first line.
+with the simulator's keys and trading on (``UPBIT_BROKER_TRADING=1``: the trading
+examples place and cancel for real); a block preceded by
+``<!-- docs-test: public broker -->`` runs against a broker without keys instead. A block
+passes when it exits 0 within the deadline, printed something, and did not report the
+trading switch off. Blocks that are not programs (a class shown out of its module) are
+listed in :data:`FRAGMENTS` by their first line.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ DOCS = ("README.md", "docs/CLIENT.md")
 PUBLIC_MARK = "<!-- docs-test: public broker -->"
 FRAGMENTS = frozenset({"class LargeTrades:  # examples/handlers.py"})
 """First lines of blocks that show code out of its program (not run here)."""
+TRADING_OFF = ("trading_disabled", "without UPBIT_BROKER_TRADING=1")
+"""What a trading example prints when its broker refuses to trade."""
 _BLOCK_RE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -70,7 +74,8 @@ def docs_sim() -> Iterator[Sim]:
 
 
 def _broker(sim: Sim, *, keys: bool) -> Iterator[Broker]:
-    broker = start_broker(broker_env(sim, keys=keys, extra=TEST_BROKER_ENV))
+    trading = {"UPBIT_BROKER_TRADING": "1"} if keys else {}
+    broker = start_broker(broker_env(sim, keys=keys, extra={**TEST_BROKER_ENV, **trading}))
     yield broker
     broker.stop()
     print(broker.child.output())
@@ -115,3 +120,4 @@ def test_the_example_runs_as_a_program(
     assert done.returncode == 0, shown
     assert done.stdout.strip(), shown
     assert "Traceback" not in done.stderr, shown
+    assert not any(off in done.stdout for off in TRADING_OFF), shown

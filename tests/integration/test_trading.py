@@ -152,12 +152,7 @@ async def test_the_order_chance_of_a_market_comes_through(
     trading_broker: BrokerProc, sim: Sim
 ) -> None:
     async with BrokerClient(name="chance") as client:
-        try:
-            chance = await client.order_chance("KRW-BTC")
-        except BrokerError as exc:
-            if exc.upbit_name == "" and "404" in exc.message:
-                pytest.skip("this simulator serves no GET /v1/orders/chance yet")
-            raise
+        chance = await client.order_chance("KRW-BTC")
         assert chance.market.id == "KRW-BTC"
 
 

@@ -618,3 +618,57 @@ def test_event_keys_match_upbit_samples(account: Account, events: list[dict[str,
         assets = event["assets"]
         assert isinstance(assets, list)
         assert all(list(a) == list(my_asset["assets"][0]) for a in assets)
+
+
+def test_order_chance_has_the_quote_fee_and_minimum_and_both_account_rows(
+    account: Account,
+) -> None:
+    account.place_order(
+        market="KRW-BTC", side="bid", ord_type="limit", price=D("99000000"), volume=D("0.1")
+    )
+    assert account.order_chance("KRW-BTC") == {
+        "bid_fee": "0.0005",
+        "ask_fee": "0.0005",
+        "maker_bid_fee": "0.0005",
+        "maker_ask_fee": "0.0005",
+        "market": {
+            "id": "KRW-BTC",
+            "name": "BTC/KRW",
+            "order_types": ["limit"],
+            "order_sides": ["ask", "bid"],
+            "bid_types": ["best_fok", "best_ioc", "limit", "limit_fok", "limit_ioc", "price"],
+            "ask_types": ["best_fok", "best_ioc", "limit", "limit_fok", "limit_ioc", "market"],
+            "bid": {"currency": "KRW", "min_total": "5000"},
+            "ask": {"currency": "BTC", "min_total": "5000"},
+            "max_total": "1000000000",
+            "state": "active",
+        },
+        "bid_account": {"currency": "KRW", "balance": "90095050.0", "locked": "9904950.0",
+                        "avg_buy_price": "0", "avg_buy_price_modified": False,
+                        "unit_currency": "KRW"},
+        "ask_account": {"currency": "BTC", "balance": "1.0", "locked": "0.0",
+                        "avg_buy_price": "0", "avg_buy_price_modified": False,
+                        "unit_currency": "KRW"},
+    }  # fmt: skip
+
+
+def test_order_chance_of_other_quotes_and_of_a_currency_not_held(account: Account) -> None:
+    chance = account.order_chance("BTC-ETH")
+    assert {chance[k] for k in ("bid_fee", "ask_fee", "maker_bid_fee", "maker_ask_fee")} == {
+        "0.0025"
+    }
+    market = chance["market"]
+    assert isinstance(market, dict)
+    assert (market["name"], market["max_total"]) == ("ETH/BTC", "5")
+    assert market["bid"] == {"currency": "BTC", "min_total": "0.00005"}
+    assert market["ask"] == {"currency": "ETH", "min_total": "0.00005"}
+    assert chance["bid_account"] == account.accounts()[1]  # the BTC row
+    assert chance["ask_account"] == {
+        "currency": "ETH", "balance": "0.0", "locked": "0.0", "avg_buy_price": "0",
+        "avg_buy_price_modified": False, "unit_currency": "KRW",
+    }  # fmt: skip
+    assert [row["currency"] for row in account.accounts()] == ["KRW", "BTC"]  # ETH not added
+    usdt = account.order_chance("USDT-BTC")["market"]
+    assert isinstance(usdt, dict)
+    assert "max_total" not in usdt  # no published maximum for this quote: none advertised
+    assert usdt["bid"] == {"currency": "USDT", "min_total": "0.5"}

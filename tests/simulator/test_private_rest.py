@@ -18,6 +18,8 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from schemas.bus import OrderChance
+from schemas.rest import decode_rest
 from simulator.account import Account
 from simulator.auth import JwtVerifier
 from simulator.rest_private import add_private_routes
@@ -652,3 +654,56 @@ async def test_orders_past_the_order_group_limit_get_429() -> None:
     assert all(s in (201, 429) for s in statuses)
     assert all("group=order" in header for _, header, _ in results)
     assert {text for status, _, text in results if status == 429} == {"Too many API requests."}
+
+
+# The keys of Upbit's documented GET /v1/orders/chance answer (docs.upbit.com example).
+CHANCE_KEYS = {"bid_fee", "ask_fee", "maker_bid_fee", "maker_ask_fee", "market",
+               "bid_account", "ask_account"}  # fmt: skip
+CHANCE_MARKET_KEYS = {"id", "name", "order_types", "order_sides", "bid_types", "ask_types",
+                      "bid", "ask", "max_total", "state"}  # fmt: skip
+ACCOUNT_KEYS = {"currency", "balance", "locked", "avg_buy_price", "avg_buy_price_modified",
+                "unit_currency"}  # fmt: skip
+
+
+async def test_order_chance_answers_upbits_shape_with_the_accounts_balances(api: Api) -> None:
+    await api.order(**limit_bid("99000000", "0.1"))
+    status, chance = await api.request("GET", "/v1/orders/chance", {"market": "KRW-BTC"})
+    assert status == 200
+    assert set(chance) == CHANCE_KEYS
+    assert set(chance["market"]) == CHANCE_MARKET_KEYS
+    assert set(chance["bid_account"]) == set(chance["ask_account"]) == ACCOUNT_KEYS
+    _, accounts = await api.request("GET", "/v1/accounts")
+    assert [chance["bid_account"], chance["ask_account"]] == accounts
+    assert chance["bid_account"]["locked"] == "9904950.0"
+    decoded = decode_rest(json.dumps(chance), OrderChance)  # what the broker reads
+    assert decoded.market.id == "KRW-BTC"
+    assert decoded.bid_fee == D("0.0005")
+    assert decoded.market.bid is not None
+    assert decoded.market.bid.min_total == D("5000")
+
+
+@pytest.mark.parametrize("form", [True, False])
+async def test_order_chance_takes_its_market_from_a_body_too(api: Api, form: bool) -> None:
+    _, by_query = await api.request("GET", "/v1/orders/chance", {"market": "KRW-XRP"})
+    status, by_body = await raw_call(
+        api, "GET", "/v1/orders/chance", {"market": "KRW-XRP"}, form=form
+    )
+    assert status == 200
+    assert by_body == by_query
+    assert by_body["ask_account"]["currency"] == "XRP"
+
+
+async def test_order_chance_refuses_a_missing_or_unknown_market_and_no_signature(
+    api: Api,
+) -> None:
+    status, body = await api.request("GET", "/v1/orders/chance")
+    assert (status, body["error"]) == (
+        400, {"name": "validation_error", "message": "market is missing"}
+    )  # fmt: skip
+    status, body = await api.request("GET", "/v1/orders/chance", {"market": "KRW-NOPE"})
+    assert (status, body["error"]["name"]) == (400, "validation_error")
+    assert "market" in body["error"]["message"]
+    status, body = await api.request(
+        "GET", "/v1/orders/chance", {"market": "KRW-BTC"}, auth=sign(None)
+    )
+    assert (status, body["error"]["name"]) == (401, "invalid_query_payload")
