@@ -59,6 +59,7 @@ __all__ = [
     "AMOUNT_MAX",
     "BATCH_CANCEL_MAX",
     "LOOKUP_DELAYS",
+    "LOOKUP_WAIT",
     "ORDER_WAIT",
     "REUSE_MARGIN",
     "BatchCancelAnswer",
@@ -96,6 +97,9 @@ ORDER_WAIT: Final = 10.0
 """Longest wait for a slot of the ``order`` group: past it the order is refused, unsent."""
 LOOKUP_DELAYS: Final = (0.25, 0.5, 1.0, 2.0)
 """Seconds before each lookup of a placement whose answer was lost."""
+LOOKUP_WAIT: Final = 2.0
+"""Longest wait for a slot of the ``default`` group per lookup: the caller is waiting
+(its client gives up after 30 s), and a lookup not made counts as failed, not hung."""
 SETTLE: Final = 1.0
 """Seconds after the loss from which "not found" is believed: an order Upbit was still
 writing when the connection dropped shows up within them."""
@@ -651,6 +655,10 @@ class Trading:
                 body=True, priority=Priority.ORDER, max_wait=ORDER_WAIT,
             )  # fmt: skip
         except RestError as exc:
+            if exc.resent and exc.name == "duplicated_identifier":
+                # Upbit answered an earlier send 429 yet carried it out after all: the
+                # resend found the identifier taken, by this very placement.
+                return await self._resolve(req, plan, sent_at, f"a 429, then {exc}")
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
             return await self._resolve(req, plan, sent_at, str(exc))
@@ -673,7 +681,7 @@ class Trading:
             try:
                 order = await self._rest.exchange(
                     "GET", "/v1/order", "default", RestOrder, {"identifier": identifier},
-                    priority=Priority.ORDER,
+                    priority=Priority.ORDER, max_wait=LOOKUP_WAIT,
                 )  # fmt: skip
             except RestError as exc:
                 if exc.name == "order_not_found":

@@ -5,13 +5,14 @@ of Upbit's REST, and the control plane's limits on it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from broker.control import TRADES_PER_CLIENT, ControlServer
 from broker.liveness import ClientTable
@@ -20,6 +21,8 @@ from broker.rest import RestClient, RestError
 from broker.trading import (
     BATCH_CANCEL_MAX,
     LOOKUP_DELAYS,
+    LOOKUP_WAIT,
+    ORDER_WAIT,
     REUSE_MARGIN,
     SETTLE,
     BatchCancelAnswer,
@@ -40,6 +43,7 @@ from broker.trading import (
     trading_refusal,
 )
 from broker.upbit_auth import QueryValue
+from clients.client import ORDER_TIMEOUT
 from schemas.bus import (
     AccountQuery,
     CancelOrder,
@@ -54,6 +58,8 @@ from schemas.bus import (
 )
 from schemas.rest import RestOrder, decode_rest
 from tests.broker.test_control import FakeBroker
+from tests.broker.test_rest import FakeUpbit
+from tests.broker.test_rest import client as rest_client
 
 T = TypeVar("T")
 MARKETS = frozenset({"KRW-BTC", "KRW-ETH"})
@@ -437,6 +443,8 @@ class FakeRest(RestClient):
 
     def __init__(self, script: Callable[[Call], object]) -> None:  # nothing goes out
         self.recorded: list[Call] = []
+        self.max_waits: list[float | None] = []
+        """The ``max_wait`` of each call, in order."""
         self._script = script
 
     async def exchange(
@@ -453,6 +461,7 @@ class FakeRest(RestClient):
     ) -> T:
         call = (method, path, group, dict(params or {}), priority, body)
         self.recorded.append(call)
+        self.max_waits.append(max_wait)
         answer = self._script(call)
         if isinstance(answer, RestError):
             raise answer
@@ -561,6 +570,10 @@ async def test_a_lost_answer_upbit_cannot_be_asked_about_is_unknown() -> None:
     assert "mine-4" in reply.message
     assert len(posts(rest)) == 1
     assert len(rest.recorded) == 1 + len(LOOKUP_DELAYS)
+    # Each lookup waits for a slot briefly: all of them end well inside the client's
+    # wait for the answer, so the caller learns the outcome instead of timing out.
+    assert rest.max_waits[1:] == [LOOKUP_WAIT] * len(LOOKUP_DELAYS)
+    assert ORDER_WAIT + sum(LOOKUP_DELAYS) + len(LOOKUP_DELAYS) * LOOKUP_WAIT < ORDER_TIMEOUT
 
 
 async def test_upbits_refusal_comes_back_with_its_name_and_is_not_retried() -> None:
@@ -684,6 +697,88 @@ async def test_a_second_placement_with_an_identifier_in_flight_is_refused_unsent
     # Once the first is answered, the identifier is Upbit's to judge again.
     assert isinstance(await t.answer(limit_bid(3, identifier="same-1")), OrderReply)
     assert len(posts(rest)) == 2
+
+
+def duplicated(*, resent: bool) -> RestError:
+    return RestError(
+        400,
+        "duplicated_identifier: identifier is duplicated.",
+        name="duplicated_identifier",
+        upbit_message="identifier is duplicated.",
+        resent=resent,
+    )
+
+
+async def test_a_resend_after_a_429_refused_as_a_duplicate_is_found_as_placed() -> None:
+    """Upbit's 429 says "not carried out", so the placement went again; had the first
+    send been carried out anyway, the resend is refused as a duplicate while the order
+    rests: the caller must learn it was placed, not that Upbit refused it."""
+
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return duplicated(resent=True)
+        return order("dup-1", volume=Decimal("0.01"))
+
+    rest = FakeRest(script)
+    reply = await trading(rest).answer(limit_bid(identifier="dup-1"))
+    assert isinstance(reply, OrderReply), reply
+    assert reply.resolved
+    assert reply.order == order("dup-1", volume=Decimal("0.01"))
+    assert len(posts(rest)) == 1
+
+
+async def test_a_duplicate_identifier_sent_once_is_upbits_refusal_as_is() -> None:
+    """A caller reusing an identifier gets Upbit's refusal, no order of another time."""
+    rest = FakeRest(lambda call: duplicated(resent=False))
+    reply = await trading(rest).answer(limit_bid(identifier="dup-2"))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.upbit_name) == ("upstream_error", "duplicated_identifier")
+    assert rest.recorded == posts(rest)
+
+
+DUPLICATED = {"error": {"name": "duplicated_identifier", "message": "identifier is duplicated."}}
+
+
+@pytest.fixture
+async def upbit() -> AsyncIterator[FakeUpbit]:
+    """A local HTTP server answering what the test scripts (as in test_rest)."""
+    fake = FakeUpbit()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    fake.base = f"http://{host}:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_rest_client_says_when_a_refusal_came_after_a_resend_on_429(
+    upbit: FakeUpbit,
+) -> None:
+    answers = iter(
+        [
+            web.Response(text="Too many API requests.", status=429),
+            web.json_response(DUPLICATED, status=400),
+            web.json_response(DUPLICATED, status=400),
+        ]
+    )
+    upbit.reply = lambda request: next(answers)
+    rest = rest_client(upbit.base)
+    params: dict[str, QueryValue] = {"market": "KRW-BTC", "identifier": "x"}
+    try:
+        with pytest.raises(RestError) as after_429:
+            await rest.exchange("POST", "/v1/orders", "order", RestOrder, params, body=True)
+        assert (after_429.value.name, after_429.value.resent) == ("duplicated_identifier", True)
+        with pytest.raises(RestError) as at_once:
+            await rest.exchange("POST", "/v1/orders", "order", RestOrder, params, body=True)
+        assert (at_once.value.name, at_once.value.resent) == ("duplicated_identifier", False)
+    finally:
+        await rest.close()
+    assert len(upbit.seen) == 3
 
 
 # ------------------------------------------------------------------ control dispatch
