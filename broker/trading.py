@@ -124,6 +124,11 @@ class TradingInvalid(ValueError):
         self.code: ErrorCode = code
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """A caller's value as quoted in a refusal: repr, cut to ``limit`` characters."""
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
 def _field(name: str, problem: str) -> TradingInvalid:
     return TradingInvalid("invalid_field", f"{name}: {problem}")
 
@@ -188,10 +193,10 @@ def plan_placement(
     """
     market = _market(message.market, markets)
     if message.side not in SIDES:
-        raise _field("side", f"{message.side!r} is not bid or ask")
+        raise _field("side", f"{_shown(message.side)} is not bid or ask")
     if message.ord_type not in ORD_TYPES:
         raise _field(
-            "ord_type", f"{message.ord_type!r} is not one of {', '.join(sorted(ORD_TYPES))}"
+            "ord_type", f"{_shown(message.ord_type)} is not one of {', '.join(sorted(ORD_TYPES))}"
         )
     volume = _amount("volume", message.volume)
     price = _amount("price", message.price)
@@ -214,7 +219,7 @@ def plan_placement(
         raise _field("ord_type", "market (a market sell by volume) is for asks only")
     if tif is not None:
         if tif not in TIME_IN_FORCE:
-            raise _field("time_in_force", f"{tif!r} is not ioc, fok or post_only")
+            raise _field("time_in_force", f"{_shown(tif)} is not ioc, fok or post_only")
         if tif == "post_only" and kind != "limit":
             raise _field("time_in_force", "post_only is for limit orders only")
         if kind in ("price", "market"):
@@ -223,7 +228,7 @@ def plan_placement(
         raise _field("time_in_force", "a best order needs ioc or fok")
     smp = message.smp_type
     if smp is not None and smp not in SMP_TYPES:
-        raise _field("smp_type", f"{smp!r} is not one of {', '.join(sorted(SMP_TYPES))}")
+        raise _field("smp_type", f"{_shown(smp)} is not one of {', '.join(sorted(SMP_TYPES))}")
     identifier = (
         make_identifier()
         if message.identifier is None
@@ -287,7 +292,8 @@ def plan_cancel(message: CancelOrder) -> QueryPlan:
 def _states(states: Sequence[str], allowed: frozenset[str]) -> list[str]:
     for i, state in enumerate(states):
         if state not in allowed:
-            raise _field(f"states[{i}]", f"{state!r} is not one of {', '.join(sorted(allowed))}")
+            listed = ", ".join(sorted(allowed))
+            raise _field(f"states[{i}]", f"{_shown(state)} is not one of {listed}")
     return list(dict.fromkeys(states))
 
 
@@ -346,7 +352,7 @@ def plan_query(message: AccountQuery, markets: Collection[str] | None) -> QueryP
         path = "/v1/orders/closed"
     if message.order_by is not None:
         if message.order_by not in ("asc", "desc"):
-            raise _field("order_by", f"{message.order_by!r} is not asc or desc")
+            raise _field("order_by", f"{_shown(message.order_by)} is not asc or desc")
         params["order_by"] = message.order_by
     return QueryPlan("GET", path, params, "orders")
 

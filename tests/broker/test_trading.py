@@ -212,6 +212,24 @@ def test_plain_decimal_amounts_go_as_written(text: str) -> None:
     assert plan.params["price"] == text.strip()
 
 
+@pytest.mark.parametrize("field", ["side", "ord_type", "time_in_force", "smp_type"])
+def test_a_huge_bad_value_is_named_but_not_echoed_whole(field: str) -> None:
+    with pytest.raises(TradingInvalid) as bad:
+        plan_placement(limit_bid(1, **{field: "x" * 10_000}), MARKETS, fixed_id)
+    assert str(bad.value).startswith(f"{field}:")
+    assert len(str(bad.value)) < 200
+
+
+def test_a_huge_bad_read_value_is_not_echoed_whole() -> None:
+    for message in (
+        AccountQuery(1, "open_orders", states=["w" * 10_000]),
+        AccountQuery(1, "open_orders", order_by="d" * 10_000),
+    ):
+        with pytest.raises(TradingInvalid) as bad:
+            plan_query(message, MARKETS)
+        assert len(str(bad.value)) < 200
+
+
 def test_an_unlisted_market_is_refused_before_upbit_sees_it() -> None:
     with pytest.raises(TradingInvalid) as unknown:
         plan_placement(limit_bid(market="KRW-NOPE"), MARKETS, fixed_id)
