@@ -101,7 +101,9 @@ class RestError(Exception):
     ``name`` and ``upbit_message`` are Upbit's error name and message when the body was
     its error envelope (masked and bounded like the message), else empty. ``sent`` is
     False when the request never left the broker (no slot of its group in time): for an
-    order that means it was certainly not placed.
+    order that means it was certainly not placed. ``resent``: Upbit answered 429 to an
+    earlier send of this request, so it went out again (a 429 means "not carried out";
+    were that ever untrue, an order's resend is refused ``duplicated_identifier``).
     """
 
     def __init__(
@@ -112,12 +114,14 @@ class RestError(Exception):
         name: str = "",
         upbit_message: str = "",
         sent: bool = True,
+        resent: bool = False,
     ) -> None:
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
         self.name = name
         self.upbit_message = upbit_message
         self.sent = sent
+        self.resent = resent
 
 
 class RestClient:
@@ -228,6 +232,7 @@ class RestClient:
         # A body (POST /v1/orders) is JSON in the order of ``params``: Upbit hashes its
         # ``k=v&...`` form, which is ``query`` above.
         payload = json.dumps(dict(params or {})).encode() if body else None
+        resent = False
         while True:
             await self._slot(group, priority, deadline)
             headers = self._exchange.rest_headers(query or None) if auth else {}
@@ -254,6 +259,7 @@ class RestClient:
             if status == 429:
                 self.failures += 1
                 self._limiter.on_429(group, time.time())
+                resent = True
                 continue
             if status == 418:
                 self.failures += 1
@@ -263,7 +269,9 @@ class RestClient:
             if status >= 400:
                 self.failures += 1
                 name, message = _error_parts(answer)
-                raise RestError(status, _error_text(answer), name=name, upbit_message=message)
+                raise RestError(
+                    status, _error_text(answer), name=name, upbit_message=message, resent=resent
+                )
             self._limiter.on_success(group, time.time())
             return answer
 

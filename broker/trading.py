@@ -17,8 +17,12 @@ is lost (a timeout, a dropped connection, a 5xx, a body that does not decode) th
 may or may not exist; it is never sent again. It is looked up by its identifier until
 found (answered as placed) or certainly absent (``order_not_placed``: placing it again
 with the same identifier cannot double it, Upbit refuses a used identifier); if Upbit
-cannot be asked at all, ``order_unknown``. Whatever else Upbit refuses comes back with
-its error name and message; nothing else is retried.
+cannot be asked at all, ``order_unknown``. An order found is the placement's only if
+its fields match and it is not older than the send (:func:`foreign_order`): a caller
+may reuse an identifier, and then Upbit refused the placement. Two placements with one
+identifier are never in flight at once (the second is refused ``busy``, unsent), so no
+lookup can find the other's order. Whatever else Upbit refuses comes back with its
+error name and message; nothing else is retried.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Final
 
 import msgspec
@@ -48,14 +52,19 @@ from schemas.bus import (
     OrderReply,
     PlaceOrder,
 )
-from schemas.rest import RestAccount, RestOrder
+from schemas.errors import DecodeError
+from schemas.rest import RestAccount, RestOrder, order_created_ms
 
 __all__ = [
+    "AMOUNT_MAX",
     "BATCH_CANCEL_MAX",
     "LOOKUP_DELAYS",
+    "LOOKUP_WAIT",
     "ORDER_WAIT",
+    "REUSE_MARGIN",
     "BatchCancelAnswer",
     "BatchCancelOrders",
+    "Foreign",
     "Identifiers",
     "LookAgain",
     "LostPlacement",
@@ -67,6 +76,7 @@ __all__ = [
     "TradingInvalid",
     "Unknown",
     "answer_lost",
+    "foreign_order",
     "plan_cancel",
     "plan_placement",
     "plan_query",
@@ -87,10 +97,21 @@ ORDER_WAIT: Final = 10.0
 """Longest wait for a slot of the ``order`` group: past it the order is refused, unsent."""
 LOOKUP_DELAYS: Final = (0.25, 0.5, 1.0, 2.0)
 """Seconds before each lookup of a placement whose answer was lost."""
+LOOKUP_WAIT: Final = 2.0
+"""Longest wait for a slot of the ``default`` group per lookup: the caller is waiting
+(its client gives up after 30 s), and a lookup not made counts as failed, not hung."""
 SETTLE: Final = 1.0
 """Seconds after the loss from which "not found" is believed: an order Upbit was still
 writing when the connection dropped shows up within them."""
 
+AMOUNT_MAX: Final = 40
+"""Longest price or volume text accepted (digits and a point)."""
+REUSE_MARGIN: Final = 60.0
+"""Seconds an order found by a placement's identifier may seem older than the
+placement's send and still be taken for it (``created_at`` has whole seconds, and
+Upbit's clock and this machine's differ a little)."""
+
+_AMOUNT_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _IDENTIFIER_RE: Final = re.compile(r"[\x21-\x7e]{1," + str(IDENTIFIER_MAX) + "}")
 _UUID_RE: Final = re.compile(r"[0-9A-Za-z-]{1,64}")
 
@@ -101,6 +122,11 @@ class TradingInvalid(ValueError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code: ErrorCode = code
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A caller's value as quoted in a refusal: repr, cut to ``limit`` characters."""
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def _field(name: str, problem: str) -> TradingInvalid:
@@ -119,16 +145,23 @@ class OrderPlan:
 
 
 def _amount(name: str, text: str | None) -> str | None:
-    """``text`` as a positive finite decimal (kept as written), None if absent."""
+    """``text`` as plain positive decimal digits (kept as written), None if absent.
+
+    Only ASCII digits with an optional fraction: Python's Decimal also reads exponents,
+    underscores and other scripts' digits, which Upbit would refuse (using up the
+    identifier) or read otherwise.
+    """
     if text is None:
         return None
-    try:
-        value = Decimal(text.strip())
-    except (InvalidOperation, ValueError):
-        raise _field(name, f"{text!r} is not a decimal number") from None
-    if not value.is_finite() or value <= 0:
-        raise _field(name, f"{text!r} must be a number > 0")
-    return text.strip()
+    plain = text.strip()
+    if len(plain) > AMOUNT_MAX or not _AMOUNT_RE.fullmatch(plain):
+        shown = repr(plain[:40]) + ("…" if len(plain) > 40 else "")
+        raise _field(
+            name, f"{shown} is not plain decimal digits (like 0.001; at most {AMOUNT_MAX} long)"
+        )
+    if Decimal(plain) <= 0:
+        raise _field(name, f"{plain!r} must be a number > 0")
+    return plain
 
 
 def _identifier(name: str, text: str) -> str:
@@ -160,10 +193,10 @@ def plan_placement(
     """
     market = _market(message.market, markets)
     if message.side not in SIDES:
-        raise _field("side", f"{message.side!r} is not bid or ask")
+        raise _field("side", f"{_shown(message.side)} is not bid or ask")
     if message.ord_type not in ORD_TYPES:
         raise _field(
-            "ord_type", f"{message.ord_type!r} is not one of {', '.join(sorted(ORD_TYPES))}"
+            "ord_type", f"{_shown(message.ord_type)} is not one of {', '.join(sorted(ORD_TYPES))}"
         )
     volume = _amount("volume", message.volume)
     price = _amount("price", message.price)
@@ -186,7 +219,7 @@ def plan_placement(
         raise _field("ord_type", "market (a market sell by volume) is for asks only")
     if tif is not None:
         if tif not in TIME_IN_FORCE:
-            raise _field("time_in_force", f"{tif!r} is not ioc, fok or post_only")
+            raise _field("time_in_force", f"{_shown(tif)} is not ioc, fok or post_only")
         if tif == "post_only" and kind != "limit":
             raise _field("time_in_force", "post_only is for limit orders only")
         if kind in ("price", "market"):
@@ -195,7 +228,7 @@ def plan_placement(
         raise _field("time_in_force", "a best order needs ioc or fok")
     smp = message.smp_type
     if smp is not None and smp not in SMP_TYPES:
-        raise _field("smp_type", f"{smp!r} is not one of {', '.join(sorted(SMP_TYPES))}")
+        raise _field("smp_type", f"{_shown(smp)} is not one of {', '.join(sorted(SMP_TYPES))}")
     identifier = (
         make_identifier()
         if message.identifier is None
@@ -259,7 +292,8 @@ def plan_cancel(message: CancelOrder) -> QueryPlan:
 def _states(states: Sequence[str], allowed: frozenset[str]) -> list[str]:
     for i, state in enumerate(states):
         if state not in allowed:
-            raise _field(f"states[{i}]", f"{state!r} is not one of {', '.join(sorted(allowed))}")
+            listed = ", ".join(sorted(allowed))
+            raise _field(f"states[{i}]", f"{_shown(state)} is not one of {listed}")
     return list(dict.fromkeys(states))
 
 
@@ -318,7 +352,7 @@ def plan_query(message: AccountQuery, markets: Collection[str] | None) -> QueryP
         path = "/v1/orders/closed"
     if message.order_by is not None:
         if message.order_by not in ("asc", "desc"):
-            raise _field("order_by", f"{message.order_by!r} is not asc or desc")
+            raise _field("order_by", f"{_shown(message.order_by)} is not asc or desc")
         params["order_by"] = message.order_by
     return QueryPlan("GET", path, params, "orders")
 
@@ -453,6 +487,49 @@ class LostPlacement:
         return LookAgain(now + self._delays[self._tries])
 
 
+@dataclass(frozen=True, slots=True)
+class Foreign:
+    """The order found by a placement's identifier is not that placement's.
+
+    ``certain``: its fields differ, so it is another order and the placement (Upbit
+    refuses a used identifier) was not placed. Else it only predates the placement's
+    send: most likely an earlier order, unless the clocks differ by that much.
+    """
+
+    certain: bool
+    why: str
+
+
+def foreign_order(order: RestOrder, plan: OrderPlan, sent_at: float) -> Foreign | None:
+    """Whether ``order``, found by ``plan``'s identifier, is not what ``plan`` placed.
+
+    ``sent_at``: wall-clock seconds when the placement was sent. The fields the plan
+    gave must match (an amount Upbit leaves null is not compared), and the order must
+    not be older than the send by more than :data:`REUSE_MARGIN`. None: it can be.
+    """
+    params = plan.params
+    for name, found in (("market", order.market), ("side", order.side)):
+        if found != params[name]:
+            return Foreign(True, f"its {name} is {found[:40]!r}, not {params[name]!r}")
+    if order.ord_type != params["ord_type"]:
+        return Foreign(True, f"its ord_type is {order.ord_type[:40]!r}, not {params['ord_type']!r}")
+    for name, amount in (("price", order.price), ("volume", order.volume)):
+        given = params.get(name)
+        if given is not None and amount is not None and amount != Decimal(given):
+            return Foreign(True, f"its {name} is {amount}, not {given}")
+    try:
+        created = order_created_ms(order) / 1000
+    except DecodeError:
+        return None
+    if created < sent_at - REUSE_MARGIN:
+        return Foreign(
+            False,
+            f"it was created at {order.created_at}, {sent_at - created:.0f} s before this "
+            "placement was sent",
+        )
+    return None
+
+
 # ---------------------------------------------------------------------------- the shell
 
 
@@ -500,7 +577,10 @@ class Trading:
         enabled: bool,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` paces lookups; ``wall`` (epoch seconds) dates a placement's send
+        against the ``created_at`` of an order found by its identifier."""
         self._rest = rest
         self._markets = markets
         self._keys = keys
@@ -509,6 +589,9 @@ class Trading:
         self._identifiers = Identifiers(epoch)
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
+        self._placing: set[str] = set()
+        """Identifiers of placements in flight: a second one at once is refused."""
         self.placed = 0
         self.resolved = 0
         """Placements whose answer was lost and that were found by their identifier."""
@@ -527,7 +610,18 @@ class Trading:
         try:
             if isinstance(message, PlaceOrder):
                 plan = plan_placement(message, self._markets.markets, self._identifiers)
-                return await self._place(message.req, plan)
+                if plan.identifier in self._placing:
+                    return ErrorReply(
+                        message.req,
+                        "busy",
+                        f"a placement with identifier {plan.identifier!r} is in flight "
+                        "already; nothing was sent (wait for its answer)",
+                    )
+                self._placing.add(plan.identifier)
+                try:
+                    return await self._place(message.req, plan)
+                finally:
+                    self._placing.discard(plan.identifier)
             query = (
                 plan_cancel(message)
                 if isinstance(message, CancelOrder)
@@ -560,20 +654,32 @@ class Trading:
         return OrderReply(req, "batch", cancelled=batch.success.orders, failed=batch.failed.orders)
 
     async def _place(self, req: int, plan: OrderPlan) -> OrderReply | ErrorReply:
+        sent_at = self._wall()
         try:
             order = await self._rest.exchange(
                 "POST", "/v1/orders", "order", RestOrder, plan.params,
                 body=True, priority=Priority.ORDER, max_wait=ORDER_WAIT,
             )  # fmt: skip
         except RestError as exc:
+            if exc.resent and exc.name == "duplicated_identifier":
+                # Upbit answered an earlier send 429 yet carried it out after all: the
+                # resend found the identifier taken, by this very placement.
+                return await self._resolve(req, plan, sent_at, f"a 429, then {exc}")
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
-            return await self._resolve(req, plan.identifier, str(exc))
+            return await self._resolve(req, plan, sent_at, str(exc))
         self.placed += 1
         return OrderReply(req, "order", order=order)
 
-    async def _resolve(self, req: int, identifier: str, loss: str) -> OrderReply | ErrorReply:
-        """Look a placement whose answer was lost up by its identifier; never resend it."""
+    async def _resolve(
+        self, req: int, plan: OrderPlan, sent_at: float, loss: str
+    ) -> OrderReply | ErrorReply:
+        """Look a placement whose answer was lost up by its identifier; never resend it.
+
+        An order found is the placement's only if :func:`foreign_order` says it can be:
+        a caller may have reused an identifier, and Upbit refused the placement for it.
+        """
+        identifier = plan.identifier
         lost = LostPlacement(self._clock())
         verdict: Verdict = lost.first()
         while isinstance(verdict, LookAgain):
@@ -581,7 +687,7 @@ class Trading:
             try:
                 order = await self._rest.exchange(
                     "GET", "/v1/order", "default", RestOrder, {"identifier": identifier},
-                    priority=Priority.ORDER,
+                    priority=Priority.ORDER, max_wait=LOOKUP_WAIT,
                 )  # fmt: skip
             except RestError as exc:
                 if exc.name == "order_not_found":
@@ -591,6 +697,9 @@ class Trading:
             else:
                 verdict = lost.found(order)
         if isinstance(verdict, Placed):
+            foreign = foreign_order(verdict.order, plan, sent_at)
+            if foreign is not None:
+                return _not_its_order(req, identifier, verdict.order, foreign, loss)
             self.placed += 1
             self.resolved += 1
             return OrderReply(req, "order", order=verdict.order, resolved=True)
@@ -607,3 +716,24 @@ class Trading:
             f"Upbit's answer was lost ({loss}) and whether order {identifier!r} exists is "
             f"unknown ({verdict.why}); look it up by its identifier",
         )
+
+
+def _not_its_order(
+    req: int, identifier: str, order: RestOrder, foreign: Foreign, loss: str
+) -> ErrorReply:
+    """The reply when a lost placement's identifier names another order."""
+    found = f"identifier {identifier!r} names order {order.uuid[:64]!r}, but {foreign.why}"
+    if foreign.certain:
+        return ErrorReply(
+            req,
+            "order_not_placed",
+            f"Upbit's answer was lost ({loss}) and {found}: the identifier was used "
+            "before, so Upbit refused this placement; not placed",
+        )
+    return ErrorReply(
+        req,
+        "order_unknown",
+        f"Upbit's answer was lost ({loss}) and {found}: most likely the identifier was "
+        "used before and Upbit refused this placement; check your orders before placing "
+        "again, with a new identifier",
+    )

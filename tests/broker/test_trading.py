@@ -5,12 +5,14 @@ of Upbit's REST, and the control plane's limits on it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 import msgspec
 import pytest
+from aiohttp import web
 
 from broker.control import TRADES_PER_CLIENT, ControlServer
 from broker.liveness import ClientTable
@@ -19,23 +21,29 @@ from broker.rest import RestClient, RestError
 from broker.trading import (
     BATCH_CANCEL_MAX,
     LOOKUP_DELAYS,
+    LOOKUP_WAIT,
+    ORDER_WAIT,
+    REUSE_MARGIN,
     SETTLE,
     BatchCancelAnswer,
     Identifiers,
     LookAgain,
     LostPlacement,
     NotPlaced,
+    OrderPlan,
     Placed,
     Trading,
     TradingInvalid,
     Unknown,
     answer_lost,
+    foreign_order,
     plan_cancel,
     plan_placement,
     plan_query,
     trading_refusal,
 )
 from broker.upbit_auth import QueryValue
+from clients.client import ORDER_TIMEOUT
 from schemas.bus import (
     AccountQuery,
     CancelOrder,
@@ -50,6 +58,8 @@ from schemas.bus import (
 )
 from schemas.rest import RestOrder, decode_rest
 from tests.broker.test_control import FakeBroker
+from tests.broker.test_rest import FakeUpbit
+from tests.broker.test_rest import client as rest_client
 
 T = TypeVar("T")
 MARKETS = frozenset({"KRW-BTC", "KRW-ETH"})
@@ -71,17 +81,24 @@ def limit_bid(req: int = 1, **changes: Any) -> PlaceOrder:
     return PlaceOrder(req, **fields)
 
 
-def order(identifier: str = "made-1", state: str = "wait") -> RestOrder:
-    return RestOrder(
-        uuid="u-1",
-        side="bid",
-        ord_type="limit",
-        price=Decimal(100000),
-        state=state,
-        market="KRW-BTC",
-        created_at="2026-12-06T10:00:00+09:00",
-        identifier=identifier,
-    )
+CREATED_AT = "2026-12-06T10:00:00+09:00"
+CREATED = datetime.fromisoformat(CREATED_AT).timestamp()
+"""When :func:`order` was created, in epoch seconds: the fake wall clock's time."""
+
+
+def order(identifier: str = "made-1", state: str = "wait", **changes: Any) -> RestOrder:
+    fields: dict[str, Any] = {
+        "uuid": "u-1",
+        "side": "bid",
+        "ord_type": "limit",
+        "price": Decimal(100000),
+        "state": state,
+        "market": "KRW-BTC",
+        "created_at": CREATED_AT,
+        "identifier": identifier,
+    }
+    fields.update(changes)
+    return RestOrder(**fields)
 
 
 # ------------------------------------------------------------------ placement (pure)
@@ -157,6 +174,60 @@ def test_a_bad_placement_is_refused_naming_the_field(message: PlaceOrder, field:
         plan_placement(message, MARKETS, fixed_id)
     assert bad.value.code == "invalid_field"
     assert str(bad.value).startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1e3",
+        "1E-5",
+        "1e400",
+        "1_000",
+        "\u0661\u0662",  # Arabic-Indic digits: Decimal reads them, Upbit would not
+        "\uff11\uff12",  # full-width digits
+        "+5",
+        ".5",
+        "5.",
+        "0x10",
+        "Infinity",
+        "-0.1",
+        "0",
+        "0.000",
+        "1" * 300,
+        "1." + "1" * 300,
+    ],
+)
+def test_an_amount_that_is_not_plain_decimal_digits_is_refused_and_not_echoed_whole(
+    text: str,
+) -> None:
+    with pytest.raises(TradingInvalid) as bad:
+        plan_placement(limit_bid(volume=text), MARKETS, fixed_id)
+    assert str(bad.value).startswith("volume:")
+    assert len(str(bad.value)) < 200
+
+
+@pytest.mark.parametrize("text", ["0.00000001", "123456789", "1.5", "0001.10", " 2 "])
+def test_plain_decimal_amounts_go_as_written(text: str) -> None:
+    plan = plan_placement(limit_bid(price=text), MARKETS, fixed_id)
+    assert plan.params["price"] == text.strip()
+
+
+@pytest.mark.parametrize("field", ["side", "ord_type", "time_in_force", "smp_type"])
+def test_a_huge_bad_value_is_named_but_not_echoed_whole(field: str) -> None:
+    with pytest.raises(TradingInvalid) as bad:
+        plan_placement(limit_bid(1, **{field: "x" * 10_000}), MARKETS, fixed_id)
+    assert str(bad.value).startswith(f"{field}:")
+    assert len(str(bad.value)) < 200
+
+
+def test_a_huge_bad_read_value_is_not_echoed_whole() -> None:
+    for message in (
+        AccountQuery(1, "open_orders", states=["w" * 10_000]),
+        AccountQuery(1, "open_orders", order_by="d" * 10_000),
+    ):
+        with pytest.raises(TradingInvalid) as bad:
+            plan_query(message, MARKETS)
+        assert len(str(bad.value)) < 200
 
 
 def test_an_unlisted_market_is_refused_before_upbit_sees_it() -> None:
@@ -311,6 +382,55 @@ def test_a_failed_lookup_then_not_found_after_settling_is_not_placed() -> None:
     assert lost.missing(again.at + SETTLE) == NotPlaced()
 
 
+def limit_plan(identifier: str = "made-1", **changes: Any) -> OrderPlan:
+    return plan_placement(limit_bid(identifier=identifier, **changes), MARKETS, fixed_id)
+
+
+def test_an_order_found_by_identifier_with_the_placements_fields_and_time_is_its() -> None:
+    plan = limit_plan(volume="0.0100")
+    assert foreign_order(order(volume=Decimal("0.01")), plan, CREATED) is None
+    # created_at has whole seconds, and clocks differ a little.
+    assert foreign_order(order(), plan, CREATED + 5) is None
+    assert foreign_order(order(), plan, CREATED + REUSE_MARGIN - 1) is None
+    # A body whose created_at cannot be read is judged by its fields alone.
+    assert foreign_order(order(created_at="soon"), plan, CREATED) is None
+    # Market orders come back with the amount they did not take as null.
+    market_sell = plan_placement(
+        PlaceOrder(1, "KRW-BTC", "ask", "market", volume="0.5"), MARKETS, fixed_id
+    )
+    found = order(side="ask", ord_type="market", price=None, volume=Decimal("0.5"))
+    assert foreign_order(found, market_sell, CREATED) is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"price": Decimal(99000)},
+        {"volume": Decimal("0.02")},
+        {"market": "KRW-ETH"},
+        {"side": "ask"},
+        {"ord_type": "best"},
+    ],
+)
+def test_an_order_found_by_identifier_with_other_fields_is_certainly_anothers(
+    changes: dict[str, Any],
+) -> None:
+    found = order(**{"volume": Decimal("0.01"), **changes})
+    foreign = foreign_order(found, limit_plan(), CREATED)
+    assert foreign is not None
+    assert foreign.certain
+    assert next(iter(changes)) in foreign.why
+
+
+def test_an_order_found_by_identifier_made_before_the_placement_was_sent_is_an_earlier_one() -> (
+    None
+):
+    foreign = foreign_order(order(), limit_plan(), CREATED + REUSE_MARGIN + 1)
+    assert foreign is not None
+    assert not foreign.certain
+    assert CREATED_AT in foreign.why
+
+
 def test_an_order_chance_decodes_with_amounts_as_text_or_numbers() -> None:
     body = b"""{"bid_fee":"0.0005","ask_fee":"0.0005","maker_bid_fee":"0.0005",
       "maker_ask_fee":"0.0005","market":{"id":"KRW-BTC","name":"BTC/KRW",
@@ -341,6 +461,8 @@ class FakeRest(RestClient):
 
     def __init__(self, script: Callable[[Call], object]) -> None:  # nothing goes out
         self.recorded: list[Call] = []
+        self.max_waits: list[float | None] = []
+        """The ``max_wait`` of each call, in order."""
         self._script = script
 
     async def exchange(
@@ -357,6 +479,7 @@ class FakeRest(RestClient):
     ) -> T:
         call = (method, path, group, dict(params or {}), priority, body)
         self.recorded.append(call)
+        self.max_waits.append(max_wait)
         answer = self._script(call)
         if isinstance(answer, RestError):
             raise answer
@@ -383,10 +506,21 @@ class Clock:
         self.now += seconds
 
 
-def trading(rest: FakeRest, clock: Clock | None = None, *, enabled: bool = True) -> Trading:
+def trading(
+    rest: FakeRest, clock: Clock | None = None, *, enabled: bool = True, wall: float = CREATED
+) -> Trading:
+    """The shell on ``rest``; its wall clock stands at ``wall`` (when :func:`order` was
+    made, so orders found by identifier are as new as the placement)."""
     clock = clock or Clock()
     return Trading(
-        rest, Markets(), epoch="e1", keys=True, enabled=enabled, clock=clock, sleep=clock.sleep
+        rest,
+        Markets(),
+        epoch="e1",
+        keys=True,
+        enabled=enabled,
+        clock=clock,
+        sleep=clock.sleep,
+        wall=lambda: wall + clock.now,
     )
 
 
@@ -454,6 +588,10 @@ async def test_a_lost_answer_upbit_cannot_be_asked_about_is_unknown() -> None:
     assert "mine-4" in reply.message
     assert len(posts(rest)) == 1
     assert len(rest.recorded) == 1 + len(LOOKUP_DELAYS)
+    # Each lookup waits for a slot briefly: all of them end well inside the client's
+    # wait for the answer, so the caller learns the outcome instead of timing out.
+    assert rest.max_waits[1:] == [LOOKUP_WAIT] * len(LOOKUP_DELAYS)
+    assert ORDER_WAIT + sum(LOOKUP_DELAYS) + len(LOOKUP_DELAYS) * LOOKUP_WAIT < ORDER_TIMEOUT
 
 
 async def test_upbits_refusal_comes_back_with_its_name_and_is_not_retried() -> None:
@@ -512,6 +650,153 @@ async def test_with_trading_off_nothing_reaches_upbit() -> None:
     assert isinstance(reply, ErrorReply)
     assert reply.code == "trading_disabled"
     assert rest.recorded == []
+
+
+async def test_a_lost_answer_whose_identifier_names_another_order_is_not_placed() -> None:
+    """A caller reusing an identifier: Upbit refused the placement as a duplicate, the
+    answer was lost, and the lookup finds the identifier's earlier, different order."""
+
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return RestError(0, "POST /v1/orders failed: ServerDisconnectedError")
+        return order("again-1", uuid="u-old", price=Decimal(50000), state="done")
+
+    rest = FakeRest(script)
+    reply = await trading(rest).answer(limit_bid(identifier="again-1"))
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "order_not_placed"
+    assert "u-old" in reply.message
+    assert "again-1" in reply.message
+    assert len(posts(rest)) == 1
+
+
+async def test_a_lost_answer_whose_identifier_names_an_earlier_order_is_not_taken_for_it() -> None:
+    """Same fields, but the order found was made long before this placement was sent:
+    it is not answered as placed (nor as certainly not placed: clocks may differ)."""
+
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return RestError(502, "no body")
+        return order("again-2", uuid="u-old", volume=Decimal("0.01"))
+
+    rest = FakeRest(script)
+    reply = await trading(rest, wall=CREATED + 3600).answer(limit_bid(identifier="again-2"))
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "order_unknown"
+    assert "u-old" in reply.message
+    assert len(posts(rest)) == 1
+
+
+async def test_a_second_placement_with_an_identifier_in_flight_is_refused_unsent() -> None:
+    """Two callers (or one retrying) with the same identifier at once: were the first's
+    answer lost, its lookup would find the second's order and answer it as its own."""
+    release = asyncio.Event()
+
+    async def held(call: Call) -> object:
+        await release.wait()
+        return order(str(call[3]["identifier"]), volume=Decimal("0.01"))
+
+    class HeldRest(FakeRest):
+        async def exchange(self, *args: Any, **kwargs: Any) -> Any:
+            answer = await super().exchange(*args, **kwargs)
+            return await cast(Any, answer)
+
+    rest = HeldRest(held)
+    t = trading(rest)
+    first = asyncio.ensure_future(t.answer(limit_bid(1, identifier="same-1")))
+    await asyncio.sleep(0)
+    second = await t.answer(limit_bid(2, identifier="same-1"))
+    assert isinstance(second, ErrorReply)
+    assert (second.req, second.code) == (2, "busy")
+    assert "same-1" in second.message
+    assert len(posts(rest)) == 1
+    release.set()
+    assert isinstance(await first, OrderReply)
+    # Once the first is answered, the identifier is Upbit's to judge again.
+    assert isinstance(await t.answer(limit_bid(3, identifier="same-1")), OrderReply)
+    assert len(posts(rest)) == 2
+
+
+def duplicated(*, resent: bool) -> RestError:
+    return RestError(
+        400,
+        "duplicated_identifier: identifier is duplicated.",
+        name="duplicated_identifier",
+        upbit_message="identifier is duplicated.",
+        resent=resent,
+    )
+
+
+async def test_a_resend_after_a_429_refused_as_a_duplicate_is_found_as_placed() -> None:
+    """Upbit's 429 says "not carried out", so the placement went again; had the first
+    send been carried out anyway, the resend is refused as a duplicate while the order
+    rests: the caller must learn it was placed, not that Upbit refused it."""
+
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return duplicated(resent=True)
+        return order("dup-1", volume=Decimal("0.01"))
+
+    rest = FakeRest(script)
+    reply = await trading(rest).answer(limit_bid(identifier="dup-1"))
+    assert isinstance(reply, OrderReply), reply
+    assert reply.resolved
+    assert reply.order == order("dup-1", volume=Decimal("0.01"))
+    assert len(posts(rest)) == 1
+
+
+async def test_a_duplicate_identifier_sent_once_is_upbits_refusal_as_is() -> None:
+    """A caller reusing an identifier gets Upbit's refusal, no order of another time."""
+    rest = FakeRest(lambda call: duplicated(resent=False))
+    reply = await trading(rest).answer(limit_bid(identifier="dup-2"))
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.upbit_name) == ("upstream_error", "duplicated_identifier")
+    assert rest.recorded == posts(rest)
+
+
+DUPLICATED = {"error": {"name": "duplicated_identifier", "message": "identifier is duplicated."}}
+
+
+@pytest.fixture
+async def upbit() -> AsyncIterator[FakeUpbit]:
+    """A local HTTP server answering what the test scripts (as in test_rest)."""
+    fake = FakeUpbit()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    fake.base = f"http://{host}:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_rest_client_says_when_a_refusal_came_after_a_resend_on_429(
+    upbit: FakeUpbit,
+) -> None:
+    answers = iter(
+        [
+            web.Response(text="Too many API requests.", status=429),
+            web.json_response(DUPLICATED, status=400),
+            web.json_response(DUPLICATED, status=400),
+        ]
+    )
+    upbit.reply = lambda request: next(answers)
+    rest = rest_client(upbit.base)
+    params: dict[str, QueryValue] = {"market": "KRW-BTC", "identifier": "x"}
+    try:
+        with pytest.raises(RestError) as after_429:
+            await rest.exchange("POST", "/v1/orders", "order", RestOrder, params, body=True)
+        assert (after_429.value.name, after_429.value.resent) == ("duplicated_identifier", True)
+        with pytest.raises(RestError) as at_once:
+            await rest.exchange("POST", "/v1/orders", "order", RestOrder, params, body=True)
+        assert (at_once.value.name, at_once.value.resent) == ("duplicated_identifier", False)
+    finally:
+        await rest.close()
+    assert len(upbit.seen) == 3
 
 
 # ------------------------------------------------------------------ control dispatch

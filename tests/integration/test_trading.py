@@ -295,3 +295,31 @@ async def test_a_placement_whose_answer_is_dropped_is_found_by_its_identifier_on
             "KRW-BTC", "bid", price=resting_bid_price(sim), volume="0.001"
         )
         assert again.state == "wait"
+
+
+async def test_a_reused_identifier_whose_answer_is_dropped_is_not_taken_for_the_old_order(
+    trading_broker: BrokerProc, sim: Sim
+) -> None:
+    """A caller reuses an identifier: Upbit refuses the placement (duplicated), the reply
+    is lost, and the lookup finds the identifier's first order. That order is not this
+    placement's: the caller learns it was not placed, and the exchange holds one order."""
+    price = resting_bid_price(sim)
+    async with BrokerClient(name="reuser") as client:
+        first = await client.place_order(
+            "KRW-BTC", "bid", price=price, volume="0.001", identifier="t-reuse-1"
+        )
+        try:
+            sim.control("rest_drop", {"path": "/v1/orders", "method": "POST", "count": 1})
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                pytest.skip("this simulator has no POST /_sim/rest_drop fault yet")
+            raise
+        with pytest.raises(BrokerError) as refused:
+            await client.place_order(
+                "KRW-BTC", "bid", price=price - 1000, volume="0.001", identifier="t-reuse-1"
+            )
+        assert refused.value.code == "order_not_placed"
+        assert first.uuid in str(refused.value)
+    assert order_stats(sim)["requests"] == 2, "the placement was sent again"
+    listed = signed_get(sim, "/v1/orders/open", {"market": "KRW-BTC"})
+    assert [(o["uuid"], o["identifier"]) for o in listed] == [(first.uuid, "t-reuse-1")]
