@@ -14,10 +14,21 @@ from __future__ import annotations
 import math
 from typing import Final
 
-__all__ = ["RETRY", "Credentials"]
+__all__ = ["NOT_ABOUT_THE_KEYS", "RETRY", "Credentials", "rejects_keys"]
 
 RETRY: Final = 60.0
 """Seconds between two tries of keys Upbit rejected."""
+NOT_ABOUT_THE_KEYS: Final = frozenset({"nonce_used"})
+"""Upbit's 401 error names that judge one request, not the keys: a token whose nonce was
+already spent (a replayed request). Every other 401 (``jwt_verification``,
+``expired_access_key``, ``no_authorization_ip``, ``invalid_access_key``, an unnamed one,
+and ``invalid_query_payload``, which would repeat on every call the broker signs the
+same way) counts as keys that cannot be used."""
+
+
+def rejects_keys(status: int, name: str) -> bool:
+    """Whether an HTTP ``status`` with Upbit's error ``name`` means the keys are refused."""
+    return status == 401 and name not in NOT_ABOUT_THE_KEYS
 
 
 class Credentials:

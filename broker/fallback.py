@@ -35,7 +35,7 @@ import contextlib
 import time
 from typing import cast
 
-from broker.credentials import Credentials
+from broker.credentials import Credentials, rejects_keys
 from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
@@ -479,7 +479,7 @@ class PrivateFallback(_Supervisor):
                 self._audit_soon()
         except (RestError, DecodeError) as exc:
             self.failures += 1
-            if isinstance(exc, RestError) and exc.status == 401:
+            if isinstance(exc, RestError) and rejects_keys(exc.status, exc.name):
                 reason = str(exc)[:200]
                 if credentials.on_rejected(reason, time.monotonic()):
                     self._log.error(

@@ -12,7 +12,7 @@ import pytest
 
 from broker.fallback import PrivateFallback
 from broker.ports import StatusState
-from broker.rest import RestClient
+from broker.rest import RestClient, RestError
 from schemas.bus import Source, StreamSpec
 from schemas.rest import RestAccount, RestOrder
 from schemas.upbit import AssetBalance, MyAsset, MyOrder
@@ -48,10 +48,14 @@ class FakeRest:
         self.open: list[RestOrder] = [order("A")]
         self.accounts_answer: list[RestAccount] = [account("KRW", "1000000")]
         self.during_accounts: Callable[[], None] | None = None
+        self.error: RestError | None = None
+        """Raised by every call while set."""
         self.calls = 0
 
     async def open_orders(self) -> list[RestOrder]:
         self.calls += 1
+        if self.error is not None:
+            raise self.error
         return list(self.open)
 
     async def closed_orders(self, start_ms: int, end_ms: int) -> list[RestOrder]:
@@ -219,5 +223,33 @@ async def test_a_stream_balance_that_contradicts_rest_brings_the_next_audit_forw
         # REST still says 900,000: the stream's value was the older one, corrected.
         assert bus.assets("rest")[-1] == {"KRW": D("900000")}
         assert fallback.observe(_ws_asset("KRW", "900000")) is False  # a late copy
+    finally:
+        await stopped(task)
+
+
+async def test_a_spent_nonce_is_a_failed_sync_not_rejected_keys() -> None:
+    # A 401 nonce_used judges one replayed request; taking it for rejected keys would
+    # report auth_failed to every private client and stop the keys for a minute.
+    rest, bus = FakeRest(), Bus()
+    announced = Announcements()
+    fallback = PrivateFallback(
+        announced,
+        Streams(),
+        cast(RestClient, rest),
+        bus.route,
+        grace=0.0,
+        interval=0.02,
+        audit_interval=0,
+    )
+    bus.fallback = fallback
+    task = asyncio.create_task(fallback.run())
+    try:
+        await until(lambda: fallback.state.open_uuids == ["A"], "the baseline")
+        rest.error = RestError(401, "nonce_used: spent", name="nonce_used")
+        fallback.link_changed("down", time.monotonic())
+        await until(lambda: fallback.failures >= 2, "failed polls")
+        assert "auth_failed" not in announced.states
+        rest.error = RestError(401, "jwt_verification: bad", name="jwt_verification")
+        await until(lambda: "auth_failed" in announced.states, "the keys refused")
     finally:
         await stopped(task)
