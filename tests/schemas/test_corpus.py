@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from schemas.bus import OrderChance
 from schemas.errors import DecodeError
 from schemas.rest import (
     RestAccount,
@@ -84,7 +85,7 @@ IGNORED_KEYS = {
 # REST kind by file-name prefix (longest first); None = not a fallback body, skipped.
 REST_KINDS: list[tuple[str, type[Any] | None]] = [
     ("rest-orderbook-instruments", RestOrderbookInstrument),
-    ("rest-orderchance", None),
+    ("rest-orderchance", OrderChance),
     ("rest-orderbook", RestOrderbook),
     ("rest-accounts", RestAccount),
     ("rest-candles", RestCandle),
