@@ -96,7 +96,12 @@ TRADES_PER_CLIENT = 16
 the pocket's budget, so a client placing 10 a second has several queued); past it the
 next is refused ``busy`` at once."""
 MAX_TRADING = 64
-"""Account and order requests in flight over all clients; past it ``busy``."""
+"""Account and order requests in flight over all clients; past it ``busy``, except for a
+client with fewer than :data:`TRADES_ALWAYS` of its own: a few busy clients must not
+shut everyone else out of trading."""
+TRADES_ALWAYS = 2
+"""Requests in flight a client is always allowed, however busy the others keep the
+broker (so at most MAX_TRADING + 2 per client are in flight)."""
 
 TradingMessage = AccountQuery | PlaceOrder | CancelOrder
 
@@ -453,7 +458,7 @@ class ControlServer:
         refused = self._trading.refusal(message)
         if refused is not None:
             return refused
-        if len(self._trade_tasks) >= MAX_TRADING:
+        if len(self._trade_tasks) >= MAX_TRADING and self._trades[client] >= TRADES_ALWAYS:
             return ErrorReply(
                 message.req,
                 "busy",
@@ -472,7 +477,7 @@ class ControlServer:
     async def _trade(self, identity: bytes, client: str, message: TradingMessage) -> None:
         assert self._trading is not None  # checked by _trading_refusal
         try:
-            reply = await self._trading.answer(message)
+            reply = await self._trading.answer(message, client)
         except Exception as exc:  # never leave a client waiting out its timeout
             self._log.exception("trading request failed", op=type(message).__name__)
             reply = ErrorReply(message.req, "internal", f"internal error ({type(exc).__name__})")

@@ -203,9 +203,10 @@ class TradingService(Protocol):
         ...
 
     async def answer(
-        self, message: AccountQuery | PlaceOrder | CancelOrder
+        self, message: AccountQuery | PlaceOrder | CancelOrder, owner: str = ""
     ) -> OrderReply | ErrorReply:
-        """The reply to ``message``: Upbit's answer, or why the request failed."""
+        """The reply to ``message`` (for client ``owner``): Upbit's answer, or why the
+        request failed."""
         ...
 
 

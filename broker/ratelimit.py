@@ -30,7 +30,7 @@ import random
 import re
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -596,11 +596,15 @@ class RestJob(Generic[T]):
     group: str
     priority: int
     payload: T
+    owner: str = ""
+    """Whose request it is (a client's id; "" for the broker's own): jobs of one
+    priority are shared out between owners (see :class:`PriorityGate`)."""
 
 
 @dataclass(order=True, slots=True)
 class _Queued(Generic[T]):
     priority: int
+    turn: int
     seq: int
     job: RestJob[T] = field(compare=False)
 
@@ -608,7 +612,11 @@ class _Queued(Generic[T]):
 class PriorityGate(Generic[T]):
     """Releases pending REST jobs within the group limits, most urgent first.
 
-    Within a group, jobs leave by priority, then in submission order. Jobs below
+    Within a group, jobs leave by priority, then by their owner's turn, then in
+    submission order. Turns are start-time fair queueing: a job's turn is one past its
+    owner's previous job's, and never behind the turn last released, so owners take
+    turns one job at a time: a client that queues many calls delays another's call by
+    at most one of its own, and one that keeps calling cannot shut another out. Jobs below
     :attr:`Priority.ORDER` leave ``reserve`` slots of every window free, so a burst of
     polling never takes the budget an order needs a moment later.
     """
@@ -618,14 +626,25 @@ class PriorityGate(Generic[T]):
         self._reserve = reserve
         self._queues: dict[str, list[_Queued[T]]] = {}
         self._seq = itertools.count()
+        self._waiting: Counter[tuple[str, str]] = Counter()
+        """(group, owner) -> jobs queued (an owner with none is forgotten)."""
+        self._last: dict[tuple[str, str], int] = {}
+        """(group, owner) -> the turn of the owner's latest queued job."""
+        self._now: dict[str, int] = {}
+        """Group -> the turn of the job released last (the virtual clock)."""
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
     def submit(self, job: RestJob[T]) -> None:
         """Queue a job."""
+        key = (job.group, job.owner)
+        turn = max(self._now.get(job.group, 0), self._last.get(key, -1) + 1)
+        self._last[key] = turn
+        self._waiting[key] += 1
         heapq.heappush(
-            self._queues.setdefault(job.group, []), _Queued(job.priority, next(self._seq), job)
+            self._queues.setdefault(job.group, []),
+            _Queued(job.priority, turn, next(self._seq), job),
         )
 
     def _reserve_for(self, priority: int) -> int:
@@ -640,7 +659,14 @@ class PriorityGate(Generic[T]):
                 reserve = self._reserve_for(head.priority)
                 if not self._limiter.try_acquire(group, now, reserve=reserve):
                     break
-                released.append(heapq.heappop(queue))
+                item = heapq.heappop(queue)
+                released.append(item)
+                self._now[group] = max(self._now.get(group, 0), item.turn)
+                key = (group, item.job.owner)
+                self._waiting[key] -= 1
+                if self._waiting[key] <= 0:  # its turns are all behind the clock now
+                    del self._waiting[key]
+                    self._last.pop(key, None)
         self._queues = {g: q for g, q in self._queues.items() if q}
         released.sort()
         return [item.job for item in released]

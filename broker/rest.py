@@ -185,10 +185,11 @@ class RestClient:
             loop = asyncio.get_running_loop()
             self._pump_handle = loop.call_later(max(delay, 0.005), self._pump)
 
-    async def _slot(self, group: str, priority: int, deadline: float) -> None:
-        """Wait for a request slot of ``group``; more urgent priorities go first."""
+    async def _slot(self, group: str, priority: int, deadline: float, owner: str = "") -> None:
+        """Wait for a request slot of ``group``; more urgent priorities go first, and
+        owners of one priority take turns (:class:`broker.ratelimit.PriorityGate`)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._gate.submit(RestJob(group, priority, future))
+        self._gate.submit(RestJob(group, priority, future, owner))
         if self._pump_handle is not None:
             self._pump_handle.cancel()
         self._pump()
@@ -218,6 +219,7 @@ class RestClient:
         priority: int = PRIORITY_SNAPSHOT,
         body: bool = False,
         max_wait: float | None = None,
+        owner: str = "",
     ) -> bytes:
         if self._session is None:
             self._session = http_session(timeout=self._timeout)
@@ -234,7 +236,7 @@ class RestClient:
         payload = json.dumps(dict(params or {})).encode() if body else None
         resent = False
         while True:
-            await self._slot(group, priority, deadline)
+            await self._slot(group, priority, deadline, owner)
             headers = self._exchange.rest_headers(query or None) if auth else {}
             if payload is not None:
                 headers["Content-Type"] = "application/json; charset=utf-8"
@@ -321,15 +323,17 @@ class RestClient:
         body: bool = False,
         priority: int = Priority.ACCOUNT,
         max_wait: float | None = None,
+        owner: str = "",
     ) -> T:
         """One signed exchange call decoded as ``kind`` (orders, cancels, order reads).
 
         ``body``: ``params`` go as a JSON body (``POST /v1/orders``), else in the query.
         ``max_wait``: longest wait for a slot of ``group`` (then RestError, not sent).
+        ``owner``: the client it is for (clients take turns for the group's slots).
         """
         answer = await self._request(
             method, path, group, params, auth=True, priority=priority, body=body,
-            max_wait=max_wait,
+            max_wait=max_wait, owner=owner,
         )  # fmt: skip
         try:
             return decode_rest(answer, kind)

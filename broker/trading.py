@@ -601,9 +601,11 @@ class Trading:
         return trading_refusal(message, keys=self._keys, enabled=self.enabled)
 
     async def answer(
-        self, message: AccountQuery | PlaceOrder | CancelOrder
+        self, message: AccountQuery | PlaceOrder | CancelOrder, owner: str = ""
     ) -> OrderReply | ErrorReply:
-        """The reply to ``message``: validated first, then REST calls, errors as replies."""
+        """The reply to ``message``: validated first, then REST calls, errors as replies.
+
+        ``owner``: the client asking; clients take turns for the REST slots."""
         refused = self.refusal(message)
         if refused is not None:
             return refused
@@ -619,7 +621,7 @@ class Trading:
                     )
                 self._placing.add(plan.identifier)
                 try:
-                    return await self._place(message.req, plan)
+                    return await self._place(message.req, plan, owner)
                 finally:
                     self._placing.discard(plan.identifier)
             query = (
@@ -631,48 +633,58 @@ class Trading:
             return ErrorReply(message.req, exc.code, str(exc))
         priority = Priority.ORDER if isinstance(message, CancelOrder) else Priority.ACCOUNT
         try:
-            return await self._call(message.req, query, priority)
+            return await self._call(message.req, query, priority, owner)
         except RestError as exc:
             return rest_refusal(message.req, exc)
 
-    async def _call(self, req: int, plan: QueryPlan, priority: int) -> OrderReply:
+    async def _call(self, req: int, plan: QueryPlan, priority: int, owner: str) -> OrderReply:
         rest = self._rest
         call = plan.method, plan.path, "default"
         if plan.reply == "accounts":
-            accounts = await rest.exchange(*call, list[RestAccount], plan.params, priority=priority)
+            accounts = await rest.exchange(
+                *call, list[RestAccount], plan.params, priority=priority, owner=owner
+            )
             return OrderReply(req, "accounts", accounts=accounts)
         if plan.reply == "chance":
-            chance = await rest.exchange(*call, OrderChance, plan.params, priority=priority)
+            chance = await rest.exchange(
+                *call, OrderChance, plan.params, priority=priority, owner=owner
+            )
             return OrderReply(req, "chance", chance=chance)
         if plan.reply == "order":
-            order = await rest.exchange(*call, RestOrder, plan.params, priority=priority)
+            order = await rest.exchange(
+                *call, RestOrder, plan.params, priority=priority, owner=owner
+            )
             return OrderReply(req, "order", order=order)
         if plan.reply == "orders":
-            orders = await rest.exchange(*call, list[RestOrder], plan.params, priority=priority)
+            orders = await rest.exchange(
+                *call, list[RestOrder], plan.params, priority=priority, owner=owner
+            )
             return OrderReply(req, "orders", orders=orders)
-        batch = await rest.exchange(*call, BatchCancelAnswer, plan.params, priority=priority)
+        batch = await rest.exchange(
+            *call, BatchCancelAnswer, plan.params, priority=priority, owner=owner
+        )
         return OrderReply(req, "batch", cancelled=batch.success.orders, failed=batch.failed.orders)
 
-    async def _place(self, req: int, plan: OrderPlan) -> OrderReply | ErrorReply:
+    async def _place(self, req: int, plan: OrderPlan, owner: str) -> OrderReply | ErrorReply:
         sent_at = self._wall()
         try:
             order = await self._rest.exchange(
                 "POST", "/v1/orders", "order", RestOrder, plan.params,
-                body=True, priority=Priority.ORDER, max_wait=ORDER_WAIT,
+                body=True, priority=Priority.ORDER, max_wait=ORDER_WAIT, owner=owner,
             )  # fmt: skip
         except RestError as exc:
             if exc.resent and exc.name == "duplicated_identifier":
                 # Upbit answered an earlier send 429 yet carried it out after all: the
                 # resend found the identifier taken, by this very placement.
-                return await self._resolve(req, plan, sent_at, f"a 429, then {exc}")
+                return await self._resolve(req, plan, sent_at, f"a 429, then {exc}", owner)
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
-            return await self._resolve(req, plan, sent_at, str(exc))
+            return await self._resolve(req, plan, sent_at, str(exc), owner)
         self.placed += 1
         return OrderReply(req, "order", order=order)
 
     async def _resolve(
-        self, req: int, plan: OrderPlan, sent_at: float, loss: str
+        self, req: int, plan: OrderPlan, sent_at: float, loss: str, owner: str
     ) -> OrderReply | ErrorReply:
         """Look a placement whose answer was lost up by its identifier; never resend it.
 
@@ -687,7 +699,7 @@ class Trading:
             try:
                 order = await self._rest.exchange(
                     "GET", "/v1/order", "default", RestOrder, {"identifier": identifier},
-                    priority=Priority.ORDER, max_wait=LOOKUP_WAIT,
+                    priority=Priority.ORDER, max_wait=LOOKUP_WAIT, owner=owner,
                 )  # fmt: skip
             except RestError as exc:
                 if exc.name == "order_not_found":

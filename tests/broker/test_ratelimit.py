@@ -587,6 +587,38 @@ def test_lower_priorities_leave_a_slot_for_orders() -> None:
     assert gate.release(0.2) == []
 
 
+def one_a_second(gate_reserve: int = 0) -> PriorityGate[str]:
+    return PriorityGate(RestLimiter(limits={"order": (1, 1.0)}, margin=1.0), reserve=gate_reserve)
+
+
+def test_a_client_that_queues_many_calls_delays_anothers_by_one_of_its_own() -> None:
+    gate = one_a_second()
+    for i in range(10):
+        gate.submit(RestJob("order", Priority.ORDER, f"flood{i}", owner="hog"))
+    assert drain(gate, iter([0.0])) == ["flood0"]
+    gate.submit(RestJob("order", Priority.ORDER, "mine", owner="polite"))
+    assert drain(gate, iter([1.0, 2.0, 3.0])) == ["mine", "flood1", "flood2"]
+
+
+def test_a_client_that_keeps_calling_cannot_shut_another_out() -> None:
+    gate = one_a_second()
+    for i in range(3):
+        gate.submit(RestJob("order", Priority.ORDER, f"a{i}", owner="a"))
+    released = []
+    for second in range(6):  # "b" submits a fresh call before every release
+        gate.submit(RestJob("order", Priority.ORDER, f"b{second}", owner="b"))
+        released += drain(gate, iter([float(second)]))
+    assert released == ["a0", "b0", "a1", "b1", "a2", "b2"]
+
+
+def test_turns_never_outrank_priority() -> None:
+    gate = one_a_second()
+    for i in range(3):
+        gate.submit(RestJob("order", Priority.ORDER, f"order{i}", owner="hog"))
+    gate.submit(RestJob("order", Priority.ACCOUNT, "read", owner="other"))
+    assert drain(gate, iter([0.0, 1.0, 2.0, 3.0])) == ["order0", "order1", "order2", "read"]
+
+
 def test_groups_release_independently_and_most_urgent_first() -> None:
     limiter = RestLimiter(limits={"ticker": (1, 1.0), "order": (1, 1.0)}, margin=1.0)
     gate: PriorityGate[str] = PriorityGate(limiter)

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from broker.control import TRADES_PER_CLIENT, ControlServer
+from broker.control import MAX_TRADING, TRADES_ALWAYS, TRADES_PER_CLIENT, ControlServer
 from broker.liveness import ClientTable
 from broker.ratelimit import Priority
 from broker.rest import RestClient, RestError
@@ -463,6 +463,8 @@ class FakeRest(RestClient):
         self.recorded: list[Call] = []
         self.max_waits: list[float | None] = []
         """The ``max_wait`` of each call, in order."""
+        self.owners: list[str] = []
+        """The client each call was made for, in order."""
         self._script = script
 
     async def exchange(
@@ -476,9 +478,11 @@ class FakeRest(RestClient):
         body: bool = False,
         priority: int = Priority.ACCOUNT,
         max_wait: float | None = None,
+        owner: str = "",
     ) -> T:
         call = (method, path, group, dict(params or {}), priority, body)
         self.recorded.append(call)
+        self.owners.append(owner)
         self.max_waits.append(max_wait)
         answer = self._script(call)
         if isinstance(answer, RestError):
@@ -652,6 +656,24 @@ async def test_with_trading_off_nothing_reaches_upbit() -> None:
     assert rest.recorded == []
 
 
+async def test_every_call_for_a_client_is_queued_as_that_clients_own() -> None:
+    # Clients take turns for the REST slots (broker.ratelimit.PriorityGate): the
+    # placement, the lookups after a lost answer, reads and cancels all carry the owner.
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return RestError(0, "POST /v1/orders failed: ServerDisconnectedError")
+        return order("own-1")
+
+    rest = FakeRest(script)
+    shell = trading(rest)
+    assert isinstance(await shell.answer(limit_bid(identifier="own-1"), "c1"), OrderReply)
+    await shell.answer(AccountQuery(2, "accounts"), "c2")
+    await shell.answer(CancelOrder(3, uuid="u-1"), "c3")
+    assert rest.owners[0] == "c1"  # the POST
+    assert set(rest.owners[1:-2]) == {"c1"}  # its lookups
+    assert rest.owners[-2:] == ["c2", "c3"]
+
+
 async def test_a_lost_answer_whose_identifier_names_another_order_is_not_placed() -> None:
     """A caller reusing an identifier: Upbit refused the placement as a duplicate, the
     answer was lost, and the lookup finds the identifier's earlier, different order."""
@@ -814,7 +836,7 @@ class HeldTrading:
         return trading_refusal(message, keys=True, enabled=self.enabled)
 
     async def answer(
-        self, message: AccountQuery | PlaceOrder | CancelOrder
+        self, message: AccountQuery | PlaceOrder | CancelOrder, owner: str = ""
     ) -> OrderReply | ErrorReply:
         self.asked.append(message)
         await self.release.wait()
@@ -867,6 +889,27 @@ async def test_a_client_has_a_bounded_number_of_trading_requests_in_flight() -> 
         await asyncio.sleep(0)
     assert control.handle([b"\x00a", encode(AccountQuery(100, "accounts"))], 1.0) == []
     await asyncio.sleep(0)
+
+
+async def test_clients_that_fill_the_broker_do_not_shut_another_out() -> None:
+    service = HeldTrading()
+    control = control_with(service)
+    hogs = [bytes([0, i]) for i in range(MAX_TRADING // TRADES_PER_CLIENT)]
+    for identity in [*hogs, b"\x00z"]:
+        hello(control, identity)
+    for identity in hogs:
+        for req in range(TRADES_PER_CLIENT):
+            assert control.handle([identity, encode(limit_bid(req=req))], 1.0) == []
+    await asyncio.sleep(0)
+    assert len(service.asked) == MAX_TRADING
+    assert refusal(control, hogs[0], AccountQuery(8, "accounts")).code == "busy"
+    # Someone else still gets TRADES_ALWAYS requests in.
+    for req in range(TRADES_ALWAYS):
+        assert control.handle([b"\x00z", encode(AccountQuery(req, "accounts"))], 1.0) == []
+    assert refusal(control, b"\x00z", AccountQuery(9, "accounts")).code == "busy"
+    service.release.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 def test_trading_off_is_refused_at_once_without_starting_anything() -> None:
