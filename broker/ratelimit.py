@@ -613,10 +613,12 @@ class PriorityGate(Generic[T]):
     """Releases pending REST jobs within the group limits, most urgent first.
 
     Within a group, jobs leave by priority, then by their owner's turn, then in
-    submission order. Turns are start-time fair queueing: a job's turn is one past its
-    owner's previous job's, and never behind the turn last released, so owners take
-    turns one job at a time: a client that queues many calls delays another's call by
-    at most one of its own, and one that keeps calling cannot shut another out. Jobs below
+    submission order. Turns are start-time fair queueing within one priority: a job's
+    turn is one past its owner's previous job's of that priority, and never behind the
+    turn last released there, so owners take turns one job at a time: a client that
+    queues many calls delays another's call by at most one of its own, and one that
+    keeps calling cannot shut another out (nor do its queued reads delay its own
+    cancel). A job whose caller gave up is :meth:`withdraw`-n: it takes no slot. Jobs below
     :attr:`Priority.ORDER` leave ``reserve`` slots of every window free, so a burst of
     polling never takes the budget an order needs a moment later.
     """
@@ -626,26 +628,48 @@ class PriorityGate(Generic[T]):
         self._reserve = reserve
         self._queues: dict[str, list[_Queued[T]]] = {}
         self._seq = itertools.count()
-        self._waiting: Counter[tuple[str, str]] = Counter()
-        """(group, owner) -> jobs queued (an owner with none is forgotten)."""
-        self._last: dict[tuple[str, str], int] = {}
-        """(group, owner) -> the turn of the owner's latest queued job."""
-        self._now: dict[str, int] = {}
-        """Group -> the turn of the job released last (the virtual clock)."""
+        self._waiting: Counter[tuple[str, int, str]] = Counter()
+        """(group, priority, owner) -> jobs queued (an owner with none is forgotten)."""
+        self._last: dict[tuple[str, int, str], int] = {}
+        """(group, priority, owner) -> the turn of the owner's latest queued job."""
+        self._now: dict[tuple[str, int], int] = {}
+        """(group, priority) -> the turn of the job released last (the virtual clock)."""
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
     def submit(self, job: RestJob[T]) -> None:
         """Queue a job."""
-        key = (job.group, job.owner)
-        turn = max(self._now.get(job.group, 0), self._last.get(key, -1) + 1)
+        key = (job.group, job.priority, job.owner)
+        turn = max(self._now.get(key[:2], 0), self._last.get(key, -1) + 1)
         self._last[key] = turn
         self._waiting[key] += 1
         heapq.heappush(
             self._queues.setdefault(job.group, []),
             _Queued(job.priority, turn, next(self._seq), job),
         )
+
+    def withdraw(self, job: RestJob[T]) -> None:
+        """Forget a queued ``job`` whose caller stopped waiting (timed out, cancelled),
+        so it takes no slot; nothing happens if it already left the queue."""
+        queue = self._queues.get(job.group, [])
+        for i, item in enumerate(queue):
+            if item.job is job:
+                queue[i] = queue[-1]
+                queue.pop()
+                heapq.heapify(queue)
+                self._left(job)
+                if not queue:
+                    del self._queues[job.group]
+                return
+
+    def _left(self, job: RestJob[T]) -> None:
+        """Count ``job`` out of its owner's waiting jobs; forget an owner with none."""
+        key = (job.group, job.priority, job.owner)
+        self._waiting[key] -= 1
+        if self._waiting[key] <= 0:  # its turns are all behind the clock now
+            del self._waiting[key]
+            self._last.pop(key, None)
 
     def _reserve_for(self, priority: int) -> int:
         return 0 if priority <= Priority.ORDER else self._reserve
@@ -661,12 +685,9 @@ class PriorityGate(Generic[T]):
                     break
                 item = heapq.heappop(queue)
                 released.append(item)
-                self._now[group] = max(self._now.get(group, 0), item.turn)
-                key = (group, item.job.owner)
-                self._waiting[key] -= 1
-                if self._waiting[key] <= 0:  # its turns are all behind the clock now
-                    del self._waiting[key]
-                    self._last.pop(key, None)
+                clock = (group, item.priority)
+                self._now[clock] = max(self._now.get(clock, 0), item.turn)
+                self._left(item.job)
         self._queues = {g: q for g, q in self._queues.items() if q}
         released.sort()
         return [item.job for item in released]

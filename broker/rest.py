@@ -189,7 +189,8 @@ class RestClient:
         """Wait for a request slot of ``group``; more urgent priorities go first, and
         owners of one priority take turns (:class:`broker.ratelimit.PriorityGate`)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._gate.submit(RestJob(group, priority, future, owner))
+        job = RestJob(group, priority, future, owner)
+        self._gate.submit(job)
         if self._pump_handle is not None:
             self._pump_handle.cancel()
         self._pump()
@@ -205,6 +206,8 @@ class RestClient:
                 429, f"REST group {group} is rate limited for {wait:.1f} s", sent=False
             ) from None
         finally:
+            if future.cancelled():  # timed out or the caller went: no slot for it later
+                self._gate.withdraw(job)
             waited = time.monotonic() - started
             self.wait_seconds[group] = self.wait_seconds.get(group, 0.0) + waited
 

@@ -685,3 +685,31 @@ def test_token_bucket_rejects_nonsense(burst: int, rate: float) -> None:
         TokenBucket(burst, rate)
     with pytest.raises(ValueError, match="nothing to pace"):
         TokenBucket.pacing((10, 60.0), 10)
+
+
+def test_a_withdrawn_job_takes_no_slot_and_no_turn() -> None:
+    # A caller that gave up waiting (its slot wait timed out) must not spend a slot of
+    # the group later, nor stay counted as waiting.
+    gate = one_a_second()
+    gate.submit(RestJob("order", Priority.ORDER, "first", owner="a"))
+    assert drain(gate, iter([0.0])) == ["first"]
+    gave_up = RestJob("order", Priority.ORDER, "gave-up", owner="a")
+    gate.submit(gave_up)
+    gate.submit(RestJob("order", Priority.ORDER, "waiting", owner="b"))
+    gate.withdraw(gave_up)
+    assert len(gate) == 1
+    assert drain(gate, iter([1.0])) == ["waiting"]
+    gate.withdraw(gave_up)  # twice, or after its release: nothing happens
+    assert len(gate) == 0
+    assert gate.next_delay(1.0) is None
+
+
+def test_a_client_with_reads_queued_waits_no_longer_for_its_cancel() -> None:
+    # Turns are per priority: a client's queued account reads must not put its cancel
+    # behind every other client's queued cancels.
+    gate = one_a_second()
+    for i in range(5):
+        gate.submit(RestJob("order", Priority.ACCOUNT, f"read{i}", owner="a"))
+        gate.submit(RestJob("order", Priority.ORDER, f"b{i}", owner="b"))
+    gate.submit(RestJob("order", Priority.ORDER, "a-cancel", owner="a"))
+    assert drain(gate, iter([0.0, 1.0])) == ["b0", "a-cancel"]

@@ -6,6 +6,7 @@ and records what it was sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -240,5 +241,28 @@ async def test_a_call_whose_answer_is_lost_is_sent_once_and_fails(
         assert caught.value.status == 0, caught.value
         sent = len(upbit.seen) - before  # (never print ``seen``: it holds the JWTs)
         assert sent == 1, f"the request went out {sent} times"
+    finally:
+        await rest.close()
+
+
+async def test_calls_that_gave_up_waiting_take_no_slot_from_later_ones(upbit: FakeUpbit) -> None:
+    # A call whose slot wait timed out was told "not sent": its queued place must not
+    # spend a slot of the group later, or a burst of timed-out calls shuts out the next
+    # window's live ones.
+    rest = client(upbit.base)
+    try:
+        while rest.limiter.try_acquire("order", time.time()):
+            pass  # this window is spent
+        gave_up = [
+            rest.exchange("GET", "/v1/accounts", "order", list[RestAccount], max_wait=0.05)
+            for _ in range(20)
+        ]
+        for result in await asyncio.gather(*gave_up, return_exceptions=True):
+            assert isinstance(result, RestError), result
+            assert not result.sent
+        assert (
+            await rest.exchange("GET", "/v1/accounts", "order", list[RestAccount], max_wait=1.5)
+            == []
+        )
     finally:
         await rest.close()
