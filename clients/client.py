@@ -212,9 +212,10 @@ class BrokerClient(StreamMethods):
         self._beat_counters: tuple[int, int, float, int] = (0, 0, 0.0, 0)
         """What the next heartbeat reports (set on the loop, read by the heartbeat thread)."""
         self._beat_stop: threading.Event | None = None
-        self._data_seen: asyncio.Event | None = None
-        """Set once the current SUB has received anything: its connection is live, so
-        the broker has its topic subscriptions (see :meth:`_data_path`)."""
+        self._data_seen: asyncio.Future[None] | None = None
+        """Done once the current SUB has received anything: its connection is live, so
+        the broker has its topic subscriptions (see :meth:`_data_path`); failed when the
+        client closes or counts the broker gone first."""
         self._log = structlog.get_logger("clients").bind(client=self.client_id[:8])
 
     # ------------------------------------------------------------------ lifecycle
@@ -262,6 +263,7 @@ class BrokerClient(StreamMethods):
         if self._core.closed:
             return
         self._fail(self._core.close(), ClientClosed("client closed"))
+        self._data_lost(ClientClosed("client closed"))
         self._sync_up()
         self._dispatcher.clear()
         tasks = list(self._io.tasks) if self._io is not None else []
@@ -276,7 +278,7 @@ class BrokerClient(StreamMethods):
         ctrl = sockets.open_dealer(ctx, self.control_endpoint)
         io = sockets.IO(loop, ctrl, data, self._dispatcher)
         self._io = io
-        self._data_seen = asyncio.Event()
+        self._data_seen = _data_waiter(loop)
         loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         loop.add_reader(io.monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
@@ -317,7 +319,8 @@ class BrokerClient(StreamMethods):
             io.loop.remove_reader(io.monitor.FD)
         sockets.close_watched(io.data, io.monitor)
         io.data, io.monitor = data, monitor
-        self._data_seen = asyncio.Event()
+        self._data_lost(BrokerUnavailable("the data socket was replaced"))
+        self._data_seen = _data_waiter(io.loop)
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         io.loop.add_reader(monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
 
@@ -552,6 +555,7 @@ class BrokerClient(StreamMethods):
         if self._io is None or not self._core.begin_resync():
             return
         self._log.warning("reconnecting to the broker", reason=reason)
+        self._data_lost(BrokerUnavailable(f"the broker is unavailable (reconnecting: {reason})"))
         self._sync_up()
         self._notify("down", reason)
         self._notify("gap", f"updates may be lost: {reason}", per_topic=True)
@@ -607,15 +611,22 @@ class BrokerClient(StreamMethods):
         with no gap to tell. So nothing is asked before the data path is live.
         """
         seen = self._data_seen
-        if seen is None or seen.is_set():
+        if seen is None or (seen.done() and not seen.exception()):
             return
         try:
-            await asyncio.wait_for(seen.wait(), limit)
+            await asyncio.wait_for(asyncio.shield(seen), limit)
         except TimeoutError:
             raise BrokerTimeout(
                 f"the broker answered but nothing arrived on its data socket "
                 f"({self.data_endpoint}) within {limit:g} s"
             ) from None
+
+    def _data_lost(self, error: BrokerUnavailable | ClientClosed) -> None:
+        """Wake whoever waits for the current SUB's first message with ``error``: the
+        client closes, or the broker is gone and a recovery will replace the SUB."""
+        seen = self._data_seen
+        if seen is not None and not seen.done():
+            seen.set_exception(error)
 
     async def _resubscribe_all(self, limit: float) -> None:
         specs = self._core.streams.held
@@ -698,8 +709,8 @@ class BrokerClient(StreamMethods):
             return
         loop = io.loop
         self._core.heard_data(loop.time())
-        if self._data_seen is not None:
-            self._data_seen.set()
+        if self._data_seen is not None and not self._data_seen.done():
+            self._data_seen.set_result(None)
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH or d.received >= stop_at:  # more may wait: after other tasks ran
@@ -1074,6 +1085,13 @@ class BrokerClient(StreamMethods):
     def gaps(self) -> int:
         """Sequence gaps seen over all topics."""
         return self._dispatcher.gaps
+
+
+def _data_waiter(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A fresh SUB's "heard something" future (its failure need not be awaited)."""
+    future: asyncio.Future[None] = loop.create_future()
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 def _carrying(health: Health) -> set[ConnectionName]:

@@ -286,6 +286,45 @@ async def test_nothing_is_asked_before_the_data_socket_has_heard_the_broker(
     await sub.unsubscribe()
 
 
+async def test_a_subscribe_waiting_for_the_data_path_ends_at_once_when_the_client_closes(
+    fake: FakeBroker, client: BrokerClient
+) -> None:
+    # Like any request pending at close: ClientClosed now, not a timeout later that
+    # blames the broker's data socket.
+    fake.data_quiet = True
+    await client.connect()
+    task = asyncio.create_task(client.subscribe_ticker(["KRW-BTC"]))
+    await async_wait_until(lambda: client.subscriptions, 5, what="the subscribe waiting")
+    started = time.monotonic()
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(task, 5)
+    assert time.monotonic() - started < 1.0, "the waiter slept out its timeout"
+    assert fake.of(Subscribe) == []
+
+
+async def test_a_subscribe_waiting_for_a_data_path_found_dead_is_retried_after_recovery(
+    fake: FakeBroker,
+) -> None:
+    # The broker goes quiet while a first subscribe waits for its data path: the client
+    # counts it gone and recovers; the subscribe is not failed with a data-socket error
+    # but carried over to the recovered connection, like any request.
+    fake.data_quiet = True
+    fake.interval = 0.2  # gone after 0.6 s of silence; the subscribe may wait 4 s
+    client = BrokerClient(fake.control, fake.data, name="unit", request_timeout=4.0)
+    try:
+        await client.connect()
+        task = asyncio.create_task(client.subscribe_ticker(["KRW-BTC"]))
+        hellos = len(fake.of(Hello))
+        await async_wait_until(lambda: len(fake.of(Hello)) > hellos, 5, what="a recovery")
+        fake.data_quiet = False
+        sub = await asyncio.wait_for(task, 10)
+        assert len(fake.of(Subscribe)) == 1
+        await sub.unsubscribe()
+    finally:
+        await client.close()
+
+
 async def test_async_iterator_subscription(fake: FakeBroker, client: BrokerClient) -> None:
     sub = await client.subscribe_trade(["KRW-BTC"])
     fake.publish("trade/KRW-BTC/", ticker(price=1.0))
