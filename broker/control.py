@@ -99,6 +99,9 @@ MAX_TRADING = 64
 """Account and order requests in flight over all clients; past it ``busy``, except for a
 client with fewer than :data:`TRADES_ALWAYS` of its own: a few busy clients must not
 shut everyone else out of trading."""
+WELCOME_ECHOES = (0.05, 0.25, 1.0)
+"""Seconds after a batch of Welcomes at which the broker calls ``on_welcome`` again (it
+publishes a heartbeat): the client waits for data before it subscribes."""
 TRADES_ALWAYS = 2
 """Requests in flight a client is always allowed, however busy the others keep the
 broker (so at most MAX_TRADING + 2 per client are in flight)."""
@@ -140,6 +143,8 @@ class ControlServer:
         out (the broker publishes a heartbeat: the client waits for data on its SUB
         before it subscribes, and need not wait for the next interval)."""
         self._on_welcome = on_welcome
+        self._welcome_echoes: asyncio.TimerHandle | None = None
+        """The follow-up calls of ``on_welcome`` still to come (one series at a time)."""
         self._clients = clients
         self._subscriptions = subscriptions
         self._markets = markets
@@ -172,6 +177,14 @@ class ControlServer:
         # Replies go through a synchronous shadow: NOBLOCK errors surface right here.
         sync: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
         self._socket = sync
+        try:
+            await self._serve(socket, sync)
+        finally:
+            if self._welcome_echoes is not None:  # nothing is published once stopped
+                self._welcome_echoes.cancel()
+                self._welcome_echoes = None
+
+    async def _serve(self, socket: zmq.asyncio.Socket, sync: zmq.Socket[bytes]) -> None:
         while True:
             frames = await socket.recv_multipart()
             welcomed = False
@@ -190,7 +203,25 @@ class ControlServer:
                     welcomed = welcomed or isinstance(message, Welcome)
             if welcomed and self._on_welcome is not None:
                 self._on_welcome()  # once per batch, however many hellos it held
+                if self._welcome_echoes is None:
+                    self._echo_welcome(0)
             await asyncio.sleep(0)
+
+    def _echo_welcome(self, step: int) -> None:
+        """Call ``on_welcome`` again after each of :data:`WELCOME_ECHOES` (one series
+        at a time, whatever the number of hellos): a client whose SUB was still
+        connecting when the first heartbeat went out hears the next within a moment,
+        not an interval later."""
+        if step:
+            assert self._on_welcome is not None
+            self._on_welcome()
+        if step >= len(WELCOME_ECHOES):
+            self._welcome_echoes = None
+            return
+        delay = WELCOME_ECHOES[step] - (WELCOME_ECHOES[step - 1] if step else 0.0)
+        self._welcome_echoes = asyncio.get_running_loop().call_later(
+            delay, self._echo_welcome, step + 1
+        )
 
     def client_key(self, identity: bytes) -> str:
         """The id a client is known by: a keyed hash of its ROUTER identity, never the id."""

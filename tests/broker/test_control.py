@@ -7,12 +7,16 @@ client table and the topic lifecycle), so what a request changes can be checked.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Sequence
 
 import msgspec
 import pytest
+import zmq
+import zmq.asyncio
 
-from broker.control import ControlServer, Reply
+from broker.control import WELCOME_ECHOES, ControlServer, Reply
 from broker.health import compute_metrics
 from broker.liveness import ClientTable
 from broker.quotas import ClientQuotas, Quotas
@@ -463,3 +467,47 @@ def test_private_streams_are_refused_with_the_reason_while_the_keys_are_rejected
     broker.refusal = None
     (_, ok) = ask(control, ALICE, Subscribe(req=3, streams=[StreamSpec("myOrder")]))
     assert isinstance(ok, SubscribeOk)
+
+
+async def test_a_batch_of_welcomes_is_followed_by_a_few_heartbeats_not_one_per_hello(
+    broker: FakeBroker,
+) -> None:
+    # The client waits for data on its SUB before it subscribes; the heartbeat right
+    # after its Welcome may beat its SUB's connection, so a few follow (one series at a
+    # time, however many clients say hello), then none until the next Welcome.
+    calls: list[float] = []
+    control = ControlServer(
+        clients=broker.clients,
+        subscriptions=broker,
+        markets=broker,
+        snapshots=broker,
+        status=broker,
+        epoch="e1",
+        heartbeat_interval=0.5,
+        liveness=3,
+        private_enabled=False,
+        on_welcome=lambda: calls.append(time.monotonic()),
+    )
+    ctx = zmq.asyncio.Context()
+    router, dealers = ctx.socket(zmq.ROUTER), [ctx.socket(zmq.DEALER) for _ in range(2)]
+    router.bind("inproc://control-welcome")
+    for dealer in dealers:
+        dealer.connect("inproc://control-welcome")
+    serving = asyncio.ensure_future(control.serve(router))
+    try:
+        start = time.monotonic()
+        await dealers[0].send(encode(Hello(client_id="a")))
+        await asyncio.wait_for(dealers[0].recv(), 5)
+        await dealers[1].send(encode(Hello(client_id="b")))
+        await asyncio.wait_for(dealers[1].recv(), 5)
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 + len(WELCOME_ECHOES) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert len(calls) == 2 + len(WELCOME_ECHOES)  # one per batch, plus one series
+        assert calls[-1] - start >= WELCOME_ECHOES[-1]
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for sock in (router, *dealers):
+            sock.close(linger=0)
+        ctx.term()
