@@ -22,7 +22,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
@@ -310,14 +310,31 @@ class ControlServer:
             turned_away = self._quote_refusal(client, message)
             if turned_away is not None:
                 return [self._refuse(identity, turned_away)]
+            assert self._quotes is not None  # checked by _quote_refusal
             self._quoting[client] += 1
-            self._spawn(self._quote(identity, client, message))
+            work = self._quotes.answer(message)
+            self._spawn(
+                self._finish(
+                    identity, client, message.req, in_flight=self._quoting, work=work, what="quote"
+                )
+            )
         elif isinstance(message, AccountQuery | PlaceOrder | CancelOrder):
             turned_away = self._trading_refusal(client, message)
             if turned_away is not None:
                 return [self._refuse(identity, turned_away)]
+            assert self._trading is not None  # checked by _trading_refusal
             self._trades[client] += 1
-            task = asyncio.ensure_future(self._trade(identity, client, message))
+            trade = self._trading.answer(message, client)
+            task = asyncio.ensure_future(
+                self._finish(
+                    identity,
+                    client,
+                    message.req,
+                    in_flight=self._trades,
+                    work=trade,
+                    what="trading request",
+                )
+            )
             self._trade_tasks.add(task)
             task.add_done_callback(self._trade_tasks.discard)
         elif isinstance(message, HealthRequest):
@@ -465,17 +482,28 @@ class ControlServer:
             )
         return None
 
-    async def _quote(self, identity: bytes, client: str, message: Quote) -> None:
-        assert self._quotes is not None  # checked by _quote_refusal
+    async def _finish(
+        self,
+        identity: bytes,
+        client: str,
+        req: int,
+        *,
+        in_flight: Counter[str],
+        work: Awaitable[BrokerMessage],
+        what: str,
+    ) -> None:
+        """Answer one of ``client``'s requests counted in ``in_flight`` (quotes, trading)
+        with what ``work`` returns, or an ``internal`` error: never a client left waiting
+        out its timeout, nor a count left behind."""
         try:
-            reply = await self._quotes.answer(message)
-        except Exception as exc:  # never leave a client waiting out its timeout
-            self._log.exception("quote failed", kind=message.kind)
-            reply = ErrorReply(message.req, "internal", f"internal error ({type(exc).__name__})")
+            reply = await work
+        except Exception as exc:
+            self._log.exception(f"{what} failed")
+            reply = ErrorReply(req, "internal", f"internal error ({type(exc).__name__})")
         finally:
-            self._quoting[client] -= 1
-            if self._quoting[client] <= 0:
-                del self._quoting[client]
+            in_flight[client] -= 1
+            if in_flight[client] <= 0:
+                del in_flight[client]
         if isinstance(reply, ErrorReply):
             self.errors += 1
             self._send(*self._refuse(identity, reply))
@@ -504,23 +532,6 @@ class ControlServer:
                 "flight; wait for an answer before sending more (nothing was sent)",
             )
         return None
-
-    async def _trade(self, identity: bytes, client: str, message: TradingMessage) -> None:
-        assert self._trading is not None  # checked by _trading_refusal
-        try:
-            reply = await self._trading.answer(message, client)
-        except Exception as exc:  # never leave a client waiting out its timeout
-            self._log.exception("trading request failed", op=type(message).__name__)
-            reply = ErrorReply(message.req, "internal", f"internal error ({type(exc).__name__})")
-        finally:
-            self._trades[client] -= 1
-            if self._trades[client] <= 0:
-                del self._trades[client]
-        if isinstance(reply, ErrorReply):
-            self.errors += 1
-            self._send(*self._refuse(identity, reply))
-        else:
-            self._send(identity, reply)
 
     # ---------------------------------------------------------------- plumbing
 

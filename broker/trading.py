@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -82,6 +82,8 @@ __all__ = [
     "plan_query",
     "trading_refusal",
 ]
+
+T = TypeVar("T")
 
 SIDES: Final = frozenset({"bid", "ask"})
 ORD_TYPES: Final = frozenset({"limit", "price", "market", "best"})
@@ -638,31 +640,21 @@ class Trading:
             return rest_refusal(message.req, exc)
 
     async def _call(self, req: int, plan: QueryPlan, priority: int, owner: str) -> OrderReply:
-        rest = self._rest
-        call = plan.method, plan.path, "default"
+        async def fetch(kind: type[T]) -> T:
+            return await self._rest.exchange(
+                plan.method, plan.path, "default", kind, plan.params,
+                priority=priority, owner=owner,
+            )  # fmt: skip
+
         if plan.reply == "accounts":
-            accounts = await rest.exchange(
-                *call, list[RestAccount], plan.params, priority=priority, owner=owner
-            )
-            return OrderReply(req, "accounts", accounts=accounts)
+            return OrderReply(req, "accounts", accounts=await fetch(list[RestAccount]))
         if plan.reply == "chance":
-            chance = await rest.exchange(
-                *call, OrderChance, plan.params, priority=priority, owner=owner
-            )
-            return OrderReply(req, "chance", chance=chance)
+            return OrderReply(req, "chance", chance=await fetch(OrderChance))
         if plan.reply == "order":
-            order = await rest.exchange(
-                *call, RestOrder, plan.params, priority=priority, owner=owner
-            )
-            return OrderReply(req, "order", order=order)
+            return OrderReply(req, "order", order=await fetch(RestOrder))
         if plan.reply == "orders":
-            orders = await rest.exchange(
-                *call, list[RestOrder], plan.params, priority=priority, owner=owner
-            )
-            return OrderReply(req, "orders", orders=orders)
-        batch = await rest.exchange(
-            *call, BatchCancelAnswer, plan.params, priority=priority, owner=owner
-        )
+            return OrderReply(req, "orders", orders=await fetch(list[RestOrder]))
+        batch = await fetch(BatchCancelAnswer)
         return OrderReply(req, "batch", cancelled=batch.success.orders, failed=batch.failed.orders)
 
     async def _place(self, req: int, plan: OrderPlan, owner: str) -> OrderReply | ErrorReply:
