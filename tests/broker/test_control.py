@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 import pytest
@@ -323,18 +324,7 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
         def health(self) -> Health:
             raise RuntimeError("boom")
 
-    broken = Broken(broker.clients)
-    control = ControlServer(
-        clients=broken.clients,
-        subscriptions=broken,
-        markets=broken,
-        snapshots=broken,
-        status=broken,
-        epoch="e1",
-        heartbeat_interval=0.5,
-        liveness=3,
-        private_enabled=False,
-    )
+    control = control_over(Broken(broker.clients))
     joined(control)
     reply = ask(control, ALICE, HealthRequest(req=3))
     assert error_code(reply) == "internal"
@@ -347,22 +337,31 @@ def test_a_failing_request_gets_an_internal_error_and_the_server_keeps_answering
 # ---------------------------------------------------------------- hostile clients
 
 
-def quota_control(
-    broker: FakeBroker, quotas: Quotas, *, private_enabled: bool = False
-) -> ControlServer:
-    """A control server over ``broker`` with ``quotas``."""
+def control_over(broker: FakeBroker, **options: Any) -> ControlServer:
+    """A control server over ``broker`` (epoch e1, heartbeat 0.5 s, liveness 3, no keys);
+    ``options`` go to :class:`ControlServer` as well."""
+    settings: dict[str, Any] = {
+        "epoch": "e1",
+        "heartbeat_interval": 0.5,
+        "liveness": 3,
+        "private_enabled": False,
+    }
+    settings.update(options)
     return ControlServer(
         clients=broker.clients,
         subscriptions=broker,
         markets=broker,
         snapshots=broker,
         status=broker,
-        epoch="e1",
-        heartbeat_interval=0.5,
-        liveness=3,
-        private_enabled=private_enabled,
-        quotas=ClientQuotas(quotas),
+        **settings,
     )
+
+
+def quota_control(
+    broker: FakeBroker, quotas: Quotas, *, private_enabled: bool = False
+) -> ControlServer:
+    """A control server over ``broker`` with ``quotas``."""
+    return control_over(broker, private_enabled=private_enabled, quotas=ClientQuotas(quotas))
 
 
 def test_a_request_with_a_bad_field_is_answered_with_its_req_and_the_field(
@@ -476,18 +475,7 @@ async def test_a_batch_of_welcomes_is_followed_by_a_few_heartbeats_not_one_per_h
     # after its Welcome may beat its SUB's connection, so a few follow (one series at a
     # time, however many clients say hello), then none until the next Welcome.
     calls: list[float] = []
-    control = ControlServer(
-        clients=broker.clients,
-        subscriptions=broker,
-        markets=broker,
-        snapshots=broker,
-        status=broker,
-        epoch="e1",
-        heartbeat_interval=0.5,
-        liveness=3,
-        private_enabled=False,
-        on_welcome=lambda: calls.append(time.monotonic()),
-    )
+    control = control_over(broker, on_welcome=lambda: calls.append(time.monotonic()))
     ctx = zmq.asyncio.Context()
     router, dealers = ctx.socket(zmq.ROUTER), [ctx.socket(zmq.DEALER) for _ in range(2)]
     router.bind("inproc://control-welcome")

@@ -27,7 +27,7 @@ from broker.rest import PRIORITY_POLL, PRIORITY_SNAPSHOT, RestClient, RestError
 from broker.upbit_auth import QueryValue
 from schemas.bus import ErrorReply, Hello, Quote, QuoteReply, Welcome, encode
 from schemas.rest import RestCandle, RestMarket, RestMarketEvent
-from tests.broker.test_control import FakeBroker
+from tests.broker.test_control import FakeBroker, control_over
 
 T = TypeVar("T")
 MARKETS = frozenset({"KRW-BTC", "KRW-ETH", "BTC-ETH"})
@@ -287,20 +287,7 @@ class HeldQuotes:
 
 
 def control_with(quotes: HeldQuotes | None) -> ControlServer:
-    clients = ClientTable()
-    fake = FakeBroker(clients)
-    return ControlServer(
-        clients=clients,
-        subscriptions=fake,
-        markets=fake,
-        snapshots=fake,
-        status=fake,
-        epoch="e1",
-        heartbeat_interval=1.0,
-        liveness=3,
-        private_enabled=False,
-        quotes=quotes,
-    )
+    return control_over(FakeBroker(ClientTable()), quotes=quotes)
 
 
 def hello(control: ControlServer, identity: bytes) -> None:

@@ -1,7 +1,7 @@
 """broker.rest against a local HTTP server: errors that leak nothing, hostile bodies, URLs.
 
-The server is an in-process aiohttp app on port 0 that answers what each test scripts,
-and records what it was sent.
+The server (``upbit``, tests/broker/conftest.py) is an in-process aiohttp app on port 0
+that answers what each test scripts, and records what it was sent.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import pytest
 from aiohttp import web
@@ -21,42 +20,11 @@ from broker.exchange import UpbitExchange
 from broker.ratelimit import MAX_BAN_SECONDS
 from broker.rest import ERROR_MESSAGE_LIMIT, RestClient, RestError
 from schemas.rest import RestAccount, RestTicker
+from tests.broker.conftest import FakeUpbit, Reply
 
 ACCESS = "Rq7yXw2LmN4pZt8KvB1cHs5DgF9jUe3aTo6iEl0M"
 SECRET = "sK3jD9fL2hG7aQ1wE5rT8yU4iO6pZ0xC2vB7nM1q"
 URL_PASSWORD = "url-pa55w0rd-never-shown"
-
-Reply = Callable[[web.Request], web.Response]
-
-
-@dataclass
-class FakeUpbit:
-    """Answers every path with ``reply``; keeps the headers of each request."""
-
-    base: str = ""
-    reply: Reply = field(default=lambda request: web.json_response([]))
-    seen: list[dict[str, str]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append(dict(request.headers))
-        return self.reply(request)
-
-
-@pytest.fixture
-async def upbit() -> AsyncIterator[FakeUpbit]:
-    fake = FakeUpbit()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    fake.base = f"http://{host}:{port}"
-    try:
-        yield fake
-    finally:
-        await runner.cleanup()
 
 
 def client(rest_url: str) -> RestClient:

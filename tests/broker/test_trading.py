@@ -5,7 +5,7 @@ of Upbit's REST, and the control plane's limits on it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -57,8 +57,8 @@ from schemas.bus import (
     encode,
 )
 from schemas.rest import RestOrder, decode_rest
-from tests.broker.test_control import FakeBroker
-from tests.broker.test_rest import FakeUpbit
+from tests.broker.conftest import FakeUpbit
+from tests.broker.test_control import FakeBroker, control_over
 from tests.broker.test_rest import client as rest_client
 
 T = TypeVar("T")
@@ -779,23 +779,6 @@ async def test_a_duplicate_identifier_sent_once_is_upbits_refusal_as_is() -> Non
 DUPLICATED = {"error": {"name": "duplicated_identifier", "message": "identifier is duplicated."}}
 
 
-@pytest.fixture
-async def upbit() -> AsyncIterator[FakeUpbit]:
-    """A local HTTP server answering what the test scripts (as in test_rest)."""
-    fake = FakeUpbit()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    fake.base = f"http://{host}:{port}"
-    try:
-        yield fake
-    finally:
-        await runner.cleanup()
-
-
 async def test_the_rest_client_says_when_a_refusal_came_after_a_resend_on_429(
     upbit: FakeUpbit,
 ) -> None:
@@ -844,20 +827,7 @@ class HeldTrading:
 
 
 def control_with(service: HeldTrading | None) -> ControlServer:
-    clients = ClientTable()
-    fake = FakeBroker(clients)
-    return ControlServer(
-        clients=clients,
-        subscriptions=fake,
-        markets=fake,
-        snapshots=fake,
-        status=fake,
-        epoch="e1",
-        heartbeat_interval=1.0,
-        liveness=3,
-        private_enabled=True,
-        trading=service,
-    )
+    return control_over(FakeBroker(ClientTable()), private_enabled=True, trading=service)
 
 
 def hello(control: ControlServer, identity: bytes) -> None:
