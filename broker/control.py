@@ -50,6 +50,7 @@ from schemas.bus import (
     Bye,
     CancelOrder,
     ClientMessage,
+    Envelope,
     ErrorReply,
     GetSnapshot,
     HealthReply,
@@ -413,7 +414,15 @@ class ControlServer:
             )
         self._subscriptions.subscribe(client, specs)
         topics = [spec.topic for spec in specs]
-        snapshot = self._snapshots.last_values(topics) if message.snapshot else []
+        snapshot: list[Envelope] = []
+        if message.snapshot and message.replay:
+            # Back after a restart: every private message of this broker, not just the
+            # last (its first REST sync may have published several before we returned).
+            private = [spec.topic for spec in specs if spec.is_private]
+            public = [spec.topic for spec in specs if not spec.is_private]
+            snapshot = self._snapshots.last_values(public) + self._snapshots.journal(private)
+        elif message.snapshot:
+            snapshot = self._snapshots.last_values(topics)
         return (identity, SubscribeOk(message.req, topics, snapshot))
 
     async def _subscribe_when_ready(self, identity: bytes, client: str, message: Subscribe) -> None:

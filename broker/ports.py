@@ -163,6 +163,10 @@ class LastValues(Protocol):
         """The cached last envelope of each of ``topics`` that has one."""
         ...
 
+    def journal(self, topics: Iterable[str]) -> list[Envelope]:
+        """Every private message kept on (or under) ``topics``, oldest first."""
+        ...
+
 
 class SnapshotSource(LastValues, Protocol):
     """Current values on demand: the last-value cache, and REST for what it lacks."""

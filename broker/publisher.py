@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Iterable
 
 import msgspec
@@ -45,7 +46,12 @@ from schemas.bus import (
     pack_published,
 )
 
-__all__ = ["Publisher"]
+__all__ = ["JOURNAL", "Publisher"]
+
+JOURNAL = 1024
+"""Private messages (myOrder, myAsset) the publisher keeps, oldest dropped first, for
+clients that come back after a restart (:meth:`Publisher.journal`); a client that
+finds the start of a topic dropped reports a gap."""
 
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum arithmetic costs microseconds
 
@@ -68,6 +74,8 @@ class Publisher:
         """Topic bytes -> envelopes queued this turn, topics in first-message order."""
         self._topic_bytes: dict[str, bytes] = {}
         """topic -> the topic as bytes, encoded once per topic."""
+        self._journal: deque[Envelope] = deque(maxlen=JOURNAL)
+        """The private messages published, in order (:meth:`journal`)."""
 
     # -------------------------------------------------------------- activity
 
@@ -122,9 +130,13 @@ class Publisher:
     def publish_in_order(
         self, topic: str, payload: Payload, recv_ns: int, source: Source = "websocket"
     ) -> None:
-        """:meth:`publish`, after sending everything queued: kept in order across topics."""
+        """:meth:`publish`, after sending everything queued: kept in order across topics.
+
+        For the private streams, whose every message matters: each is also kept in the
+        journal (:meth:`journal`)."""
         self.flush()
         self.publish(topic, payload, recv_ns, source)
+        self._journal.append(self._cache[topic])
 
     def publish_status(self, topic: str, event: StatusEvent) -> None:
         """Send a status event (not cached) on a status or data topic."""
@@ -185,6 +197,12 @@ class Publisher:
             elif topic.count("/") == 1:
                 found.extend(env for t, env in self._cache.items() if t.startswith(topic))
         return found
+
+    def journal(self, topics: Iterable[str]) -> list[Envelope]:
+        """Every private message still kept whose topic is one of ``topics`` or under
+        one of them (a prefix topic such as ``myOrder/``), oldest first."""
+        wanted = tuple(topics)
+        return [env for env in self._journal if env.topic.startswith(wanted)]
 
     def cached(self, topic: str) -> Envelope | None:
         """The last value of one topic, if any."""

@@ -46,6 +46,10 @@ class Snapshots:
         """The cached last envelope of each of ``topics`` that has one."""
         return self._cache.last_values(topics)
 
+    def journal(self, topics: Iterable[str]) -> list[Envelope]:
+        """Every private message kept on (or under) ``topics``, oldest first."""
+        return self._cache.journal(topics)
+
     async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
         """Envelopes for ``specs`` and the topics that have no value at all.
 

@@ -212,6 +212,9 @@ class BrokerClient(StreamMethods):
         self._beat_counters: tuple[int, int, float, int] = (0, 0, 0.0, 0)
         """What the next heartbeat reports (set on the loop, read by the heartbeat thread)."""
         self._beat_stop: threading.Event | None = None
+        self._held_epoch: str | None = None
+        """The broker epoch our streams were last (re)subscribed in: a recovery to
+        another one asks for its private messages so far (replay)."""
         self._data_seen: asyncio.Future[None] | None = None
         """Done once the current SUB has received anything: its connection is live, so
         the broker has its topic subscriptions (see :meth:`_data_path`); failed when the
@@ -257,6 +260,7 @@ class BrokerClient(StreamMethods):
                     f"{self.request_timeout:g} s (is upbit-broker running?)"
                 ) from None
             self._on_welcomed(welcome)
+            self._held_epoch = welcome.epoch
 
     async def close(self) -> None:
         """Say Bye, close the sockets, end every subscription and task. Idempotent."""
@@ -584,9 +588,14 @@ class BrokerClient(StreamMethods):
             try:
                 self._replace_ctrl()  # UntrustedBroker: an impostor took the path; retried
                 self._replace_data()
-                self._on_welcomed(await self._hello(timeout))
+                welcome = await self._hello(timeout)
+                # Another broker than the one our streams were held by: its private
+                # messages so far were published before we were back (replay them).
+                restarted = self._held_epoch not in (None, welcome.epoch)
+                self._on_welcomed(welcome)
                 await self._data_path(timeout)
-                await self._resubscribe_all(timeout)
+                await self._resubscribe_all(timeout, replay=restarted)
+                self._held_epoch = welcome.epoch
                 health = await self._request_once(HealthRequest, HealthReply, timeout)
             except (BrokerError, BrokerTimeout, BrokerUnavailable, _Reset):
                 self._core.resync_failed()  # retried with backoff; "down" was already told
@@ -628,13 +637,17 @@ class BrokerClient(StreamMethods):
         if seen is not None and not seen.done():
             seen.set_exception(error)
 
-    async def _resubscribe_all(self, limit: float) -> None:
+    async def _resubscribe_all(self, limit: float, *, replay: bool = False) -> None:
+        """Subscribe every held stream again, with snapshots; ``replay``: the broker
+        restarted, so its private messages so far come too (:class:`Subscribe`)."""
         specs = self._core.streams.held
         snapshot: list[Envelope] = []
         failed: dict[str, BrokerError] = {}
         if specs:
             try:
-                ok = await self._request_once(lambda r: Subscribe(r, specs), SubscribeOk, limit)
+                ok = await self._request_once(
+                    lambda r: Subscribe(r, specs, replay=replay), SubscribeOk, limit
+                )
                 snapshot = ok.snapshot
             except BrokerError as exc:
                 if exc.code == "unknown_client":
@@ -643,7 +656,7 @@ class BrokerClient(StreamMethods):
                 for spec in specs:
                     try:
                         ok = await self._request_once(
-                            lambda r, s=spec: Subscribe(r, [s]),  # type: ignore[misc]
+                            lambda r, s=spec: Subscribe(r, [s], replay=replay),  # type: ignore[misc]
                             SubscribeOk,
                             limit,
                         )
@@ -654,10 +667,15 @@ class BrokerClient(StreamMethods):
                         failed[spec.topic] = one
         d = self._dispatcher
         for sub in d.subscriptions:
-            d.activate(sub, [env for env in snapshot if d.matches(sub, env.topic)])
+            mine = [env for env in snapshot if d.matches(sub, env.topic)]
+            d.activate(sub, mine)
             errors = [failed[s.topic] for s in sub.streams if s.topic in failed]
             if errors:
                 self._notify("error", "; ".join(str(e) for e in errors), [sub])
+            if replay and _journal_cut(mine, sub):
+                self._notify(
+                    "gap", "the restarted broker no longer keeps its first private messages", [sub]
+                )
 
     def _notify(
         self,
@@ -1117,3 +1135,16 @@ def _beat_forever(beat: weakref.WeakMethod[Callable[[], float]], stop: threading
             delay = IDLE_BEAT
         del fn
         stop.wait(delay)
+
+
+def _journal_cut(replayed: list[Envelope], sub: Subscription[Any]) -> bool:
+    """Whether a private topic's replay starts after its first message (seq 1): the
+    broker's journal dropped the oldest, so some were lost."""
+    private = tuple(spec.topic for spec in sub.streams if spec.is_private)
+    if not private:
+        return False
+    first: dict[str, int] = {}
+    for env in replayed:
+        if env.seq > 0 and env.topic.startswith(private):
+            first[env.topic] = min(first.get(env.topic, env.seq), env.seq)
+    return any(seq > 1 for seq in first.values())

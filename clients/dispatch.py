@@ -273,7 +273,8 @@ class Dispatcher:
         """Deliver ``snapshot`` to the pending ``sub``, then what it buffered past it.
 
         A snapshot value with ``seq`` > 0 becomes the topic's baseline when this client
-        has seen nothing of the topic yet; ``seq`` 0 marks a value fetched over REST,
+        has seen nothing of the topic yet (a replay brings several values of a topic, in
+        order: the last is the baseline); ``seq`` 0 marks a value fetched over REST,
         outside the topic's sequence, which sets no baseline.
         """
         if sub.closed:
@@ -286,8 +287,9 @@ class Dispatcher:
         items = [env for env in snapshot if env.epoch == epoch]
         tracker = self.tracker
         delivered = self._delivered
+        fresh = {env.topic for env in items if tracker.last_seq(env.topic) is None}
         for env in items:  # the snapshot itself is delivered before any floor exists
-            if env.seq > 0 and tracker.last_seq(env.topic) is None:
+            if env.seq > 0 and env.topic in fresh:
                 tracker.baseline(env.topic, env.epoch, env.seq)
             if env.seq > 0 and delivered.get(env.topic) == (env.epoch, env.seq):
                 continue  # this client got that very message before it recovered

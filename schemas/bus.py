@@ -397,11 +397,18 @@ class Hello(msgspec.Struct, tag="hello", tag_field="op"):
 
 
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op"):
-    """Add streams; the reply carries their last values (the Clone pattern)."""
+    """Add streams; the reply carries their last values (the Clone pattern).
+
+    ``replay``: a client back after the broker restarted asks, for its private streams,
+    for every message this broker published on them (its journal, oldest first) instead
+    of the last value: what the new broker's first REST sync published before the
+    client returned reaches it too. A broker that predates it ignores the field.
+    """
 
     req: int
     streams: list[StreamSpec]
     snapshot: bool = True
+    replay: bool = False
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op"):

@@ -79,6 +79,8 @@ class FakeBroker:
         self.topics = TopicLifecycle()
         self.markets: frozenset[str] | None = MARKETS
         self.cache: dict[str, Envelope] = {}
+        self.journaled: list[Envelope] = []
+        """The private messages published, oldest first (the publisher's journal)."""
         self.dropped: list[str] = []
         self.refusal: str | None = None
 
@@ -98,6 +100,10 @@ class FakeBroker:
 
     def last_values(self, topics: Iterable[str]) -> list[Envelope]:
         return [self.cache[t] for t in topics if t in self.cache]
+
+    def journal(self, topics: Iterable[str]) -> list[Envelope]:
+        wanted = tuple(topics)
+        return [env for env in self.journaled if env.topic.startswith(wanted)]
 
     async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
         return self.last_values(s.topic for s in specs), []
@@ -499,3 +505,25 @@ async def test_a_batch_of_welcomes_is_followed_by_a_few_heartbeats_not_one_per_h
         for sock in (router, *dealers):
             sock.close(linger=0)
         ctx.term()
+
+
+def test_a_replay_brings_private_streams_journal_and_public_streams_last_values(
+    broker: FakeBroker,
+) -> None:
+    # A client back after a restart: every private message this broker published so
+    # far (its first REST sync may have published several), the last value elsewhere.
+    control = quota_control(broker, Quotas(), private_enabled=True)
+    joined(control)
+    broker.cache["ticker/KRW-BTC/"] = cached_ticker("ticker/KRW-BTC/")
+    broker.journaled = [
+        Envelope("myOrder/KRW-BTC/", seq, "e1", seq, "rest", cached_ticker("x").data)
+        for seq in (1, 2, 3)
+    ]
+    broker.cache["myOrder/KRW-BTC/"] = broker.journaled[-1]
+    streams = [StreamSpec("ticker", "KRW-BTC"), StreamSpec("myOrder")]
+    _, replayed = ask(control, ALICE, Subscribe(req=5, streams=streams, replay=True))
+    assert isinstance(replayed, SubscribeOk)
+    assert replayed.snapshot == [broker.cache["ticker/KRW-BTC/"], *broker.journaled]
+    _, plain = ask(control, ALICE, Subscribe(req=6, streams=streams))
+    assert isinstance(plain, SubscribeOk)
+    assert plain.snapshot == [broker.cache["ticker/KRW-BTC/"]]  # (no prefix cache here)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from broker.publisher import Publisher, _chunks
+from broker.publisher import JOURNAL, Publisher, _chunks
 from schemas.bus import MAX_BATCH, MAX_BATCH_BYTES, StatusEvent
 from schemas.upbit import AssetBalance, MyAsset
 from tests.broker.test_routing import RecordingSocket, my_order
@@ -157,3 +157,25 @@ def test_a_dropped_frame_counts_every_message_it_carried() -> None:
     in_one_turn(pub, ("data", TRADE, 1), ("data", TRADE, 2), ("data", TICKER, 3))
     assert (pub.send_errors, pub.published, pub.frames) == (3, 0, 0)
     assert pub.cached(TRADE) is not None  # the last value is kept for the next subscriber
+
+
+def test_the_journal_keeps_every_private_message_in_order_and_only_those() -> None:
+    pub, _ = publisher()
+    pub.activate("myOrder/")
+    pub.activate(TRADE)
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 1)
+    pub.publish(TRADE, my_order("KRW-BTC"), 2)  # a public stream: not journaled
+    pub.publish_in_order("myOrder/KRW-ETH/", my_order("KRW-ETH"), 3)
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 4)
+    assert [(e.topic, e.seq) for e in pub.journal(["myOrder/"])] == [
+        ("myOrder/KRW-BTC/", 1),
+        ("myOrder/KRW-ETH/", 1),
+        ("myOrder/KRW-BTC/", 2),
+    ]
+    assert [e.seq for e in pub.journal(["myOrder/KRW-BTC/"])] == [1, 2]
+    assert pub.journal(["myAsset/"]) == []
+    for i in range(JOURNAL):  # bounded: the oldest go first
+        pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 10 + i)
+    kept = pub.journal(["myOrder/"])
+    assert len(kept) == JOURNAL
+    assert all(e.topic == "myOrder/KRW-XRP/" for e in kept)

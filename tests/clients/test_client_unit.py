@@ -472,6 +472,8 @@ async def test_a_new_epoch_resubscribes_and_resnapshots_by_itself(
     assert states == ["down", "gap", "reconnecting", "restored"]
     assert client.epoch == fake.epoch
     assert len(fake.of(Hello)) == 2
+    # Back at another broker: it asks for that broker's private messages so far.
+    assert [s.replay for s in fake.of(Subscribe)] == [False, True]
 
 
 async def test_each_dealer_has_its_own_random_routing_id(

@@ -490,3 +490,17 @@ def test_after_a_broker_restart_the_snapshot_is_delivered_even_at_the_same_seq(
     d.resume("e2")  # a new broker numbers from 1 again
     d.activate(sub, [env(T_BTC, 2, epoch="e2")])
     assert [t.trade_price for t in got] == [1.0, 2.0, 2.0]
+
+
+def test_a_replay_delivers_every_value_in_order_and_baselines_at_the_last(
+    d: Dispatcher,
+) -> None:
+    # After a broker restart the client asks for the private messages published
+    # before it was back: several of one topic, then live updates continue from them.
+    topic = "myOrder/KRW-BTC/"
+    sub, got = collecting([StreamSpec("myOrder")])
+    d.add(sub)
+    d.activate(sub, [env(topic, seq, my_order("KRW-BTC")) for seq in (1, 2, 3)])
+    feed(d, env(topic, 4, my_order("KRW-BTC")))
+    assert len(got) == 4
+    assert d.tracker.gaps == 0

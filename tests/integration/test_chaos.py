@@ -247,6 +247,45 @@ def test_what_a_restarted_brokers_first_sync_publishes_reaches_the_resubscribed_
         assert len(events(agent, lost.uuid, "done")) == 1
 
 
+def test_a_client_back_after_the_restarted_brokers_first_sync_still_gets_what_it_published() -> (
+    None
+):
+    # Found by the soak (seed 1847964149, priv1): the restarted broker's first REST
+    # sync ran when the first private client came back and published the order lost
+    # in a stall; the second client came back after it and never saw it (no gap, a
+    # topic born before it returned). A client back at a new broker now asks for the
+    # private messages published so far (the broker's journal).
+    with private_follower() as (sim, broker, first):
+        late = AgentLog("late", broker.env, ["myOrder"])
+        try:
+            orders = Orders(sim, seed=0)
+            probe = orders.place(filled=True)
+            wait_until(lambda: events(late, probe.uuid, "done"), 20, what="the late follower up")
+            sim.control("stall", {"seconds": 2.0, "kind": "app", "path": PRIVATE})
+            # Two orders, so the topic's last value alone cannot carry the first.
+            lost = [orders.place(filled=True), orders.place(filled=True)]
+            wait_until(lambda: not sim.control("")["faults"]["app_stall"], 10, what="stall over")
+            late.child.signal(signal.SIGSTOP)  # away while the broker restarts and syncs
+            try:
+                restart_broker(broker)
+                wait_until(lambda: all_done(first, lost), 20, what="the first follower")
+            finally:
+                late.child.signal(signal.SIGCONT)
+            wait_until(lambda: all_done(late, lost), 20, what="the late follower")
+            for agent in (first, late):
+                checked, problems = order_deliveries(lost, agent.records, 0.0)
+                assert problems == []
+                assert checked == sum(len(o.trades) + 1 for o in lost)
+        finally:
+            late.stop()
+            shutil.rmtree(late.path.parent, ignore_errors=True)
+
+
+def all_done(agent: AgentLog, orders: list[PlacedOrder]) -> bool:
+    """The agent has the ``done`` of every one of ``orders``."""
+    return all(events(agent, order.uuid, "done") for order in orders)
+
+
 def restart_broker(broker: Broker) -> None:
     """SIGKILL the broker and start it again with its (possibly changed) environment."""
     broker.child.kill()
