@@ -28,6 +28,7 @@ from broker.subscriptions import UpstreamStream, request_target, widen_request
 from schemas.upbit import SubscriptionList
 
 __all__ = [
+    "CONFIRM_AFTER",
     "ERROR_WINDOW",
     "MAX_LINGERING",
     "MESSAGE_LIMITS",
@@ -71,6 +72,13 @@ request's size, and fits ``ticker`` and ``trade`` of every KRW market (about 2 x
 ERROR_WINDOW = 10.0
 """Seconds after a request within which an error frame is taken as its answer: Upbit
 answers only refusals, and names no ticket in them."""
+
+CONFIRM_AFTER = 5.0
+"""Seconds after a request that added streams before LIST_SUBSCRIPTIONS checks that the
+exchange took it, and again this often while no listing answers. Upbit answers only
+refusals: a request its application never processed (it stalled for a moment without
+the connection looking down) would otherwise go unnoticed until the next regular check
+(``verify_interval``), and a client that subscribed then would get nothing for a minute."""
 
 PROBE_WINDOW = 2.0
 """While a refused request is split to find the stream Upbit will not serve, seconds a
@@ -209,9 +217,14 @@ class RequestPolicy:
         verify_interval: float = 60.0,
         idle_close: float = 30.0,
         widen_types: Collection[str] = (),
+        confirm_after: float | None = None,
     ) -> None:
-        """``widen_types``: stream types widened while requests are scarce (none: never)."""
+        """``widen_types``: stream types widened while requests are scarce (none: never).
+        ``confirm_after``: seconds after a request that added streams before a listing
+        checks the exchange took it (:data:`CONFIRM_AFTER`; None: only every
+        ``verify_interval``)."""
         self._rules = rules
+        self._confirm_after = confirm_after
         self._coalesce = coalesce
         self._verify_interval = verify_interval
         self._idle_close = idle_close
@@ -243,6 +256,8 @@ class RequestPolicy:
         self._due = math.inf
         """When to consider the subscription again (coalescing, deferred removals)."""
         self._verify_at = math.inf
+        self._confirming = False
+        """A request added streams and no listing has confirmed it yet."""
         self._listed: frozenset[UpstreamStream] | None = None
         """The request in force when the outstanding LIST_SUBSCRIPTIONS was sent."""
         self._empty_since = math.inf
@@ -306,6 +321,7 @@ class RequestPolicy:
     def on_disconnected(self) -> tuple[Event, ...]:
         """The connection is gone, and with it everything it carried."""
         self._connected = False
+        self._confirming = False
         self._due = self._verify_at = math.inf
         self._listed = None
         return self._set_sent(None)
@@ -314,10 +330,15 @@ class RequestPolicy:
         """``request`` (from :meth:`next_request`) went out at ``now``."""
         self._limiter.record(now)
         self._pace.try_acquire(now)
+        confirm = self._confirm_after
         if isinstance(request, ListSubscriptions):
-            self._verify_at = now + self._verify_interval
+            wait = confirm if confirm is not None and self._confirming else math.inf
+            self._verify_at = now + min(wait, self._verify_interval)
             self._listed = self._sent
             return ()
+        if confirm is not None and request.streams - (self._sent or frozenset()):
+            self._confirming = True  # new streams: check the exchange took them, soon
+            self._verify_at = min(self._verify_at, now + confirm)
         self._last_good = self._sent or frozenset()
         self._widened = request.widened
         self._sent_at = now
@@ -382,6 +403,9 @@ class RequestPolicy:
         """The answer to :class:`ListSubscriptions`: on any difference from the request in
         force, forget what was sent so the full request (with snapshots) goes again."""
         listed, self._listed = self._listed, None
+        if self._confirming and self._connected:  # answered: back to the regular checks
+            self._confirming = False
+            self._verify_at = now + self._verify_interval
         intended = self._sent
         if intended is None or self._changed or listed != intended:
             return ()  # a request sent since the listing was asked makes it stale

@@ -50,6 +50,7 @@ from broker.ratelimit import (
     parse_block_seconds,
 )
 from broker.request_policy import (
+    CONFIRM_AFTER,
     MESSAGE_LIMITS,
     Carried,
     Close,
@@ -204,6 +205,7 @@ class UpstreamLink:
             verify_interval=verify_interval,
             idle_close=idle_close,
             widen_types=widen_types,
+            confirm_after=CONFIRM_AFTER,
         )
         self._credentials = credentials
         self._error_log = LogThrottle()

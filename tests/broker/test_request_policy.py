@@ -448,6 +448,30 @@ def test_the_connection_is_asked_what_it_carries_every_interval() -> None:
     assert lists == [pytest.approx(60.0), pytest.approx(120.0)]
 
 
+def test_a_request_that_added_streams_is_checked_soon_and_again_until_answered() -> None:
+    # Upbit answers only refusals: a request its application never processed (a short
+    # stall that never brought the connection down) shows only in a listing.
+    shell = connected(verify_interval=60.0, confirm_after=5.0)
+    shell.want({BTC})
+    shell.run(16.0)  # no listing answers (the application is still stalled)
+    lists = [t - 1000 for t, r in shell.sent if isinstance(r, ListSubscriptions)]
+    assert lists == [pytest.approx(5.05, abs=0.1), pytest.approx(10.05, abs=0.1),
+                     pytest.approx(15.05, abs=0.1)]  # fmt: skip
+    assert shell.answer({ETH}) == [Mismatch(frozenset({BTC}), frozenset({ETH}))]
+    shell.run(1.0)
+    assert shell.last == Subscribe(frozenset({BTC}), frozenset({BTC}))
+
+
+def test_once_a_listing_confirms_the_request_checks_go_back_to_the_interval() -> None:
+    shell = connected(verify_interval=60.0, confirm_after=5.0)
+    shell.want({BTC})
+    shell.run(6.0)
+    assert shell.answer({BTC}) == []
+    shell.run(40.0)
+    lists = [t - 1000 for t, r in shell.sent if isinstance(r, ListSubscriptions)]
+    assert lists == [pytest.approx(5.05, abs=0.1)]
+
+
 def test_a_listing_that_matches_the_request_changes_nothing() -> None:
     shell = connected()
     shell.want({BTC, ETH})
