@@ -403,12 +403,12 @@ class RequestPolicy:
         """The answer to :class:`ListSubscriptions`: on any difference from the request in
         force, forget what was sent so the full request (with snapshots) goes again."""
         listed, self._listed = self._listed, None
-        if self._confirming and self._connected:  # answered: back to the regular checks
-            self._confirming = False
-            self._verify_at = now + self._verify_interval
         intended = self._sent
         if intended is None or self._changed or listed != intended:
             return ()  # a request sent since the listing was asked makes it stale
+        if self._confirming and self._connected:  # answered: back to the regular checks
+            self._confirming = False
+            self._verify_at = now + self._verify_interval
         missing, unexpected = self._rules.compare_listing(intended, listing)
         if not missing and not unexpected:
             return ()

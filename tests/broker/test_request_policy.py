@@ -472,6 +472,19 @@ def test_once_a_listing_confirms_the_request_checks_go_back_to_the_interval() ->
     assert lists == [pytest.approx(5.05, abs=0.1)]
 
 
+def test_a_stale_listing_does_not_end_the_check_of_a_newer_request() -> None:
+    shell = connected(verify_interval=60.0, confirm_after=5.0)
+    shell.want({BTC})
+    shell.run(5.5)  # the check of the first request is asked ...
+    shell.want({BTC, ETH})
+    shell.run(0.5)  # ... and a newer request goes out before its answer
+    assert shell.answer({BTC}) == []  # stale: says nothing of the newer request
+    shell.run(5.5)
+    lists = [t - 1000 for t, r in shell.sent if isinstance(r, ListSubscriptions)]
+    assert len(lists) == 2
+    assert lists[1] == pytest.approx(10.05, abs=0.2)  # the newer request is checked too
+
+
 def test_a_listing_that_matches_the_request_changes_nothing() -> None:
     shell = connected()
     shell.want({BTC, ETH})
