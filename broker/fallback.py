@@ -410,8 +410,10 @@ class PrivateFallback(_Supervisor):
 
     async def _audit(self) -> float | None:
         """While the link is up: compare REST with what was published, every
-        ``audit_interval``; publish what the stream lost. The wait until the next one."""
-        if self._audit_interval <= 0 or self._credentials.rejected:
+        ``audit_interval``; publish what the stream lost. The wait until the next one.
+        Rejected keys keep the schedule: :meth:`_sync` tries them once a minute at most,
+        and audits resume once Upbit takes them again."""
+        if self._audit_interval <= 0:
             return None
         now = time.monotonic()
         if self._next_audit == 0.0:

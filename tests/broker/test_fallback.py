@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import pytest
 
+from broker.credentials import Credentials
 from broker.fallback import PrivateFallback
 from broker.ports import StatusState
 from broker.rest import RestClient, RestError
@@ -251,5 +252,26 @@ async def test_a_spent_nonce_is_a_failed_sync_not_rejected_keys() -> None:
         assert "auth_failed" not in announced.states
         rest.error = RestError(401, "jwt_verification: bad", name="jwt_verification")
         await until(lambda: "auth_failed" in announced.states, "the keys refused")
+    finally:
+        await stopped(task)
+
+
+async def test_audits_go_on_after_rejected_keys_and_resume_when_they_work_again() -> None:
+    # The audit that met a 401 must not stop the schedule for good: the keys are
+    # tried again (once a minute in production, 0.2 s here) and audits carry on.
+    rest, bus = FakeRest(), Bus()
+    announced = Announcements()
+    fallback = PrivateFallback(
+        announced, Streams(), cast(RestClient, rest), bus.route, audit_interval=1.0,
+        credentials=Credentials(retry=0.2),
+    )  # fmt: skip
+    bus.fallback = fallback
+    task = asyncio.create_task(fallback.run())
+    try:
+        await until(lambda: fallback.state.open_uuids == ["A"], "the baseline")
+        rest.error = RestError(401, "jwt_verification: bad", name="jwt_verification")
+        await until(lambda: "auth_failed" in announced.states, "the keys refused")
+        rest.error = None
+        await until(lambda: fallback.audits >= 1, "an audit with the keys working again")
     finally:
         await stopped(task)
