@@ -10,8 +10,9 @@ choice, normally ``time.monotonic()``) and nothing sleeps or touches a socket. O
 
 * :class:`WindowLimiter` — several ``(count, seconds)`` sliding windows at once, e.g.
   WebSocket messages per connection (Upbit: 5/s and 100/min; we use 4/s and 90/min).
-* :class:`RestLimiter` — one window per REST group with a margin, learning from the
-  ``Remaining-Req`` header, backing off on 429 and stopping on 418.
+* :class:`RestLimiter` — per REST group, a window with a margin and a guard against
+  arrival jitter (:func:`jitter_guard`), learning from the ``Remaining-Req`` header,
+  backing off on 429 and stopping on 418.
 * :class:`PriorityGate` — which pending REST jobs may go now, orders first.
 * :class:`Backoff` — exponential backoff with full jitter and a cap.
 * :class:`BanStore` — ``{kind: until_epoch_seconds}`` in a 0600 JSON file.
@@ -60,6 +61,7 @@ __all__ = [
     "TokenBucket",
     "WindowLimiter",
     "ban_seconds",
+    "jitter_guard",
     "parse_block_seconds",
     "parse_remaining_req",
     "with_margin",
@@ -125,6 +127,24 @@ def with_margin(window: Window, margin: float) -> Window:
     if scaled >= 1.0:
         return (math.floor(scaled + 1e-9), seconds)
     return (1, seconds / scaled)
+
+
+def jitter_guard(window: Window, margin: float) -> Window | None:
+    """Upbit's full count over a period stretched by ``1 / margin``, or None.
+
+    The margin window alone lets a whole burst go at the end of one second and the next
+    burst at the start of the following one. Upbit stamps requests when they arrive, so
+    when the first burst is delayed on the way (a busy network, a busy server) and the
+    second is not, the exchange sees both inside one of its seconds and answers 429.
+    Never more than Upbit's count in any ``seconds / margin`` of our own clock keeps
+    that from happening while arrivals jitter by less than the stretch (0.25 s at 0.8),
+    and costs nothing in sustained rate: ``count * margin`` per ``seconds``, the margin
+    window's own. None when the margin window already stretches the period.
+    """
+    count, seconds = window
+    if count * margin < 1.0:
+        return None
+    return (count, seconds / margin)
 
 
 # ------------------------------------------------------------------------------ windows
@@ -479,9 +499,11 @@ class RestLimiter:
     def _state(self, group: str) -> _GroupState:
         state = self._groups.get(group)
         if state is None:
-            window = with_margin(self._limits.get(group, UNKNOWN_GROUP_LIMIT), self._margin)
+            limit = self._limits.get(group, UNKNOWN_GROUP_LIMIT)
+            guard = jitter_guard(limit, self._margin)
+            windows = [with_margin(limit, self._margin)] + ([guard] if guard else [])
             state = _GroupState(
-                WindowLimiter((window,)),
+                WindowLimiter(windows),
                 Backoff(self._backoff_first, self._backoff_cap, self._rng),
             )
             self._groups[group] = state
@@ -490,6 +512,10 @@ class RestLimiter:
     def window(self, group: str) -> Window:
         """The ``(count, seconds)`` window enforced for ``group`` (margin applied)."""
         return self._state(group).limiter.windows[0]
+
+    def windows(self, group: str) -> tuple[Window, ...]:
+        """Every window enforced for ``group``: the margin's, then the jitter guard."""
+        return self._state(group).limiter.windows
 
     def delay(self, group: str, now: float, *, reserve: int = 0) -> float:
         """Seconds until a request of ``group`` may be sent (0.0: now)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from broker.ratelimit import (
     TokenBucket,
     WindowLimiter,
     ban_seconds,
+    jitter_guard,
     parse_block_seconds,
     parse_remaining_req,
     with_margin,
@@ -328,6 +330,49 @@ def test_rest_groups_use_upbit_limits_with_margin() -> None:
     assert count == 1
     assert seconds == pytest.approx(2.5)
     assert limiter.window("something-new") == (8, 1.0)
+    assert limiter.windows("ticker") == ((8, 1.0), (10, 1.25))
+    assert len(limiter.windows("order-cancel-all")) == 1  # already stretched
+
+
+def test_the_jitter_guard_keeps_bursts_apart_by_the_margin_in_time() -> None:
+    # Eight at t=0.9 and eight more at t=1.9 would pass the (8, 1.0) window alone: if
+    # the first burst reaches Upbit 0.1 s late, all sixteen land inside one of its
+    # seconds. With the guard, the ninth to the tenth may follow at once but the
+    # eleventh waits until 1.25 s after the first burst.
+    limiter = RestLimiter()
+    assert all(limiter.try_acquire("ticker", 0.9) for _ in range(8))
+    assert all(limiter.try_acquire("ticker", 1.9) for _ in range(2))
+    assert not limiter.try_acquire("ticker", 1.9)
+    assert limiter.delay("ticker", 1.9) == pytest.approx(0.25)
+    # The sustained rate is the margin's: 8 per second over a long run.
+    sent, now = 0, 10.0
+    while now < 20.0:
+        if limiter.try_acquire("ticker", now):
+            sent += 1
+        now += 0.01
+    assert 78 <= sent <= 82
+
+
+def test_arrivals_jittered_by_less_than_the_guard_never_exceed_upbit_count() -> None:
+    # Send as fast as the limiter allows; delay each request by up to 0.24 s at random
+    # on the way; count arrivals in every 1 s window as Upbit would.
+    rng = random.Random(7)
+    limiter = RestLimiter()
+    arrivals: list[float] = []
+    now = 0.0
+    while now < 30.0:
+        while limiter.try_acquire("ticker", now):
+            arrivals.append(now + rng.uniform(0.0, 0.24))
+        now += 0.005
+    arrivals.sort()
+    left = 0
+    for right, stamp in enumerate(arrivals):
+        while arrivals[left] <= stamp - 1.0:
+            left += 1
+        assert right - left + 1 <= 10, stamp
+    assert with_margin((10, 1.0), 0.8) == (8, 1.0)
+    assert jitter_guard((10, 1.0), 0.8) == (10, 1.25)
+    assert jitter_guard((1, 2.0), 0.8) is None
 
 
 def test_each_group_has_its_own_budget() -> None:
