@@ -76,6 +76,8 @@ class Publisher:
         """topic -> the topic as bytes, encoded once per topic."""
         self._journal: deque[Envelope] = deque(maxlen=JOURNAL)
         """The private messages published, in order (:meth:`journal`)."""
+        self._journaled: set[str] = set()
+        """Topics that ever had a message journaled (private topics, a handful)."""
 
     # -------------------------------------------------------------- activity
 
@@ -137,6 +139,7 @@ class Publisher:
         self.flush()
         self.publish(topic, payload, recv_ns, source)
         self._journal.append(self._cache[topic])
+        self._journaled.add(topic)
 
     def publish_status(self, topic: str, event: StatusEvent) -> None:
         """Send a status event (not cached) on a status or data topic."""
@@ -200,9 +203,25 @@ class Publisher:
 
     def journal(self, topics: Iterable[str]) -> list[Envelope]:
         """Every private message still kept whose topic is one of ``topics`` or under
-        one of them (a prefix topic such as ``myOrder/``), oldest first."""
+        one of them (a prefix topic such as ``myOrder/``), oldest first.
+
+        A topic whose every message the bounded journal dropped comes first with its
+        last value: the replaying client then sees the topic's latest state, and its
+        sequence number past 1 tells it that earlier messages are gone (a gap), where
+        silence would have let it believe the topic never had any.
+        """
         wanted = tuple(topics)
-        return [env for env in self._journal if env.topic.startswith(wanted)]
+        kept = [env for env in self._journal if env.topic.startswith(wanted)]
+        present = {env.topic for env in kept}
+        evicted = sorted(
+            (
+                env
+                for topic, env in self._cache.items()
+                if topic.startswith(wanted) and topic not in present and topic in self._journaled
+            ),
+            key=lambda env: env.recv_ns,
+        )
+        return evicted + kept
 
     def cached(self, topic: str) -> Envelope | None:
         """The last value of one topic, if any."""

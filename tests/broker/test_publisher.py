@@ -176,6 +176,27 @@ def test_the_journal_keeps_every_private_message_in_order_and_only_those() -> No
     assert pub.journal(["myAsset/"]) == []
     for i in range(JOURNAL):  # bounded: the oldest go first
         pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 10 + i)
-    kept = pub.journal(["myOrder/"])
+    kept = pub.journal(["myOrder/KRW-XRP/"])
     assert len(kept) == JOURNAL
     assert all(e.topic == "myOrder/KRW-XRP/" for e in kept)
+
+
+def test_a_topic_the_journal_dropped_whole_comes_back_as_its_last_value() -> None:
+    # Otherwise a client replaying after a restart would see nothing of KRW-BTC and
+    # believe it never had an order there; its last value, seq 2, shows a gap instead.
+    pub, _ = publisher()
+    pub.activate("myOrder/")
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 1)
+    pub.publish_in_order("myOrder/KRW-ETH/", my_order("KRW-ETH"), 2)
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 3)
+    for i in range(JOURNAL):
+        pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 10 + i)
+    replay = pub.journal(["myOrder/"])
+    assert [(e.topic, e.seq) for e in replay[:3]] == [
+        ("myOrder/KRW-ETH/", 1),
+        ("myOrder/KRW-BTC/", 2),
+        ("myOrder/KRW-XRP/", 1),
+    ]
+    assert len(replay) == JOURNAL + 2
+    assert pub.journal(["myOrder/KRW-ETH/"]) == [pub.cached("myOrder/KRW-ETH/")]
+    assert pub.journal(["myAsset/"]) == []
