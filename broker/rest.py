@@ -223,6 +223,7 @@ class RestClient:
         body: bool = False,
         max_wait: float | None = None,
         owner: str = "",
+        timeout: float | None = None,
     ) -> bytes:
         if self._session is None:
             self._session = http_session(timeout=self._timeout)
@@ -237,6 +238,12 @@ class RestClient:
         # A body (POST /v1/orders) is JSON in the order of ``params``: Upbit hashes its
         # ``k=v&...`` form, which is ``query`` above.
         payload = json.dumps(dict(params or {})).encode() if body else None
+        # A caller with a deadline of its own shortens each attempt (never lengthens it).
+        http_timeout = (
+            aiohttp.ClientTimeout(total=min(timeout, self._timeout.total or timeout))
+            if timeout is not None
+            else None
+        )
         resent = False
         while True:
             await self._slot(group, priority, deadline, owner)
@@ -247,8 +254,9 @@ class RestClient:
             self.calls_by_group[group] += 1
             try:
                 async with self._session.request(
-                    method, url, headers=headers, data=payload, skip_auto_headers=("Origin",)
-                ) as response:
+                    method, url, headers=headers, data=payload, skip_auto_headers=("Origin",),
+                    timeout=http_timeout,
+                ) as response:  # fmt: skip
                     answer = await response.read()
                     remaining = parse_remaining_req(response.headers.get("Remaining-Req", ""))
                     if remaining is not None:
@@ -327,16 +335,18 @@ class RestClient:
         priority: int = Priority.ACCOUNT,
         max_wait: float | None = None,
         owner: str = "",
+        timeout: float | None = None,
     ) -> T:
         """One signed exchange call decoded as ``kind`` (orders, cancels, order reads).
 
         ``body``: ``params`` go as a JSON body (``POST /v1/orders``), else in the query.
         ``max_wait``: longest wait for a slot of ``group`` (then RestError, not sent).
         ``owner``: the client it is for (clients take turns for the group's slots).
+        ``timeout``: longest wait for the answer once sent, if shorter than the session's.
         """
         answer = await self._request(
             method, path, group, params, auth=True, priority=priority, body=body,
-            max_wait=max_wait, owner=owner,
+            max_wait=max_wait, owner=owner, timeout=timeout,
         )  # fmt: skip
         try:
             return decode_rest(answer, kind)

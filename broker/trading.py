@@ -28,6 +28,7 @@ error name and message; nothing else is retried.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -57,9 +58,13 @@ from schemas.rest import RestAccount, RestOrder, order_created_ms
 
 __all__ = [
     "AMOUNT_MAX",
+    "ANSWER_WITHIN",
     "BATCH_CANCEL_MAX",
     "LOOKUP_DELAYS",
+    "LOOKUP_LEAST",
+    "LOOKUP_TIMEOUT",
     "LOOKUP_WAIT",
+    "ORDER_HTTP",
     "ORDER_WAIT",
     "REUSE_MARGIN",
     "BatchCancelAnswer",
@@ -97,6 +102,18 @@ IDENTIFIER_MAX: Final = 100
 """Longest identifier accepted (printable ASCII, no spaces)."""
 ORDER_WAIT: Final = 10.0
 """Longest wait for a slot of the ``order`` group: past it the order is refused, unsent."""
+ORDER_HTTP: Final = 8.0
+"""Longest wait for Upbit's answer to a placement once sent (it normally takes well
+under a second); past it the answer counts as lost and the order is looked up."""
+ANSWER_WITHIN: Final = 25.0
+"""Seconds from a placement's arrival within which its caller is answered, with
+``order_unknown`` if it must be: the client waits 30 s (``clients.client.ORDER_TIMEOUT``),
+and an answer after it gave up would tell it nothing. Queue, placement and lookups
+share it; lookups stop early rather than run past it."""
+LOOKUP_TIMEOUT: Final = 3.0
+"""Longest wait for the answer to one lookup once sent."""
+LOOKUP_LEAST: Final = 0.5
+"""A lookup needs at least this much of the answer's time left to be worth making."""
 LOOKUP_DELAYS: Final = (0.25, 0.5, 1.0, 2.0)
 """Seconds before each lookup of a placement whose answer was lost."""
 LOOKUP_WAIT: Final = 2.0
@@ -448,21 +465,29 @@ class LostPlacement:
 
     Feed each lookup's outcome (:meth:`found`, :meth:`missing`, :meth:`failed`) with the
     time; the verdict says to look again (when), or that the order is placed, not
-    placed, or unknown. "Not found" counts only from ``lost_at + settle`` on.
+    placed, or unknown. "Not found" counts only from ``lost_at + settle`` on. No lookup
+    starts with less than :data:`LOOKUP_LEAST` left before ``deadline`` (when the
+    caller must have its answer): the outcome is then unknown.
     """
 
     def __init__(
-        self, lost_at: float, *, delays: Sequence[float] = LOOKUP_DELAYS, settle: float = SETTLE
+        self,
+        lost_at: float,
+        *,
+        delays: Sequence[float] = LOOKUP_DELAYS,
+        settle: float = SETTLE,
+        deadline: float = math.inf,
     ) -> None:
         self._lost_at = lost_at
         self._delays = tuple(delays)
         self._settle = settle
+        self._deadline = deadline
         self._tries = 0
         self._why = "no lookup answered"
 
-    def first(self) -> LookAgain:
-        """When to look first."""
-        return LookAgain(self._lost_at + self._delays[0])
+    def first(self) -> LookAgain | Unknown:
+        """When to look first (unknown at once if no lookup fits before the deadline)."""
+        return self._at(self._lost_at + self._delays[0])
 
     def found(self, order: RestOrder) -> Placed:
         """A lookup found the order."""
@@ -486,7 +511,12 @@ class LostPlacement:
     def _next(self, now: float) -> LookAgain | Unknown:
         if self._tries >= len(self._delays):
             return Unknown(self._why)
-        return LookAgain(now + self._delays[self._tries])
+        return self._at(now + self._delays[self._tries])
+
+    def _at(self, at: float) -> LookAgain | Unknown:
+        if at + LOOKUP_LEAST > self._deadline:
+            return Unknown(f"{self._why}; no time left to look again before answering")
+        return LookAgain(at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +643,7 @@ class Trading:
             return refused
         try:
             if isinstance(message, PlaceOrder):
+                deadline = self._clock() + ANSWER_WITHIN
                 plan = plan_placement(message, self._markets.markets, self._identifiers)
                 if plan.identifier in self._placing:
                     return ErrorReply(
@@ -623,7 +654,7 @@ class Trading:
                     )
                 self._placing.add(plan.identifier)
                 try:
-                    return await self._place(message.req, plan, owner)
+                    return await self._place(message.req, plan, owner, deadline)
                 finally:
                     self._placing.discard(plan.identifier)
             query = (
@@ -657,41 +688,49 @@ class Trading:
         batch = await fetch(BatchCancelAnswer)
         return OrderReply(req, "batch", cancelled=batch.success.orders, failed=batch.failed.orders)
 
-    async def _place(self, req: int, plan: OrderPlan, owner: str) -> OrderReply | ErrorReply:
+    async def _place(
+        self, req: int, plan: OrderPlan, owner: str, deadline: float
+    ) -> OrderReply | ErrorReply:
         sent_at = self._wall()
         try:
             order = await self._rest.exchange(
                 "POST", "/v1/orders", "order", RestOrder, plan.params,
                 body=True, priority=Priority.ORDER, max_wait=ORDER_WAIT, owner=owner,
+                timeout=ORDER_HTTP,
             )  # fmt: skip
         except RestError as exc:
             if exc.resent and exc.name == "duplicated_identifier":
                 # Upbit answered an earlier send 429 yet carried it out after all: the
                 # resend found the identifier taken, by this very placement.
-                return await self._resolve(req, plan, sent_at, f"a 429, then {exc}", owner)
+                loss = f"a 429, then {exc}"
+                return await self._resolve(req, plan, sent_at, loss, owner, deadline=deadline)
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
-            return await self._resolve(req, plan, sent_at, str(exc), owner)
+            return await self._resolve(req, plan, sent_at, str(exc), owner, deadline=deadline)
         self.placed += 1
         return OrderReply(req, "order", order=order)
 
     async def _resolve(
-        self, req: int, plan: OrderPlan, sent_at: float, loss: str, owner: str
+        self, req: int, plan: OrderPlan, sent_at: float, loss: str, owner: str, *, deadline: float
     ) -> OrderReply | ErrorReply:
         """Look a placement whose answer was lost up by its identifier; never resend it.
 
         An order found is the placement's only if :func:`foreign_order` says it can be:
         a caller may have reused an identifier, and Upbit refused the placement for it.
+        Each lookup's wait for a slot and for its answer fit in what is left before
+        ``deadline``, when the caller must have its answer.
         """
         identifier = plan.identifier
-        lost = LostPlacement(self._clock())
+        lost = LostPlacement(self._clock(), deadline=deadline)
         verdict: Verdict = lost.first()
         while isinstance(verdict, LookAgain):
             await self._sleep(max(verdict.at - self._clock(), 0.0))
+            left = deadline - self._clock()
             try:
                 order = await self._rest.exchange(
                     "GET", "/v1/order", "default", RestOrder, {"identifier": identifier},
-                    priority=Priority.ORDER, max_wait=LOOKUP_WAIT, owner=owner,
+                    priority=Priority.ORDER, max_wait=min(LOOKUP_WAIT, 0.4 * left),
+                    owner=owner, timeout=min(LOOKUP_TIMEOUT, 0.6 * left),
                 )  # fmt: skip
             except RestError as exc:
                 if exc.name == "order_not_found":

@@ -6,13 +6,14 @@ The server is an in-process aiohttp app on port 0 that answers what each test sc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 
-Reply = Callable[[web.Request], web.Response]
+Reply = Callable[[web.Request], web.Response | Awaitable[web.Response]]
 
 
 @dataclass
@@ -25,7 +26,8 @@ class FakeUpbit:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(dict(request.headers))
-        return self.reply(request)
+        answer = self.reply(request)
+        return await answer if inspect.isawaitable(answer) else answer
 
 
 @pytest.fixture

@@ -213,6 +213,30 @@ async def test_a_call_whose_answer_is_lost_is_sent_once_and_fails(
         await rest.close()
 
 
+async def test_a_caller_with_a_deadline_waits_no_longer_for_the_answer(upbit: FakeUpbit) -> None:
+    # A placement's lookups must answer the client in time: a lookup that hangs gives
+    # up at its own timeout, not the session's ten seconds.
+    answered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await answered.wait()
+        return web.json_response({})
+
+    upbit.reply = slow
+    rest = client(upbit.base)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RestError) as caught:
+            await rest.exchange("GET", "/v1/order", "default", RestAccount, timeout=0.3)
+        took = time.monotonic() - started
+        assert caught.value.status == 0
+        assert "TimeoutError" in str(caught.value)
+        assert took < 5.0, f"waited {took:.1f} s"
+    finally:
+        answered.set()
+        await rest.close()
+
+
 async def test_calls_that_gave_up_waiting_take_no_slot_from_later_ones(upbit: FakeUpbit) -> None:
     # A call whose slot wait timed out was told "not sent": its queued place must not
     # spend a slot of the group later, or a burst of timed-out calls shuts out the next

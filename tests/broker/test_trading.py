@@ -19,10 +19,13 @@ from broker.liveness import ClientTable
 from broker.ratelimit import Priority
 from broker.rest import RestClient, RestError
 from broker.trading import (
+    ANSWER_WITHIN,
     BATCH_CANCEL_MAX,
     LOOKUP_DELAYS,
+    LOOKUP_LEAST,
+    LOOKUP_TIMEOUT,
     LOOKUP_WAIT,
-    ORDER_WAIT,
+    ORDER_HTTP,
     REUSE_MARGIN,
     SETTLE,
     BatchCancelAnswer,
@@ -459,10 +462,16 @@ Call = tuple[str, str, str, dict[str, QueryValue], int, bool]
 class FakeRest(RestClient):
     """Records every exchange call and answers from a script (no HTTP at all)."""
 
-    def __init__(self, script: Callable[[Call], object]) -> None:  # nothing goes out
+    def __init__(
+        self, script: Callable[[Call], object], clock: Clock | None = None
+    ) -> None:  # nothing goes out
         self.recorded: list[Call] = []
         self.max_waits: list[float | None] = []
         """The ``max_wait`` of each call, in order."""
+        self.timeouts: list[float | None] = []
+        """The ``timeout`` of each call, in order."""
+        self._clock = clock
+        """Moved on by a call answered :data:`HANG` (it took its whole wait)."""
         self.owners: list[str] = []
         """The client each call was made for, in order."""
         self._script = script
@@ -479,15 +488,28 @@ class FakeRest(RestClient):
         priority: int = Priority.ACCOUNT,
         max_wait: float | None = None,
         owner: str = "",
+        timeout: float | None = None,
     ) -> T:
         call = (method, path, group, dict(params or {}), priority, body)
         self.recorded.append(call)
         self.owners.append(owner)
         self.max_waits.append(max_wait)
+        self.timeouts.append(timeout)
         answer = self._script(call)
+        if answer is HANG:
+            # The slot came as late as allowed, then no answer within the timeout.
+            assert self._clock is not None
+            assert max_wait is not None
+            assert timeout is not None
+            self._clock.now += max_wait + timeout
+            answer = RestError(0, f"{method} {path} failed: TimeoutError")
         if isinstance(answer, RestError):
             raise answer
         return cast(T, answer)
+
+
+HANG = object()
+"""A script's answer for a call that waits out its slot and its timeout, then fails."""
 
 
 class Markets:
@@ -595,7 +617,31 @@ async def test_a_lost_answer_upbit_cannot_be_asked_about_is_unknown() -> None:
     # Each lookup waits for a slot briefly: all of them end well inside the client's
     # wait for the answer, so the caller learns the outcome instead of timing out.
     assert rest.max_waits[1:] == [LOOKUP_WAIT] * len(LOOKUP_DELAYS)
-    assert ORDER_WAIT + sum(LOOKUP_DELAYS) + len(LOOKUP_DELAYS) * LOOKUP_WAIT < ORDER_TIMEOUT
+    assert rest.timeouts == [ORDER_HTTP] + [LOOKUP_TIMEOUT] * len(LOOKUP_DELAYS)
+
+
+async def test_a_placement_is_answered_before_its_client_gives_up_however_slow_upbit_is() -> None:
+    # Every call waits as long as it may for a slot and then for an answer that never
+    # comes: the caller still hears order_unknown in time, never a client timeout.
+    clock = Clock()
+    rest = FakeRest(lambda call: HANG, clock)
+    reply = await trading(rest, clock).answer(limit_bid(identifier="slow-1"))
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "order_unknown"
+    assert "slow-1" in reply.message
+    assert len(posts(rest)) == 1
+    assert len(rest.recorded) > 1  # it did look
+    assert clock.now <= ANSWER_WITHIN < ORDER_TIMEOUT
+    assert all(t is not None and t > 0 for t in rest.timeouts)
+
+
+def test_no_lookup_starts_too_close_to_the_answers_deadline() -> None:
+    lost = LostPlacement(0.0, deadline=LOOKUP_DELAYS[0] + LOOKUP_LEAST / 2)
+    assert isinstance(lost.first(), Unknown)
+    lost = LostPlacement(0.0, deadline=10.0)
+    again = lost.failed(9.4, "HTTP 503")
+    assert isinstance(again, Unknown)
+    assert "no time left" in again.why
 
 
 async def test_upbits_refusal_comes_back_with_its_name_and_is_not_retried() -> None:
