@@ -239,6 +239,9 @@ class RestClient:
         # ``k=v&...`` form, which is ``query`` above.
         payload = json.dumps(dict(params or {})).encode() if body else None
         # A caller with a deadline of its own shortens each attempt (never lengthens it).
+        # aiohttp would read zero or less as "no limit at all": refuse it unsent instead.
+        if timeout is not None and timeout <= 0:
+            raise RestError(0, f"{method} {path} not sent: no time left for an answer", sent=False)
         http_timeout = (
             aiohttp.ClientTimeout(total=min(timeout, self._timeout.total or timeout))
             if timeout is not None
@@ -246,7 +249,13 @@ class RestClient:
         )
         resent = False
         while True:
-            await self._slot(group, priority, deadline, owner)
+            try:
+                await self._slot(group, priority, deadline, owner)
+            except RestError as exc:
+                if not resent:
+                    raise
+                # This send is not made, but an earlier one was (and answered 429).
+                raise RestError(429, f"{exc} (after Upbit answered 429)", resent=True) from None
             headers = self._exchange.rest_headers(query or None) if auth else {}
             if payload is not None:
                 headers["Content-Type"] = "application/json; charset=utf-8"

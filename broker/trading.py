@@ -508,6 +508,10 @@ class LostPlacement:
         self._why = why
         return self._next(now)
 
+    def out_of_time(self) -> Unknown:
+        """The answer is due before another lookup could be made."""
+        return Unknown(f"{self._why}; no time left to look again before answering")
+
     def _next(self, now: float) -> LookAgain | Unknown:
         if self._tries >= len(self._delays):
             return Unknown(self._why)
@@ -515,7 +519,7 @@ class LostPlacement:
 
     def _at(self, at: float) -> LookAgain | Unknown:
         if at + LOOKUP_LEAST > self._deadline:
-            return Unknown(f"{self._why}; no time left to look again before answering")
+            return self.out_of_time()
         return LookAgain(at)
 
 
@@ -704,6 +708,10 @@ class Trading:
                 # resend found the identifier taken, by this very placement.
                 loss = f"a 429, then {exc}"
                 return await self._resolve(req, plan, sent_at, loss, owner, deadline=deadline)
+            if exc.resent and exc.status == 429:
+                # Answered 429 and never sent again: a 429 means "not carried out", but
+                # the case above shows it can be untrue, so ask rather than say so.
+                return await self._resolve(req, plan, sent_at, str(exc), owner, deadline=deadline)
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
             return await self._resolve(req, plan, sent_at, str(exc), owner, deadline=deadline)
@@ -726,6 +734,9 @@ class Trading:
         while isinstance(verdict, LookAgain):
             await self._sleep(max(verdict.at - self._clock(), 0.0))
             left = deadline - self._clock()
+            if left < LOOKUP_LEAST:  # woken late: no lookup fits any more
+                verdict = lost.out_of_time()
+                break
             try:
                 order = await self._rest.exchange(
                     "GET", "/v1/order", "default", RestOrder, {"identifier": identifier},

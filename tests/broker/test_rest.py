@@ -237,6 +237,35 @@ async def test_a_caller_with_a_deadline_waits_no_longer_for_the_answer(upbit: Fa
         await rest.close()
 
 
+async def test_a_call_with_no_time_left_is_not_sent(upbit: FakeUpbit) -> None:
+    rest = client(upbit.base)
+    try:
+        for timeout in (0.0, -0.5):
+            with pytest.raises(RestError) as caught:
+                await rest.exchange("GET", "/v1/order", "default", RestAccount, timeout=timeout)
+            assert not caught.value.sent
+        assert upbit.seen == []
+    finally:
+        await rest.close()
+
+
+async def test_a_429_whose_resend_finds_no_slot_says_it_was_sent(upbit: FakeUpbit) -> None:
+    # The first send went out and was answered 429; the resend found no slot in time.
+    # The caller must know the request did reach Upbit (an order may be looked up).
+    upbit.reply = lambda request: web.Response(status=429, text="Too Many Requests")
+    rest = client(upbit.base)
+    try:
+        with pytest.raises(RestError) as caught:
+            await rest.exchange(
+                "POST", "/v1/orders", "order", RestAccount, {"market": "KRW-BTC"},
+                body=True, max_wait=0.3,
+            )  # fmt: skip
+        assert (caught.value.status, caught.value.sent, caught.value.resent) == (429, True, True)
+        assert len(upbit.seen) == 1
+    finally:
+        await rest.close()
+
+
 async def test_calls_that_gave_up_waiting_take_no_slot_from_later_ones(upbit: FakeUpbit) -> None:
     # A call whose slot wait timed out was told "not sent": its queued place must not
     # spend a slot of the group later, or a burst of timed-out calls shuts out the next

@@ -635,6 +635,42 @@ async def test_a_placement_is_answered_before_its_client_gives_up_however_slow_u
     assert all(t is not None and t > 0 for t in rest.timeouts)
 
 
+async def test_a_lookup_woken_late_is_not_made_with_no_time_left() -> None:
+    # The event loop may wake a lookup well after its time (a busy machine): a lookup
+    # then made with the time left would get a negative timeout, which aiohttp reads
+    # as none at all.
+    class LateClock(Clock):
+        async def sleep(self, seconds: float) -> None:
+            self.now += seconds + 7.0
+
+    clock = LateClock()
+    clock.now = 0.0
+    rest = FakeRest(lambda call: HANG, clock)
+    t = Trading(
+        rest, Markets(), epoch="e1", keys=True, enabled=True,
+        clock=clock, sleep=clock.sleep, wall=lambda: CREATED + clock.now,
+    )  # fmt: skip
+    reply = await t.answer(limit_bid(identifier="late-1"))
+    assert isinstance(reply, ErrorReply), reply
+    assert reply.code == "order_unknown"
+    assert all(t is not None and t > 0 for t in rest.timeouts), rest.timeouts
+    assert all(w is not None and w >= 0 for w in rest.max_waits), rest.max_waits
+    assert clock.now <= ANSWER_WITHIN + 7.0  # at most the one late wake-up past it
+
+
+async def test_a_placement_answered_429_and_not_sent_again_is_looked_up() -> None:
+    def script(call: Call) -> object:
+        if call[0] == "POST":
+            return RestError(429, "REST group order is rate limited (after 429)", resent=True)
+        return order("mine-429", volume=Decimal("0.01"))
+
+    rest = FakeRest(script)
+    reply = await trading(rest).answer(limit_bid(identifier="mine-429"))
+    assert isinstance(reply, OrderReply), reply
+    assert reply.resolved
+    assert len(posts(rest)) == 1
+
+
 def test_no_lookup_starts_too_close_to_the_answers_deadline() -> None:
     lost = LostPlacement(0.0, deadline=LOOKUP_DELAYS[0] + LOOKUP_LEAST / 2)
     assert isinstance(lost.first(), Unknown)
