@@ -415,15 +415,17 @@ class ControlServer:
         self._subscriptions.subscribe(client, specs)
         topics = [spec.topic for spec in specs]
         snapshot: list[Envelope] = []
+        cut: list[str] = []
         if message.snapshot and message.replay:
             # Back after a restart: every private message of this broker, not just the
             # last (its first REST sync may have published several before we returned).
             private = [spec.topic for spec in specs if spec.is_private]
             public = [spec.topic for spec in specs if not spec.is_private]
             snapshot = self._snapshots.last_values(public) + self._snapshots.journal(private)
+            cut = self._snapshots.journal_cut(private)
         elif message.snapshot:
             snapshot = self._snapshots.last_values(topics)
-        return (identity, SubscribeOk(message.req, topics, snapshot))
+        return (identity, SubscribeOk(message.req, topics, snapshot, cut))
 
     async def _subscribe_when_ready(self, identity: bytes, client: str, message: Subscribe) -> None:
         if not await self._markets.wait_markets(MARKETS_WAIT):

@@ -167,6 +167,10 @@ class LastValues(Protocol):
         """Every private message kept on (or under) ``topics``, oldest first."""
         ...
 
+    def journal_cut(self, topics: Iterable[str]) -> list[str]:
+        """Topics on (or under) ``topics`` whose replay misses their oldest messages."""
+        ...
+
 
 class SnapshotSource(LastValues, Protocol):
     """Current values on demand: the last-value cache, and REST for what it lacks."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import msgspec
@@ -50,8 +50,8 @@ __all__ = ["JOURNAL", "Publisher"]
 
 JOURNAL = 1024
 """Private messages (myOrder, myAsset) the publisher keeps, oldest dropped first, for
-clients that come back after a restart (:meth:`Publisher.journal`); a client that
-finds the start of a topic dropped reports a gap."""
+clients that come back after a restart (:meth:`Publisher.journal`); a client told that
+a topic lost its oldest (:meth:`Publisher.journal_cut`) reports a gap."""
 
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum arithmetic costs microseconds
 
@@ -76,8 +76,11 @@ class Publisher:
         """topic -> the topic as bytes, encoded once per topic."""
         self._journal: deque[Envelope] = deque(maxlen=JOURNAL)
         """The private messages published, in order (:meth:`journal`)."""
-        self._journaled: set[str] = set()
-        """Topics that ever had a message journaled (private topics, a handful)."""
+        self._last_journaled: OrderedDict[str, Envelope] = OrderedDict()
+        """Each journaled topic's newest message, in the order they were published (a
+        topic per market at most): what a topic the journal dropped whole replays as."""
+        self._cut: set[str] = set()
+        """Topics of which the journal dropped at least one message."""
 
     # -------------------------------------------------------------- activity
 
@@ -138,8 +141,13 @@ class Publisher:
         journal (:meth:`journal`)."""
         self.flush()
         self.publish(topic, payload, recv_ns, source)
-        self._journal.append(self._cache[topic])
-        self._journaled.add(topic)
+        envelope = self._cache[topic]
+        journal = self._journal
+        if len(journal) == journal.maxlen:
+            self._cut.add(journal[0].topic)
+        journal.append(envelope)
+        self._last_journaled[topic] = envelope
+        self._last_journaled.move_to_end(topic)
 
     def publish_status(self, topic: str, event: StatusEvent) -> None:
         """Send a status event (not cached) on a status or data topic."""
@@ -206,22 +214,26 @@ class Publisher:
         one of them (a prefix topic such as ``myOrder/``), oldest first.
 
         A topic whose every message the bounded journal dropped comes first with its
-        last value: the replaying client then sees the topic's latest state, and its
-        sequence number past 1 tells it that earlier messages are gone (a gap), where
-        silence would have let it believe the topic never had any.
+        newest message (those topics in the order they were published): the replaying
+        client then sees how the topic ended, where silence would have let it believe
+        the topic never had any. :meth:`journal_cut` names the topics to report as gaps.
         """
         wanted = tuple(topics)
         kept = [env for env in self._journal if env.topic.startswith(wanted)]
         present = {env.topic for env in kept}
-        evicted = sorted(
-            (
-                env
-                for topic, env in self._cache.items()
-                if topic.startswith(wanted) and topic not in present and topic in self._journaled
-            ),
-            key=lambda env: env.recv_ns,
-        )
+        evicted = [
+            env
+            for topic, env in self._last_journaled.items()
+            if topic.startswith(wanted) and topic not in present
+        ]
         return evicted + kept
+
+    def journal_cut(self, topics: Iterable[str]) -> list[str]:
+        """The topics on or under ``topics`` whose oldest messages the journal dropped:
+        a replay of them is incomplete (sequence numbers cannot tell, since status
+        events on a topic take numbers too and are not journaled)."""
+        wanted = tuple(topics)
+        return sorted(topic for topic in self._cut if topic.startswith(wanted))
 
     def cached(self, topic: str) -> Envelope | None:
         """The last value of one topic, if any."""

@@ -50,6 +50,10 @@ class Snapshots:
         """Every private message kept on (or under) ``topics``, oldest first."""
         return self._cache.journal(topics)
 
+    def journal_cut(self, topics: Iterable[str]) -> list[str]:
+        """Topics on (or under) ``topics`` whose replay misses their oldest messages."""
+        return self._cache.journal_cut(topics)
+
     async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
         """Envelopes for ``specs`` and the topics that have no value at all.
 

@@ -642,6 +642,8 @@ class BrokerClient(StreamMethods):
         restarted, so its private messages so far come too (:class:`Subscribe`)."""
         specs = self._core.streams.held
         snapshot: list[Envelope] = []
+        cut: list[str] = []
+        """Private topics whose replay the broker says misses their oldest messages."""
         failed: dict[str, BrokerError] = {}
         if specs:
             try:
@@ -649,6 +651,7 @@ class BrokerClient(StreamMethods):
                     lambda r: Subscribe(r, specs, replay=replay), SubscribeOk, limit
                 )
                 snapshot = ok.snapshot
+                cut = ok.cut
             except BrokerError as exc:
                 if exc.code == "unknown_client":
                     raise
@@ -661,6 +664,7 @@ class BrokerClient(StreamMethods):
                             limit,
                         )
                         snapshot.extend(ok.snapshot)
+                        cut.extend(ok.cut)
                     except BrokerError as one:
                         if one.code == "unknown_client":
                             raise
@@ -672,7 +676,7 @@ class BrokerClient(StreamMethods):
             errors = [failed[s.topic] for s in sub.streams if s.topic in failed]
             if errors:
                 self._notify("error", "; ".join(str(e) for e in errors), [sub])
-            if replay and _journal_cut(mine, sub):
+            if replay and any(d.matches(sub, topic) for topic in cut):
                 self._notify(
                     "gap", "the restarted broker no longer keeps its first private messages", [sub]
                 )
@@ -1135,16 +1139,3 @@ def _beat_forever(beat: weakref.WeakMethod[Callable[[], float]], stop: threading
             delay = IDLE_BEAT
         del fn
         stop.wait(delay)
-
-
-def _journal_cut(replayed: list[Envelope], sub: Subscription[Any]) -> bool:
-    """Whether a private topic's replay starts after its first message (seq 1): the
-    broker's journal dropped the oldest, so some were lost."""
-    private = tuple(spec.topic for spec in sub.streams if spec.is_private)
-    if not private:
-        return False
-    first: dict[str, int] = {}
-    for env in replayed:
-        if env.seq > 0 and env.topic.startswith(private):
-            first[env.topic] = min(first.get(env.topic, env.seq), env.seq)
-    return any(seq > 1 for seq in first.values())

@@ -566,11 +566,16 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="op"):
 
 
 class SubscribeOk(msgspec.Struct, tag="subscribed", tag_field="op"):
-    """Subscribe accepted: the topics to SUB to and the last values known so far."""
+    """Subscribe accepted: the topics to SUB to and the last values known so far.
+
+    ``cut``: with ``replay``, the private topics whose replay misses their oldest
+    messages (the broker's journal is bounded): their subscribers have a gap.
+    """
 
     req: int
     topics: list[str]
     snapshot: list[Envelope]
+    cut: list[str] = []
 
 
 class UnsubscribeOk(msgspec.Struct, tag="unsubscribed", tag_field="op"):

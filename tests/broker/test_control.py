@@ -81,6 +81,8 @@ class FakeBroker:
         self.cache: dict[str, Envelope] = {}
         self.journaled: list[Envelope] = []
         """The private messages published, oldest first (the publisher's journal)."""
+        self.cut: list[str] = []
+        """Topics whose oldest messages the journal dropped."""
         self.dropped: list[str] = []
         self.refusal: str | None = None
 
@@ -104,6 +106,10 @@ class FakeBroker:
     def journal(self, topics: Iterable[str]) -> list[Envelope]:
         wanted = tuple(topics)
         return [env for env in self.journaled if env.topic.startswith(wanted)]
+
+    def journal_cut(self, topics: Iterable[str]) -> list[str]:
+        wanted = tuple(topics)
+        return [topic for topic in self.cut if topic.startswith(wanted)]
 
     async def fetch(self, specs: Sequence[StreamSpec]) -> tuple[list[Envelope], list[str]]:
         return self.last_values(s.topic for s in specs), []
@@ -520,10 +526,13 @@ def test_a_replay_brings_private_streams_journal_and_public_streams_last_values(
         for seq in (1, 2, 3)
     ]
     broker.cache["myOrder/KRW-BTC/"] = broker.journaled[-1]
+    broker.cut = ["myAsset/", "myOrder/KRW-ETH/"]
     streams = [StreamSpec("ticker", "KRW-BTC"), StreamSpec("myOrder")]
     _, replayed = ask(control, ALICE, Subscribe(req=5, streams=streams, replay=True))
     assert isinstance(replayed, SubscribeOk)
     assert replayed.snapshot == [broker.cache["ticker/KRW-BTC/"], *broker.journaled]
+    assert replayed.cut == ["myOrder/KRW-ETH/"]  # only the streams asked for
     _, plain = ask(control, ALICE, Subscribe(req=6, streams=streams))
     assert isinstance(plain, SubscribeOk)
     assert plain.snapshot == [broker.cache["ticker/KRW-BTC/"]]  # (no prefix cache here)
+    assert plain.cut == []

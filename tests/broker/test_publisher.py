@@ -181,22 +181,37 @@ def test_the_journal_keeps_every_private_message_in_order_and_only_those() -> No
     assert all(e.topic == "myOrder/KRW-XRP/" for e in kept)
 
 
-def test_a_topic_the_journal_dropped_whole_comes_back_as_its_last_value() -> None:
+def test_a_topic_the_journal_dropped_whole_comes_back_as_its_newest_and_as_cut() -> None:
     # Otherwise a client replaying after a restart would see nothing of KRW-BTC and
-    # believe it never had an order there; its last value, seq 2, shows a gap instead.
+    # believe it never had an order there: it gets the newest message and is told the
+    # topic's replay is cut (a gap). Topics come in the order they were last published,
+    # whatever their times (one REST sync stamps all it finds alike), and whether or not
+    # anyone holds them right now.
     pub, _ = publisher()
     pub.activate("myOrder/")
-    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 1)
-    pub.publish_in_order("myOrder/KRW-ETH/", my_order("KRW-ETH"), 2)
-    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 3)
+    pub.activate("myAsset/")
+    pub.publish_in_order("myAsset/", my_order("KRW-BTC"), 5)
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 5)
+    pub.publish_in_order("myOrder/KRW-ETH/", my_order("KRW-ETH"), 5)
+    pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 5)
+    pub.publish_in_order("myAsset/", my_order("KRW-BTC"), 5)  # the balance after the fill
+    assert pub.journal_cut(["myOrder/", "myAsset/"]) == []
+    pub.deactivate("myAsset/")
     for i in range(JOURNAL):
         pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 10 + i)
-    replay = pub.journal(["myOrder/"])
-    assert [(e.topic, e.seq) for e in replay[:3]] == [
+    replay = pub.journal(["myOrder/", "myAsset/"])
+    assert [(e.topic, e.seq) for e in replay[:4]] == [
         ("myOrder/KRW-ETH/", 1),
         ("myOrder/KRW-BTC/", 2),
+        ("myAsset/", 2),
         ("myOrder/KRW-XRP/", 1),
     ]
-    assert len(replay) == JOURNAL + 2
-    assert pub.journal(["myOrder/KRW-ETH/"]) == [pub.cached("myOrder/KRW-ETH/")]
-    assert pub.journal(["myAsset/"]) == []
+    assert len(replay) == JOURNAL + 3
+    assert pub.journal_cut(["myOrder/", "myAsset/"]) == [
+        "myAsset/",
+        "myOrder/KRW-BTC/",
+        "myOrder/KRW-ETH/",
+    ]
+    assert pub.journal_cut(["myOrder/KRW-XRP/"]) == []
+    pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 99)
+    assert pub.journal_cut(["myOrder/KRW-XRP/"]) == ["myOrder/KRW-XRP/"]

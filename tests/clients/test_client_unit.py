@@ -88,6 +88,8 @@ class FakeBroker:
         self.private = False
         self.bad_codes: set[str] = set()
         self.snapshots: dict[str, list[Envelope]] = {}
+        self.cut: list[str] = []
+        """Topics a replay says it misses the oldest messages of (SubscribeOk.cut)."""
         self.messages: list[ClientMessage] = []
         self.known: set[bytes] = set()
         self.hello_ids: list[bytes] = []
@@ -185,7 +187,7 @@ class FakeBroker:
                     return ErrorReply(m.req, "unknown_code", f"no market {spec.code}")
             topics = [s.topic for s in m.streams]
             snap = [e for t in topics for e in self.snapshots.get(t, [])]
-            return SubscribeOk(m.req, topics, snap)
+            return SubscribeOk(m.req, topics, snap, self.cut if m.replay else [])
         if isinstance(m, GetSnapshot):
             items = [e for s in m.streams for e in self.snapshots.get(s.topic, [])]
             return SnapshotReply(m.req, items, [])
@@ -474,6 +476,35 @@ async def test_a_new_epoch_resubscribes_and_resnapshots_by_itself(
     assert len(fake.of(Hello)) == 2
     # Back at another broker: it asks for that broker's private messages so far.
     assert [s.replay for s in fake.of(Subscribe)] == [False, True]
+
+
+JOURNAL_GAP = "no longer keeps its first private messages"
+
+
+@pytest.mark.parametrize("cut", [[], ["myOrder/KRW-BTC/"]])
+async def test_a_replay_the_broker_says_is_cut_is_reported_as_a_gap(
+    fake: FakeBroker, client: BrokerClient, cut: list[str]
+) -> None:
+    # Sequence numbers cannot tell (status events take numbers and are not replayed):
+    # the broker's word decides, for the subscriptions whose topics it names.
+    fake.private = True
+    orders: list[StatusEvent] = []
+    replayed: list[object] = []
+    tickers: list[StatusEvent] = []
+    await client.subscribe_my_order(None, replayed.append, on_status=orders.append)
+    await client.subscribe_ticker("KRW-BTC", lambda _: None, on_status=tickers.append)
+    fake.restart()
+    fake.cut = cut
+    fake.snapshots["myOrder/"] = [
+        Envelope("myOrder/KRW-ETH/", 2, fake.epoch, 0, "rest", ticker(price=1.0))
+    ]
+    fake.publish("_heartbeat/", BrokerHeartbeat(timestamp=2))
+    # The replay is delivered in the same step as any gap notice about it.
+    await async_wait_until(lambda: replayed, 5, what="the replay")
+    told = [e for e in orders if JOURNAL_GAP in e.detail]
+    assert len(told) == (1 if cut else 0), orders
+    assert all(e.state == "gap" for e in told)
+    assert not any(JOURNAL_GAP in e.detail for e in tickers)
 
 
 async def test_each_dealer_has_its_own_random_routing_id(
