@@ -40,6 +40,7 @@ from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
 from broker.private_store import PrivateStore, SavedPrivate
+from broker.ratelimit import steady_time
 from broker.reconcile import PrivateState, closed_window
 from broker.rest import PRIORITY_POLL, RestClient, RestError
 from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES, Source
@@ -162,7 +163,7 @@ class PublicFallback(_Supervisor):
         if not self.active:
             self._switch(active=True)
         self._planner.update(tickers=tickers, orderbooks=books, trades=trades)
-        now = time.time()
+        now = steady_time()
         delay = self._planner.delay(now)
         if delay > 0:
             return delay

@@ -64,6 +64,7 @@ __all__ = [
     "jitter_guard",
     "parse_block_seconds",
     "parse_remaining_req",
+    "steady_time",
     "with_margin",
 ]
 
@@ -145,6 +146,21 @@ def jitter_guard(window: Window, margin: float) -> Window | None:
     if count * margin < 1.0:
         return None
     return (count, seconds / margin)
+
+
+_EPOCH_AT_MONOTONIC_ZERO: Final = time.time() - time.monotonic()
+
+
+def steady_time() -> float:
+    """Epoch seconds that never step: the wall clock read once, then the monotonic clock.
+
+    Windows and bans compare times taken seconds apart. Read from a wall clock that NTP
+    (or a person) steps in between, a step forward frees every window at once (a burst
+    Upbit answers 429) and a step back holds them for as long as the step (orders
+    refused ``rate_limited``). Epoch-like, so a ban saved in ``bans.json`` means the
+    same to the next broker, give or take the clock's drift over this one's uptime.
+    """
+    return _EPOCH_AT_MONOTONIC_ZERO + time.monotonic()
 
 
 # ------------------------------------------------------------------------------ windows
@@ -470,7 +486,7 @@ class RestLimiter:
     :data:`UNKNOWN_GROUP_LIMIT` and stop alone.
 
     With ``bans``, 418s are recorded there as ``rest:<group>`` and bans found there at
-    construction are honoured; ``now`` must then be wall-clock time (``time.time()``).
+    construction are honoured; ``now`` must then be epoch seconds (:func:`steady_time`).
     """
 
     def __init__(
@@ -775,7 +791,7 @@ class BanStore:
         if not isinstance(raw, dict):
             log.warning("ban file is not a JSON object: ignored", found=type(raw).__name__)
             raw = {}
-        latest = (time.time() if now is None else now) + MAX_BAN_SECONDS
+        latest = (steady_time() if now is None else now) + MAX_BAN_SECONDS
         bans: dict[str, float] = {}
         for kind, until in raw.items():
             number = isinstance(until, int | float) and not isinstance(until, bool)

@@ -38,6 +38,7 @@ from broker.ratelimit import (
     ban_seconds,
     parse_block_seconds,
     parse_remaining_req,
+    steady_time,
 )
 from broker.upbit_auth import QueryValue, query_string
 from schemas.errors import DecodeError
@@ -176,7 +177,7 @@ class RestClient:
     def _pump(self) -> None:
         """Release every queued request the limits allow now; come back when more can go."""
         self._pump_handle = None
-        now = time.time()
+        now = steady_time()
         for job in self._gate.release(now):
             if not job.payload.done():
                 job.payload.set_result(None)
@@ -201,7 +202,7 @@ class RestClient:
         try:
             await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            wait = self._limiter.delay(group, time.time())
+            wait = self._limiter.delay(group, steady_time())
             raise RestError(
                 429, f"REST group {group} is rate limited for {wait:.1f} s", sent=False
             ) from None
@@ -269,7 +270,7 @@ class RestClient:
                     answer = await response.read()
                     remaining = parse_remaining_req(response.headers.get("Remaining-Req", ""))
                     if remaining is not None:
-                        self._limiter.on_remaining(remaining[0], remaining[1], time.time())
+                        self._limiter.on_remaining(remaining[0], remaining[1], steady_time())
                     status = response.status
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 # ValueError: aiohttp refusing the request itself (a URL it cannot use);
@@ -280,13 +281,13 @@ class RestClient:
                 self.throttled[group, status] += 1
             if status == 429:
                 self.failures += 1
-                self._limiter.on_429(group, time.time())
+                self._limiter.on_429(group, steady_time())
                 resent = True
                 continue
             if status == 418:
                 self.failures += 1
                 seconds = ban_seconds(parse_block_seconds(answer.decode("utf-8", "replace")))
-                self._limiter.on_418(group, time.time(), seconds)
+                self._limiter.on_418(group, steady_time(), seconds)
                 raise RestError(418, f"Upbit blocked REST group {group} for {seconds:.0f} s")
             if status >= 400:
                 self.failures += 1
@@ -294,7 +295,7 @@ class RestClient:
                 raise RestError(
                     status, _error_text(answer), name=name, upbit_message=message, resent=resent
                 )
-            self._limiter.on_success(group, time.time())
+            self._limiter.on_success(group, steady_time())
             return answer
 
     async def _get(

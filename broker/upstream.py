@@ -48,6 +48,7 @@ from broker.ratelimit import (
     WindowLimiter,
     ban_seconds,
     parse_block_seconds,
+    steady_time,
 )
 from broker.request_policy import (
     CONFIRM_AFTER,
@@ -126,7 +127,7 @@ class ConnectGate:
     async def acquire(self) -> None:
         """Wait until a connect attempt is allowed."""
         while True:
-            now = time.time()
+            now = steady_time()
             blocked = self.blocked_for(now)
             if blocked > 0:
                 self._log.warning(
@@ -140,7 +141,7 @@ class ConnectGate:
 
     def on_banned(self, seconds: float) -> None:
         """Upbit answered 418: stop connecting until the block ends, across restarts."""
-        until = time.time() + seconds
+        until = steady_time() + seconds
         self._bans.block(BAN_KIND, until)
         self._log.error("Upbit blocked connects (418)", seconds=seconds)
 

@@ -30,6 +30,7 @@ from broker.ratelimit import (
     jitter_guard,
     parse_block_seconds,
     parse_remaining_req,
+    steady_time,
     with_margin,
 )
 
@@ -758,3 +759,14 @@ def test_a_client_with_reads_queued_waits_no_longer_for_its_cancel() -> None:
         gate.submit(RestJob("order", Priority.ORDER, f"b{i}", owner="b"))
     gate.submit(RestJob("order", Priority.ORDER, "a-cancel", owner="a"))
     assert drain(gate, iter([0.0, 1.0])) == ["b0", "a-cancel"]
+
+
+def test_steady_time_reads_as_epoch_seconds_and_never_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert abs(steady_time() - time.time()) < 5.0
+    before = steady_time()
+    real = time.time()
+    monkeypatch.setattr(time, "time", lambda: real - 3600.0)
+    after = steady_time()
+    assert 0.0 <= after - before < 1.0

@@ -266,6 +266,32 @@ async def test_a_429_whose_resend_finds_no_slot_says_it_was_sent(upbit: FakeUpbi
         await rest.close()
 
 
+async def test_a_wall_clock_stepped_forward_frees_no_window(
+    upbit: FakeUpbit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NTP (or a person) stepping the clock forward must not let a second burst go
+    # inside the same real second: Upbit counts real time.
+    arrived: list[float] = []
+
+    def stamp(request: web.Request) -> web.Response:
+        arrived.append(time.monotonic())
+        return web.json_response([])
+
+    upbit.reply = stamp
+    rest = client(upbit.base)
+    try:
+        # Calls below order priority may take 7 of the group's 8 a second at once (one
+        # is kept for an order): a burst that fills their share.
+        await asyncio.gather(*(rest.tickers(["KRW-BTC"]) for _ in range(7)))
+        assert arrived[6] - arrived[0] < 0.5, "the first burst did not go at once"
+        stepped = time.time() + 3600.0
+        monkeypatch.setattr(time, "time", lambda: stepped)
+        await rest.tickers(["KRW-BTC"])
+        assert arrived[7] - arrived[0] >= 0.9, "the eighth went inside the first's second"
+    finally:
+        await rest.close()
+
+
 async def test_calls_that_gave_up_waiting_take_no_slot_from_later_ones(upbit: FakeUpbit) -> None:
     # A call whose slot wait timed out was told "not sent": its queued place must not
     # spend a slot of the group later, or a burst of timed-out calls shuts out the next
