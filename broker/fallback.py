@@ -40,7 +40,7 @@ from broker.logs import get_logger
 from broker.pollplan import PollCall, PollPlanner
 from broker.ports import LINK_OK_STATES, Announcer, Route, StatusState, StreamsView
 from broker.private_store import PrivateStore, SavedPrivate
-from broker.ratelimit import steady_time
+from broker.ratelimit import ORDER_RESERVE, steady_time
 from broker.reconcile import PrivateState, closed_window
 from broker.rest import PRIORITY_POLL, RestClient, RestError
 from schemas.bus import DEFAULT_ORDERBOOK_DEPTH, PRIVATE_STREAM_TYPES, Source
@@ -128,7 +128,8 @@ class PublicFallback(_Supervisor):
         self._streams_view = streams
         self._rest = rest
         self._route = route
-        self._planner = PollPlanner()
+        # Polls are below order priority: the gate leaves them ORDER_RESERVE fewer.
+        self._planner = PollPlanner(reserve=ORDER_RESERVE)
         self.active = False
         self.polls = 0
         self.failures = 0

@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_REST_MARGIN",
     "EXCHANGE_GROUPS",
     "MAX_BAN_SECONDS",
+    "ORDER_RESERVE",
     "QUOTATION_GROUPS",
     "REST_BAN_PREFIX",
     "REST_GROUP_LIMITS",
@@ -96,6 +97,9 @@ UNKNOWN_GROUP_LIMIT: Final[Window] = (10, 1.0)
 """Limit assumed for a group Upbit names that we do not know (before margin)."""
 DEFAULT_REST_MARGIN: Final = 0.8
 """Fraction of Upbit's REST budget we use: 10/s becomes 8/s, 1 per 2 s becomes 1 per 2.5 s."""
+ORDER_RESERVE: Final = 1
+"""Slots of every REST window that jobs below :attr:`Priority.ORDER` leave free
+(:class:`PriorityGate`): the fallback's poll plan counts without them."""
 DEFAULT_BLOCK_SECONDS: Final = 60.0
 """Ban assumed after a 418 whose block time we cannot read: long, since guessing short
 and retrying into the ban makes Upbit lengthen it."""
@@ -665,7 +669,7 @@ class PriorityGate(Generic[T]):
     polling never takes the budget an order needs a moment later.
     """
 
-    def __init__(self, limiter: RestLimiter, *, reserve: int = 1) -> None:
+    def __init__(self, limiter: RestLimiter, *, reserve: int = ORDER_RESERVE) -> None:
         self._limiter = limiter
         self._reserve = reserve
         self._queues: dict[str, list[_Queued[T]]] = {}

@@ -145,7 +145,7 @@ class RestClient:
                 url=self._base_url,
             )
         self._limiter = RestLimiter(bans=bans)
-        self._gate: PriorityGate[asyncio.Future[None]] = PriorityGate(self._limiter, reserve=1)
+        self._gate: PriorityGate[asyncio.Future[None]] = PriorityGate(self._limiter)
         self._pump_handle: asyncio.TimerHandle | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_wait = max_wait

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from broker.pollplan import PollCall, PollPlanner
+from broker.ratelimit import ORDER_RESERVE, Priority, PriorityGate, RestJob, RestLimiter
 
 
 def codes(n: int, quote: str = "KRW") -> list[str]:
@@ -186,3 +187,17 @@ def test_impossible_settings_are_refused() -> None:
         PollPlanner(min_cycle=0)
     with pytest.raises(ValueError, match="trade_count"):
         PollPlanner(trade_count=501)
+
+
+def test_a_cycle_planned_with_the_order_reserve_goes_through_the_gate_at_once() -> None:
+    # The fallback polls below order priority, so the gate leaves it ORDER_RESERVE
+    # fewer slots per window than the margin; a plan that counted them would always
+    # leave a call waiting, and the planner would believe its data fresher than it is.
+    planner = PollPlanner(reserve=ORDER_RESERVE)
+    planner.update(trades=[f"KRW-C{i:03d}" for i in range(40)])
+    gate: PriorityGate[int] = PriorityGate(RestLimiter())
+    calls = planner.next_cycle(100.0)
+    assert len(calls) > 1
+    for index, call in enumerate(calls):
+        gate.submit(RestJob(call.group, Priority.QUOTATION, index))
+    assert len(gate.release(100.0)) == len(calls)
