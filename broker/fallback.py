@@ -334,8 +334,22 @@ class PrivateFallback(_Supervisor):
     def link_changed(self, state: StatusState, now: float) -> None:
         """The private link reported ``state``: remember since when changes may be missed."""
         if state not in LINK_OK_STATES and self._known_ms is None:
-            self._known_ms = int(time.time() * 1000)
+            self._known_ms = self._verified_ms()
         super().link_changed(state, now)
+
+    def _verified_ms(self) -> int:
+        """Until when the account is known for certain, in epoch ms.
+
+        Not "now", though the link looks up: a stall nothing detected may have cost the
+        stream events just before (that is why audits exist). The start of the last REST
+        sync that succeeded is certain; whatever closed after it is listed again after
+        an outage or a restart, and what was already published is remembered (finished
+        orders, fills), so nothing comes twice. With audits off nothing checks the
+        stream, and the window would grow without bound: now.
+        """
+        if self._audit_interval > 0 and self._synced_ms:
+            return self._synced_ms
+        return int(time.time() * 1000)
 
     def _wanted(self) -> bool:
         return any(spec.type in PRIVATE_STREAM_TYPES for spec in self._streams_view.all_streams())
@@ -537,7 +551,7 @@ class PrivateFallback(_Supervisor):
             return None
         if now < self._next_save:
             return self._next_save - now
-        known_ms = int(time.time() * 1000) if self._known_ms is None else self._known_ms
+        known_ms = self._verified_ms() if self._known_ms is None else self._known_ms
         self._dirty = False
         self._next_save = now + self._save_interval
         try:
