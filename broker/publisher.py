@@ -138,9 +138,14 @@ class Publisher:
         """:meth:`publish`, after sending everything queued: kept in order across topics.
 
         For the private streams, whose every message matters: each is also kept in the
-        journal (:meth:`journal`)."""
+        journal (:meth:`journal`), and sent at once rather than at the end of the loop
+        turn. The broker saves the private state as published just before (so a broker
+        killed after sending it does not send it again after a restart); the shorter
+        the time from that save to the send, the smaller the chance that a kill falls
+        in between and the message is never sent by anyone."""
         self.flush()
         self.publish(topic, payload, recv_ns, source)
+        self.flush()
         envelope = self._cache[topic]
         journal = self._journal
         if len(journal) == journal.maxlen:

@@ -215,3 +215,17 @@ def test_a_topic_the_journal_dropped_whole_comes_back_as_its_newest_and_as_cut()
     assert pub.journal_cut(["myOrder/KRW-XRP/"]) == []
     pub.publish_in_order("myOrder/KRW-XRP/", my_order("KRW-XRP"), 99)
     assert pub.journal_cut(["myOrder/KRW-XRP/"]) == ["myOrder/KRW-XRP/"]
+
+
+def test_a_private_message_leaves_at_once_not_at_the_end_of_the_turn() -> None:
+    # Its state was saved as published just before: a broker killed before the end of
+    # the turn would have saved it but never sent it, and its successor would not
+    # send it either.
+    pub, socket = publisher()
+    pub.activate("myOrder/")
+
+    async def main() -> list[str]:
+        pub.publish_in_order("myOrder/KRW-BTC/", my_order("KRW-BTC"), 1)
+        return [topic for topic, _ in socket.sent]  # before the turn ends
+
+    assert asyncio.run(main()) == ["myOrder/KRW-BTC/"]
