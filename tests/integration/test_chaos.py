@@ -277,7 +277,7 @@ def test_the_saved_state_never_claims_what_an_unnoticed_stall_lost() -> None:
     # REST sync saw. (A long audit interval: no audit runs meanwhile.)
     with private_follower(UPBIT_BROKER_PRIVATE_AUDIT="120") as (sim, broker, agent):
         orders = Orders(sim, seed=0)
-        sim.control("stall", {"seconds": 1.5, "kind": "app", "path": PRIVATE})
+        sim.control("stall", {"seconds": 3.0, "kind": "app", "path": PRIVATE})
         lost = orders.place(filled=True)
         wait_until(lambda: not sim.control("")["faults"]["app_stall"], 10, what="the stall over")
         later = orders.place(filled=True)  # streamed: the broker saves after the loss
