@@ -518,7 +518,8 @@ class Broker:
     async def wait_markets(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the market list; True once it is known."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.markets_loaded.wait(), timeout)
+            async with asyncio.timeout(timeout):  # (wait_for can swallow a cancel on 3.11)
+                await self.markets_loaded.wait()
         return self.markets is not None
 
     def _route(self, message: UpbitData, recv_ns: int, source: Source) -> None:

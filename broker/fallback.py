@@ -101,8 +101,12 @@ class _Supervisor:
             self._wake.clear()
             wait = await self._step()
             if wait is None or wait > 0:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancel that arrives in the turn the event is set, and a broker
+                # stopping cancels each task once, then waits for it forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
             else:
                 await asyncio.sleep(0)
 

@@ -200,7 +200,9 @@ class RestClient:
         self.waits[group] += 1
         started = time.monotonic()
         try:
-            await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.0))
+            # (not wait_for: on Python 3.11 it can swallow the caller's cancel)
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await future
         except TimeoutError:
             wait = self._limiter.delay(group, steady_time())
             raise RestError(

@@ -423,7 +423,8 @@ class BrokerClient(StreamMethods):
         self._hello_waiter = waiter
         try:
             self._send(self._core.hello())
-            return await asyncio.wait_for(waiter, limit)
+            async with asyncio.timeout(limit):  # (not wait_for: it can swallow a cancel)
+                return await waiter
         except TimeoutError:
             raise BrokerTimeout(f"no welcome within {limit:g} s") from None
         finally:
@@ -443,7 +444,8 @@ class BrokerClient(StreamMethods):
             await self.connect()
         if not self._core.up:
             try:
-                await asyncio.wait_for(self._welcomed.wait(), self.request_timeout)
+                async with asyncio.timeout(self.request_timeout):
+                    await self._welcomed.wait()
             except TimeoutError:
                 raise BrokerUnavailable("the broker is unavailable (reconnecting)") from None
         if self._core.closed:
@@ -477,7 +479,8 @@ class BrokerClient(StreamMethods):
         self._futures[req] = future
         try:
             self._send(message)
-            reply = await asyncio.wait_for(future, limit)
+            async with asyncio.timeout(limit):
+                reply = await future
         except TimeoutError:
             raise BrokerTimeout(f"no reply from the broker within {limit:g} s") from None
         finally:
@@ -623,7 +626,8 @@ class BrokerClient(StreamMethods):
         if seen is None or (seen.done() and not seen.exception()):
             return
         try:
-            await asyncio.wait_for(asyncio.shield(seen), limit)
+            async with asyncio.timeout(limit):
+                await asyncio.shield(seen)
         except TimeoutError:
             raise BrokerTimeout(
                 f"the broker answered but nothing arrived on its data socket "

@@ -275,3 +275,18 @@ async def test_audits_go_on_after_rejected_keys_and_resume_when_they_work_again(
         await until(lambda: fallback.audits >= 1, "an audit with the keys working again")
     finally:
         await stopped(task)
+
+
+async def test_one_cancel_ends_the_fallback_even_in_the_turn_it_is_woken() -> None:
+    # A stopping broker cancels each task once and waits for it. On Python 3.11,
+    # asyncio.wait_for swallowed a cancel that came in the turn the awaited event was
+    # set (here a link change), and the broker never stopped.
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, audit_interval=3600.0)
+    await asyncio.sleep(0.05)  # idle, waiting to be woken
+    fallback.link_changed("down", time.monotonic())
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2.0)
+    if not done:
+        await stopped(task)  # (a second cancel gets through)
+    assert done, "one cancel did not end the task"
