@@ -66,6 +66,7 @@ __all__ = [
     "parse_block_seconds",
     "parse_remaining_req",
     "steady_time",
+    "wall_offset",
     "with_margin",
 ]
 
@@ -165,6 +166,18 @@ def steady_time() -> float:
     same to the next broker, give or take the clock's drift over this one's uptime.
     """
     return _EPOCH_AT_MONOTONIC_ZERO + time.monotonic()
+
+
+def wall_offset() -> float:
+    """Seconds the wall clock is ahead of :func:`steady_time` now, 0.0 within a second.
+
+    The two agree when the broker starts and part only when the wall clock is stepped
+    or the machine was suspended (the monotonic clock stops then). A saved ban must be
+    wall-clock time, which the next broker and ``upbit-broker ban`` read; under a
+    second of difference is drift, not worth a correction.
+    """
+    offset = time.time() - steady_time()
+    return offset if abs(offset) >= 1.0 else 0.0
 
 
 # ------------------------------------------------------------------------------ windows
@@ -754,9 +767,11 @@ class PriorityGate(Generic[T]):
 class BanStore:
     """Bans that must outlive the broker: ``{kind: until_epoch_seconds}`` in a JSON file.
 
-    Kinds name what is banned: ``"ws-connect"``, ``"rest:ticker"``... Times are
-    wall-clock (``time.time()``) so they mean the same after a restart; use
-    :meth:`remaining` to carry a ban to a monotonic clock. A store read with
+    Kinds name what is banned: ``"ws-connect"``, ``"rest:ticker"``... Times in memory
+    are :func:`steady_time` (what the limiters compare with); in the file they are
+    wall-clock (:func:`wall_offset` converts), so they mean the same to the next broker
+    however this one's clock moved; use :meth:`remaining` to carry a ban to a monotonic
+    clock. A store read with
     :meth:`load` writes itself back on every :meth:`block` that changes it: a ban is
     rare, and one forgotten in a crash gets longer when the next broker runs into it.
     A missing file loads as empty; an unreadable one too, with a warning (worst case:
@@ -782,7 +797,7 @@ class BanStore:
 
         Absent: empty. Corrupt (not JSON, not an object, a ban that is not a finite
         number): what is unreadable is ignored with a warning. Bans ending after
-        ``now`` (default: the wall clock) + :data:`MAX_BAN_SECONDS` end then instead.
+        ``now`` (default: :func:`steady_time`) + :data:`MAX_BAN_SECONDS` end then instead.
         """
         log = get_logger("bans", path=str(path))
         try:
@@ -796,23 +811,27 @@ class BanStore:
             log.warning("ban file is not a JSON object: ignored", found=type(raw).__name__)
             raw = {}
         latest = (steady_time() if now is None else now) + MAX_BAN_SECONDS
+        offset = wall_offset()
         bans: dict[str, float] = {}
         for kind, until in raw.items():
             number = isinstance(until, int | float) and not isinstance(until, bool)
             if number and math.isfinite(until):
-                bans[str(kind)] = min(float(until), latest)
+                bans[str(kind)] = min(float(until) - offset, latest)
                 continue
             log.warning("ban entry unreadable: ignored", kind=str(kind)[:40])
         return cls(bans, path=path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file + rename in the same directory), mode 0600."""
+        """Write atomically (temp file + rename in the same directory), mode 0600, in
+        wall-clock time."""
         target = Path(path)
+        offset = wall_offset()
+        wall = {kind: until + offset for kind, until in self._bans.items()}
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self._bans, handle, sort_keys=True)
+                json.dump(wall, handle, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)

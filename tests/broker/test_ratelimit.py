@@ -770,3 +770,22 @@ def test_steady_time_reads_as_epoch_seconds_and_never_steps(
     monkeypatch.setattr(time, "time", lambda: real - 3600.0)
     after = steady_time()
     assert 0.0 <= after - before < 1.0
+
+
+def test_a_ban_saved_after_the_wall_clock_stepped_means_the_same_to_the_next_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker's windows run on steady_time(); when the wall clock was stepped (or
+    # the machine suspended) since it started, the file must still say the real end,
+    # or the next broker (and `upbit-broker ban`) would connect into the ban, or wait
+    # an hour for a two-minute one.
+    path = tmp_path / "bans.json"
+    store = BanStore.load(path)
+    real = time.time()
+    monkeypatch.setattr(time, "time", lambda: real + 600.0)  # stepped 10 min ahead
+    store.block("ws-connect", steady_time() + 120.0)
+    saved = json.loads(path.read_text(encoding="utf-8"))["ws-connect"]
+    assert saved == pytest.approx(time.time() + 120.0, abs=1.0)
+    assert BanStore.load(path).remaining("ws-connect", steady_time()) == pytest.approx(
+        120.0, abs=1.0
+    )
