@@ -56,7 +56,13 @@ from schemas.rest import (
 )
 from schemas.upbit import MyAsset, MyOrder, UpbitData
 
-__all__ = ["PrivateFallback", "PublicFallback"]
+__all__ = ["VERIFIED_LAG_MAX", "PrivateFallback", "PublicFallback"]
+
+VERIFIED_LAG_MAX = 60.0
+"""Seconds before now that the private state may be claimed known from at most (the
+last REST sync's start, when audits run): with the 60 s margin of the closed-order
+query, a window of two minutes, which the remembered orders and fills cover for any
+account the order group's 12/s allows."""
 
 IDLE_RETRY = 1.0
 """Seconds before a step that could do nothing useful (a failed baseline, a poll plan
@@ -348,12 +354,16 @@ class PrivateFallback(_Supervisor):
         stream events just before (that is why audits exist). The start of the last REST
         sync that succeeded is certain; whatever closed after it is listed again after
         an outage or a restart, and what was already published is remembered (finished
-        orders, fills), so nothing comes twice. With audits off nothing checks the
-        stream, and the window would grow without bound: now.
+        orders, fills), so nothing comes twice. But the remembered lists are bounded
+        (a saved state keeps 2,000 of each): at most :data:`VERIFIED_LAG_MAX` back, so
+        audits failing for hours cannot widen the window past what they cover (a busy
+        account's older orders would come again). With audits off nothing checks the
+        stream: now.
         """
+        now_ms = int(time.time() * 1000)
         if self._audit_interval > 0 and self._synced_ms:
-            return self._synced_ms
-        return int(time.time() * 1000)
+            return max(self._synced_ms, now_ms - int(VERIFIED_LAG_MAX * 1000))
+        return now_ms
 
     def _wanted(self) -> bool:
         return any(spec.type in PRIVATE_STREAM_TYPES for spec in self._streams_view.all_streams())

@@ -11,8 +11,9 @@ from typing import Any, cast
 import pytest
 
 from broker.credentials import Credentials
-from broker.fallback import PrivateFallback
+from broker.fallback import VERIFIED_LAG_MAX, PrivateFallback
 from broker.ports import StatusState
+from broker.reconcile import CLOSED_MARGIN_MS
 from broker.rest import RestClient, RestError
 from schemas.bus import Source, StreamSpec
 from schemas.rest import RestAccount, RestOrder
@@ -52,6 +53,8 @@ class FakeRest:
         self.error: RestError | None = None
         """Raised by every call while set."""
         self.calls = 0
+        self.closed_windows: list[tuple[int, int]] = []
+        """``(start_ms, end_ms)`` of every closed-orders query."""
 
     async def open_orders(self) -> list[RestOrder]:
         self.calls += 1
@@ -60,6 +63,7 @@ class FakeRest:
         return list(self.open)
 
     async def closed_orders(self, start_ms: int, end_ms: int) -> list[RestOrder]:
+        self.closed_windows.append((start_ms, end_ms))
         return []
 
     async def accounts(self) -> list[RestAccount]:
@@ -290,3 +294,30 @@ async def test_one_cancel_ends_the_fallback_even_in_the_turn_it_is_woken() -> No
     if not done:
         await stopped(task)  # (a second cancel gets through)
     assert done, "one cancel did not end the task"
+
+
+@pytest.mark.parametrize("since_sync", [10.0, 7200.0])
+async def test_an_outage_looks_back_to_the_last_sync_but_never_far(
+    since_sync: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stream may have lost events in a stall nothing noticed before the link
+    # dropped: closed orders are asked from the last REST sync that succeeded (minus
+    # the query margin), not from the drop. But not from hours back when audits kept
+    # failing: the remembered orders and fills cover only so much (VERIFIED_LAG_MAX).
+    rest, bus = FakeRest(), Bus()
+    fallback, task = await running(rest, bus, grace=60.0, audit_interval=3600.0)
+    try:
+        synced_ms = time.time() * 1000
+        later = time.time() + since_sync
+        monkeypatch.setattr(time, "time", lambda: later)
+        fallback.link_changed("down", time.monotonic())
+        await until(lambda: fallback.reconcile_pending, "the step to see the outage")
+        fallback.link_changed("up", time.monotonic())
+        await until(lambda: fallback.reconciliations == 1, "the reconnect sync")
+        ((start_ms, end_ms),) = rest.closed_windows
+        lag = min(since_sync, VERIFIED_LAG_MAX)
+        expected = max(synced_ms, later * 1000 - VERIFIED_LAG_MAX * 1000) - CLOSED_MARGIN_MS
+        assert start_ms == pytest.approx(expected, abs=1000), (since_sync, lag)
+        assert end_ms == pytest.approx(later * 1000, abs=1000)
+    finally:
+        await stopped(task)
