@@ -66,6 +66,8 @@ from tests.clients.test_dispatch import ticker
 from tests.support import ROOT, async_wait_until, short_tmpdir, wait_until
 
 T_BTC = "ticker/KRW-BTC/"
+SUBSCRIBED_WITHIN = 1.0
+"""Seconds the fake waits for a client's SUB prefix before publishing anyway."""
 
 
 def orderbook(size: float) -> Orderbook:
@@ -95,6 +97,9 @@ class FakeBroker:
         self.hello_ids: list[bytes] = []
         """The routing id of every hello, in order."""
         self._seq: dict[str, int] = {}
+        self.prefixes: set[bytes] = set()
+        """SUB prefixes the clients have sent (XPUB): a topic no client's SUB has asked
+        for yet would be dropped by ZeroMQ, so :meth:`publish` waits for one."""
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -107,6 +112,17 @@ class FakeBroker:
         return [m for m in list(self.messages) if isinstance(m, kind)]
 
     def publish(self, topic: str, data: Payload, seq: int | None = None) -> Envelope:
+        # A real broker publishes a topic after the Subscribe that asked for it, long
+        # after the SUB prefix went out; this fake answers at once, so the prefix (sent
+        # on another connection) may not have reached its socket yet.
+        # (Never on the fake's own thread: its loop is what hears the prefixes.)
+        deadline = time.monotonic() + SUBSCRIBED_WITHIN
+        key = topic.encode()
+        mine = threading.current_thread() is self._thread
+        while not mine and not any(key.startswith(p) for p in list(self.prefixes)):
+            if time.monotonic() > deadline:
+                break  # (tests also publish what nobody asked for)
+            time.sleep(0.005)
         if seq is None:
             seq = self._seq.get(topic, 0) + 1
         self._seq[topic] = seq
@@ -130,11 +146,16 @@ class FakeBroker:
         asyncio.set_event_loop(self._loop)
         self._ctx = zmq.asyncio.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub = self._ctx.socket(zmq.XPUB)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         for sock, endpoint in ((self._router, self.control), (self._pub, self.data)):
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(endpoint)
-        tasks = [self._loop.create_task(self._serve()), self._loop.create_task(self._beat())]
+        tasks = [
+            self._loop.create_task(self._serve()),
+            self._loop.create_task(self._beat()),
+            self._loop.create_task(self._watch_prefixes()),
+        ]
         self._ready.set()
         try:
             self._loop.run_forever()
@@ -146,6 +167,12 @@ class FakeBroker:
             self._pub.close()
             self._ctx.term()
             self._loop.close()
+
+    async def _watch_prefixes(self) -> None:
+        while True:
+            message = await self._pub.recv()
+            if message[:1] == b"\x01":
+                self.prefixes.add(message[1:])
 
     def _send(self, topic: str, body: bytes) -> None:
         self._pub.send(pack_published(topic.encode(), body))
