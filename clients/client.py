@@ -216,9 +216,12 @@ class BrokerClient(StreamMethods):
         """The broker epoch our streams were last (re)subscribed in: a recovery to
         another one asks for its private messages so far (replay)."""
         self._data_seen: asyncio.Future[None] | None = None
-        """Done once the current SUB has received anything: its connection is live, so
-        the broker has its topic subscriptions (see :meth:`_data_path`); failed when the
-        client closes or counts the broker gone first."""
+        """Done once the current SUB has received a broker heartbeat: its connection is
+        live and the broker has every topic prefix of it (sent before the heartbeat's,
+        :meth:`_sub_order`; see :meth:`_data_path`); failed when the client closes or
+        counts the broker gone first."""
+        self._heartbeats_before = 0
+        """Heartbeats counted when the SUB was (re)opened: one more means it is live."""
         self._log = structlog.get_logger("clients").bind(client=self.client_id[:8])
 
     # ------------------------------------------------------------------ lifecycle
@@ -277,12 +280,12 @@ class BrokerClient(StreamMethods):
 
     def _open(self, loop: asyncio.AbstractEventLoop) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
-        data = sockets.open_sub(ctx, self.data_endpoint, prefixes, hwm=RCVHWM)
+        data = sockets.open_sub(ctx, self.data_endpoint, self._sub_order(), hwm=RCVHWM)
         ctrl = sockets.open_dealer(ctx, self.control_endpoint)
         io = sockets.IO(loop, ctrl, data, self._dispatcher)
         self._io = io
         self._data_seen = _data_waiter(loop)
+        self._heartbeats_before = self._dispatcher.heartbeats
         loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         loop.add_reader(io.monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
@@ -310,12 +313,19 @@ class BrokerClient(StreamMethods):
         io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         self._fail(self._core.reset(), _Reset())
 
+    def _sub_order(self) -> list[str]:
+        """A fresh SUB's prefixes, the heartbeat's last: the broker applies one SUB's
+        prefixes in the order sent, so its heartbeat reaching us means every other
+        prefix is in place (:meth:`_data_path`), not just the first few."""
+        return [STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes, HEARTBEAT_TOPIC]
+
     def _replace_data(self) -> None:
         """A fresh SUB too: libzmq never reconnects one that dropped a misbehaving peer."""
         io = self._io
         assert io is not None
-        prefixes = [HEARTBEAT_TOPIC, STATUS_TOPIC_PREFIX, *self._dispatcher.prefixes]
-        data = sockets.open_sub(zmq.Context.instance(), self.data_endpoint, prefixes, hwm=RCVHWM)
+        data = sockets.open_sub(
+            zmq.Context.instance(), self.data_endpoint, self._sub_order(), hwm=RCVHWM
+        )
         monitor = sockets.watch_disconnect(data)
         with contextlib.suppress(Exception):
             io.loop.remove_reader(io.data.FD)
@@ -325,6 +335,7 @@ class BrokerClient(StreamMethods):
         io.data, io.monitor = data, monitor
         self._data_lost(BrokerUnavailable("the data socket was replaced"))
         self._data_seen = _data_waiter(io.loop)
+        self._heartbeats_before = self._dispatcher.heartbeats
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         io.loop.add_reader(monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
 
@@ -613,10 +624,12 @@ class BrokerClient(StreamMethods):
             return True
 
     async def _data_path(self, limit: float) -> None:
-        """Wait until the SUB has received something (a heartbeat comes every interval).
+        """Wait until the SUB has received a heartbeat (one comes every interval).
 
         A SUB misses what is published before its connection is up and its
-        subscriptions reached the broker (the slow joiner). A topic's snapshot and
+        subscriptions reached the broker (the slow joiner). The heartbeat's prefix is
+        sent last, so its first heartbeat means every other prefix is in place; any
+        other message (a status event, on a prefix sent first) would not. A topic's snapshot and
         sequence numbers cover a topic that already had a value; not one born after the
         request (a private event the request itself brings out, e.g. the first REST
         sync of a restarted broker): published before the SUB was live, it was lost
@@ -735,8 +748,9 @@ class BrokerClient(StreamMethods):
             return
         loop = io.loop
         self._core.heard_data(loop.time())
-        if self._data_seen is not None and not self._data_seen.done():
-            self._data_seen.set_result(None)
+        seen = self._data_seen
+        if seen is not None and not seen.done() and d.heartbeats > self._heartbeats_before:
+            seen.set_result(None)
         if d.last_recv_ns:
             self._lag_ms = max(0.0, (time.time_ns() - d.last_recv_ns) / 1e6)
         if n >= BATCH or d.received >= stop_at:  # more may wait: after other tasks ran

@@ -81,6 +81,8 @@ class Dispatcher:
         """``recv_ns`` of the newest envelope: the broker's receive time, for lag."""
         self.foreign_epoch: str | None = None
         self.status_events: list[Envelope] = []
+        self.heartbeats = 0
+        """Broker heartbeats received (of the current epoch)."""
         self._announced: dict[str, StatusEvent] = {}
         """The last event of each connection's status topic: its copies are not told again."""
         self._subs: dict[str, list[Subscription[Any]]] = {}
@@ -208,6 +210,8 @@ class Dispatcher:
                 if data.__class__ is StatusEvent:
                     self.status_events.append(env)
                     self._connection_status(env)
+                else:
+                    self.heartbeats += 1
                 continue
             verdict = tracker.check(env.topic, epoch, env.seq)
             if verdict is not ACCEPT:

@@ -98,6 +98,8 @@ class FakeBroker:
         """The routing id of every hello, in order."""
         self._seq: dict[str, int] = {}
         self.prefixes: set[bytes] = set()
+        self.prefix_log: list[bytes] = []
+        """Every subscribe message, in the order the fake's socket applied them."""
         """SUB prefixes the clients have sent (XPUB): a topic no client's SUB has asked
         for yet would be dropped by ZeroMQ, so :meth:`publish` waits for one."""
         self._loop = asyncio.new_event_loop()
@@ -173,6 +175,7 @@ class FakeBroker:
             message = await self._pub.recv()
             if message[:1] == b"\x01":
                 self.prefixes.add(message[1:])
+                self.prefix_log.append(message[1:])
 
     def _send(self, topic: str, body: bytes) -> None:
         self._pub.send(pack_published(topic.encode(), body))
@@ -532,6 +535,23 @@ async def test_a_replay_the_broker_says_is_cut_is_reported_as_a_gap(
     assert len(told) == (1 if cut else 0), orders
     assert all(e.state == "gap" for e in told)
     assert not any(JOURNAL_GAP in e.detail for e in tickers)
+
+
+async def test_a_fresh_data_socket_asks_for_the_heartbeat_after_every_other_topic(
+    fake: FakeBroker, client: BrokerClient
+) -> None:
+    # A broker applies one SUB's prefixes in the order sent: the client takes its data
+    # path as live at the first heartbeat, which must then mean that every prefix of
+    # its subscriptions is in place too (else a private event its resubscribe brings
+    # out could be published before its topic's prefix arrived).
+    await client.subscribe_ticker("KRW-BTC", lambda _: None)
+    fake.restart()
+    fake.publish("_heartbeat/", BrokerHeartbeat(timestamp=2))
+    await async_wait_until(lambda: len(fake.of(Subscribe)) == 2, 5, what="resubscribe")
+    log = fake.prefix_log
+    last_heartbeat = len(log) - 1 - log[::-1].index(b"_heartbeat/")
+    last_ticker = len(log) - 1 - log[::-1].index(T_BTC.encode())
+    assert last_ticker < last_heartbeat, log
 
 
 async def test_each_dealer_has_its_own_random_routing_id(
