@@ -539,6 +539,19 @@ class Orders:
             self.resting.append(order)
         return order
 
+    def _finished_meanwhile(self, order: PlacedOrder) -> bool:
+        """Whether the exchange finished ``order`` by itself; if so, take its final state
+        and every fill from there."""
+        try:
+            found = self._signed("GET", "/v1/order", {"uuid": order.uuid})
+        except urllib.error.HTTPError:
+            return False
+        if found.get("state") in (None, "wait", "watch"):
+            return False
+        order.final, order.ended = found["state"], time.time()
+        order.trades = [t["uuid"] for t in found.get("trades") or ()]
+        return True
+
     def _signed(self, method: str, path: str, params: Mapping[str, Any]) -> Any:
         query = self._query(params)
         request = urllib.request.Request(f"{self.sim.urls['rest']}{path}?{query}", method=method)
@@ -557,16 +570,29 @@ class Orders:
         return True
 
     def settle(self, timeout: float) -> None:
-        """Cancel what still rests, then read every order's final state from the exchange."""
+        """Cancel what still rests, then read every order's final state from the exchange.
+
+        A bid placed to fill at once may fill only partly (the book moved) and rest at a
+        price the simulated market then trades through: the exchange finishes it later,
+        with fills the placement's answer did not have. Those are read back here, so the
+        delivery check expects them too.
+        """
         deadline = time.monotonic() + scaled(timeout)
         while self.resting and time.monotonic() < deadline:
-            if not self.cancel(self.resting[0]):
-                time.sleep(0.5)
+            order = self.resting[0]
+            if self.cancel(order):
+                continue
+            if self._finished_meanwhile(order):
+                self.resting.remove(order)
+                continue
+            time.sleep(0.5)
         for i in range(0, len(self.placed), 100):
             batch = self.placed[i : i + 100]
             listed = self._signed("GET", "/v1/orders/uuids", {"uuids[]": [o.uuid for o in batch]})
             states = {o["uuid"]: o["state"] for o in listed}
             for order in batch:
+                if order.final == "wait" and states.get(order.uuid) == "done":
+                    self._finished_meanwhile(order)
                 if states.get(order.uuid) not in (None, order.final):
                     self.errors.append(
                         f"order {order.uuid[:8]}: the exchange says {states[order.uuid]}, "
