@@ -424,10 +424,15 @@ def answer_lost(error: RestError) -> bool:
     """Whether a placement that failed with ``error`` may still exist at Upbit.
 
     Unsent (no slot) and refused (4xx, 418) placements are certainly not placed; a
-    transport failure, a 5xx or a 2xx whose body did not decode may be.
+    transport failure, a 5xx or a 2xx whose body did not decode may be. So may one that
+    Upbit answered 429 and then either refused as ``duplicated_identifier`` when sent
+    again (the 429'd send was carried out after all) or that found no slot to be sent
+    again: a 429 means "not carried out", but the first case shows it can be untrue.
     """
     if not error.sent:
         return False
+    if error.resent and (error.name == "duplicated_identifier" or error.status == 429):
+        return True
     return error.status == 0 or error.status >= 500 or 200 <= error.status < 300
 
 
@@ -703,18 +708,11 @@ class Trading:
                 timeout=ORDER_HTTP,
             )  # fmt: skip
         except RestError as exc:
-            if exc.resent and exc.name == "duplicated_identifier":
-                # Upbit answered an earlier send 429 yet carried it out after all: the
-                # resend found the identifier taken, by this very placement.
-                loss = f"a 429, then {exc}"
-                return await self._resolve(req, plan, sent_at, loss, owner, deadline=deadline)
-            if exc.resent and exc.status == 429:
-                # Answered 429 and never sent again: a 429 means "not carried out", but
-                # the case above shows it can be untrue, so ask rather than say so.
-                return await self._resolve(req, plan, sent_at, str(exc), owner, deadline=deadline)
             if not answer_lost(exc):
                 return rest_refusal(req, exc)
-            return await self._resolve(req, plan, sent_at, str(exc), owner, deadline=deadline)
+            # (duplicated_identifier on a resend: taken by this very placement's 429'd send)
+            loss = f"a 429, then {exc}" if exc.name == "duplicated_identifier" else str(exc)
+            return await self._resolve(req, plan, sent_at, loss, owner, deadline=deadline)
         self.placed += 1
         return OrderReply(req, "order", order=order)
 

@@ -284,8 +284,7 @@ class BrokerClient(StreamMethods):
         ctrl = sockets.open_dealer(ctx, self.control_endpoint)
         io = sockets.IO(loop, ctrl, data, self._dispatcher)
         self._io = io
-        self._data_seen = _data_waiter(loop)
-        self._heartbeats_before = self._dispatcher.heartbeats
+        self._await_data(loop)
         loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         loop.add_reader(data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         loop.add_reader(io.monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
@@ -313,6 +312,11 @@ class BrokerClient(StreamMethods):
         io.loop.add_reader(io.ctrl.FD, sockets.on_readable, weakref.WeakMethod(self._drain_control))
         self._fail(self._core.reset(), _Reset())
 
+    def _await_data(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A fresh SUB is not live until a heartbeat more than so far comes through it."""
+        self._data_seen = _data_waiter(loop)
+        self._heartbeats_before = self._dispatcher.heartbeats
+
     def _sub_order(self) -> list[str]:
         """A fresh SUB's prefixes, the heartbeat's last: the broker applies one SUB's
         prefixes in the order sent, so its heartbeat reaching us means every other
@@ -334,8 +338,7 @@ class BrokerClient(StreamMethods):
         sockets.close_watched(io.data, io.monitor)
         io.data, io.monitor = data, monitor
         self._data_lost(BrokerUnavailable("the data socket was replaced"))
-        self._data_seen = _data_waiter(io.loop)
-        self._heartbeats_before = self._dispatcher.heartbeats
+        self._await_data(io.loop)
         io.loop.add_reader(io.data.FD, sockets.on_readable, weakref.WeakMethod(self._drain_data))
         io.loop.add_reader(monitor.FD, sockets.on_readable, weakref.WeakMethod(self._check_link))
 
@@ -629,11 +632,11 @@ class BrokerClient(StreamMethods):
         A SUB misses what is published before its connection is up and its
         subscriptions reached the broker (the slow joiner). The heartbeat's prefix is
         sent last, so its first heartbeat means every other prefix is in place; any
-        other message (a status event, on a prefix sent first) would not. A topic's snapshot and
-        sequence numbers cover a topic that already had a value; not one born after the
-        request (a private event the request itself brings out, e.g. the first REST
-        sync of a restarted broker): published before the SUB was live, it was lost
-        with no gap to tell. So nothing is asked before the data path is live.
+        other message (a status event, on a prefix sent first) would not. A topic's
+        snapshot and sequence numbers cover a topic that already had a value; not one
+        born after the request (a private event the request itself brings out, e.g. the
+        first REST sync of a restarted broker): published before the SUB was live, it
+        was lost with no gap to tell. So nothing is asked before the data path is live.
         """
         seen = self._data_seen
         if seen is None or (seen.done() and not seen.exception()):
@@ -659,8 +662,7 @@ class BrokerClient(StreamMethods):
         restarted, so its private messages so far come too (:class:`Subscribe`)."""
         specs = self._core.streams.held
         snapshot: list[Envelope] = []
-        cut: list[str] = []
-        """Private topics whose replay the broker says misses their oldest messages."""
+        cut: list[str] = []  # private topics whose replay misses their oldest messages
         failed: dict[str, BrokerError] = {}
         if specs:
             try:
@@ -688,8 +690,7 @@ class BrokerClient(StreamMethods):
                         failed[spec.topic] = one
         d = self._dispatcher
         for sub in d.subscriptions:
-            mine = [env for env in snapshot if d.matches(sub, env.topic)]
-            d.activate(sub, mine)
+            d.activate(sub, [env for env in snapshot if d.matches(sub, env.topic)])
             errors = [failed[s.topic] for s in sub.streams if s.topic in failed]
             if errors:
                 self._notify("error", "; ".join(str(e) for e in errors), [sub])
